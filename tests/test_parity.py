@@ -1,0 +1,53 @@
+"""DivPrune against the authors' reference outputs (tests/data/parity; see its README)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vtprune.strategies.base import TokenContext
+from vtprune.strategies import DivPrune
+from vtprune.strategies.divprune import cosine_distances
+
+DATA = Path(__file__).parent / "data" / "parity"
+CASES = [c for c in json.loads((DATA / "parity.json").read_text())["cases"] if c["method"] == "divprune"]
+
+
+@pytest.fixture(scope="module")
+def arrays() -> Iterator[np.lib.npyio.NpzFile]:
+    with np.load(DATA / "parity.npz") as npz:
+        yield npz
+
+
+def min_pairwise_distance(features: torch.Tensor, kept: list[int]) -> float:
+    """DivPrune's objective: the smallest cosine distance between two kept tokens (inf for one token)."""
+    dist = cosine_distances(features)[kept][:, kept].fill_diagonal_(float("inf"))
+    return float(dist.min())
+
+
+def objectives(features: torch.Tensor, ours: list[int], reference: list[int]) -> str:
+    # The README's rule: if the sets differ, the lower objective is the wrong one.
+    return (
+        f"min pairwise distance: ours {min_pairwise_distance(features, ours):.9g}, "
+        f"reference {min_pairwise_distance(features, reference):.9g}"
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_divprune_matches_reference(case: dict, arrays: np.lib.npyio.NpzFile) -> None:
+    features = torch.from_numpy(arrays[case["input"]])
+    ctx = TokenContext(features=features, keep=case["k"])
+    kept = DivPrune().select(ctx).tolist()
+    assert kept == case["kept_sorted"], objectives(features, kept, case["kept_sorted"])
+    order = DivPrune().order(ctx).tolist()
+    assert order == case["selection_order"], objectives(features, order, case["selection_order"])
+
+
+def test_divprune_cases_exist() -> None:
+    # An empty parametrize list would skip silently; make a missing or renamed data file fail.
+    assert CASES, f"no divprune cases in {DATA / 'parity.json'}"

@@ -1,0 +1,46 @@
+"""vtprune: prune the visual tokens of Hugging Face vision-language models with one call."""
+
+from .adapters import supported_models
+from .api import prune, pruned, select
+from .errors import (
+    AlreadyPrunedError,
+    BudgetError,
+    LayerError,
+    UnknownStrategyError,
+    UnsupportedCacheError,
+    UnsupportedModelError,
+    VTPruneError,
+)
+from .handle import PruneHandle
+from .record import ImageRecord, PruneRecord
+from .schedule import Budget, Schedule, Stage, make_stage, parse_schedule
+from .strategies import GreedyStrategy, Strategy, TokenContext, list_strategies, register_strategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyPrunedError",
+    "Budget",
+    "BudgetError",
+    "GreedyStrategy",
+    "ImageRecord",
+    "LayerError",
+    "PruneHandle",
+    "PruneRecord",
+    "Schedule",
+    "Stage",
+    "Strategy",
+    "TokenContext",
+    "UnknownStrategyError",
+    "UnsupportedCacheError",
+    "UnsupportedModelError",
+    "VTPruneError",
+    "list_strategies",
+    "make_stage",
+    "parse_schedule",
+    "prune",
+    "pruned",
+    "register_strategy",
+    "select",
+    "supported_models",
+]

@@ -1,0 +1,101 @@
+"""What the engine needs to know about one model family, and nothing about strategies."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import ModelOutput
+
+#: Raw visual inputs the vision encoder consumes.
+PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
+
+#: Grid of one image's tokens, (t, h, w), or None when they are not one raster grid.
+Grid = tuple[int, int, int] | None
+
+
+class ModelAdapter:
+    """Base adapter for ``XxxForConditionalGeneration`` models whose inner model is ``model.model``.
+
+    transformers 5.x encodes images into ``mm_encoder_outputs[modality].pooler_output`` (one tensor
+    per image or video, in the order their placeholders appear in the batch) before the sequence is
+    built; the engine shortens those outputs and the sequence together.
+    """
+
+    #: ``type(model).__name__`` values this adapter handles.
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: Position ids are (B, L) for 1-D RoPE; M-RoPE models override with their (rows, B, L) layout.
+    position_seq_dim: ClassVar[int] = 1
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.inner.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    @property
+    def text_config(self) -> Any:
+        return self.text_model.config
+
+    def token_ids(self) -> dict[str, int]:
+        """Placeholder token id of each visual modality the model takes."""
+        config = self.model.config
+        ids = {"image": config.image_token_id}
+        if getattr(config, "video_token_id", None) is not None:
+            ids["video"] = config.video_token_id
+        return ids
+
+    def encode(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Run the vision encoder the way ``generate()`` does, so a plain forward prunes the same features.
+
+        Replaces the raw pixel inputs in ``kwargs`` by ``kwargs["mm_encoder_outputs"]``; the other
+        inputs the encoder read (``image_grid_thw``, ``image_sizes``, ...) stay for the positions.
+        """
+        encoded = self.model._prepare_multimodal_encoder_kwargs_for_generation(dict(kwargs))
+        kept = {key: value for key, value in kwargs.items() if key not in PIXEL_INPUTS}
+        return {**kept, "mm_encoder_outputs": encoded["mm_encoder_outputs"]}
+
+    def original_positions(self, kwargs: dict[str, Any], input_ids: Tensor) -> Tensor:
+        """Position ids the unpruned model would use for this prefill."""
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            return position_ids
+        # The text model's default when no ids are passed: arange(L), regardless of padding.
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+
+    def grids(self, modality: str, kwargs: dict[str, Any], sizes: list[int]) -> list[Grid]:
+        """(t, h, w) token grid of each image/video, where the tokens form one raster grid."""
+        return [None] * len(sizes)
+
+    def newline_embedding(self) -> Tensor | None:
+        """The learned row-separator token of AnyRes models (LLaVA-NeXT/OneVision), if any."""
+        return None
+
+    def shorten_outputs(self, output: ModelOutput, kept: list[Tensor]) -> ModelOutput:
+        """A copy of one modality's encoder output with each item's tokens reduced to ``kept``."""
+        shortened = type(output)(**dict(output.items()))
+        pooled = [features[index] for features, index in zip(output.pooler_output, kept)]
+        if isinstance(output.pooler_output, Tensor):
+            # Some models stack equal-length items (OneVision videos); equal budgets keep them equal.
+            pooled = torch.stack(pooled)
+        shortened.pooler_output = pooled
+        return shortened
+
+    def install_decoder_remap(self, current_source: Callable[[], Tensor | None]) -> Callable[[], None]:
+        """Hook model parts that add per-visual-token state inside the decoder; return an undo function.
+
+        ``current_source()`` gives the layout of the hidden states relative to the sequence the
+        decoder started with (None while nothing was dropped inside the decoder). Models without
+        such state need nothing.
+        """
+        return lambda: None

@@ -1,0 +1,75 @@
+"""Qwen-VL family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (M-RoPE positions; Qwen3-VL adds deepstack)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import Tensor
+from transformers.modeling_outputs import ModelOutput
+
+from ..layout import take
+from .base import Grid, ModelAdapter
+
+
+class QwenVLAdapter(ModelAdapter):
+    """Features are merger outputs in raster order of the merged (t, h/m, w/m) grid."""
+
+    model_classes = (
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration",
+    )
+    # (3, B, L) t/h/w rows, or (4, B, L) with the text positions first as generate() passes them.
+    position_seq_dim = 2
+
+    def original_positions(self, kwargs: dict[str, Any], input_ids: Tensor) -> Tensor:
+        if kwargs.get("position_ids") is not None:
+            return kwargs["position_ids"]
+        # M-RoPE must come from the unpruned ids: recomputing it on shortened ids fails.
+        positions = self.inner.compute_3d_position_ids(
+            input_ids=input_ids,
+            inputs_embeds=None,
+            image_grid_thw=kwargs.get("image_grid_thw"),
+            video_grid_thw=kwargs.get("video_grid_thw"),
+            attention_mask=kwargs.get("attention_mask"),
+            past_key_values=None,
+            mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+        )
+        if positions is None:  # text only: the text model's own default
+            return super().original_positions(kwargs, input_ids)[None].expand(3, -1, -1)
+        return positions
+
+    def grids(self, modality: str, kwargs: dict[str, Any], sizes: list[int]) -> list[Grid]:
+        grid_thw = kwargs.get(f"{modality}_grid_thw")
+        if grid_thw is None:
+            return [None] * len(sizes)
+        merge = self.inner.config.vision_config.spatial_merge_size
+        return [(int(t), int(h) // merge, int(w) // merge) for t, h, w in grid_thw.tolist()]
+
+    def shorten_outputs(self, output: ModelOutput, kept: list[Tensor]) -> ModelOutput:
+        shortened = super().shorten_outputs(output, kept)
+        if getattr(output, "deepstack_features", None) is not None:
+            # Qwen3-VL adds these vision-layer features to the visual tokens of early decoder layers.
+            shortened.deepstack_features = [
+                [features[index] for features, index in zip(level, kept)] for level in output.deepstack_features
+            ]
+        return shortened
+
+    def install_decoder_remap(self, current_source: Callable[[], Tensor | None]) -> Callable[[], None]:
+        text_model = self.text_model
+        if not hasattr(text_model, "_deepstack_process"):
+            return lambda: None
+        original = text_model._deepstack_process
+
+        def deepstack_process(hidden_states: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
+            source = current_source()
+            if source is not None:
+                # visual_embeds has one row per visual slot of the decoder's input sequence, row-major.
+                rank = visual_pos_masks.flatten().long().cumsum(0).view_as(visual_pos_masks) - 1
+                visual_pos_masks = take(visual_pos_masks, source, fill=False)
+                visual_embeds = visual_embeds[take(rank, source)[visual_pos_masks]]
+            return original(hidden_states, visual_pos_masks, visual_embeds)
+
+        # An attribute on this one instance; removing it brings back the class method.
+        text_model._deepstack_process = deepstack_process
+        return lambda: delattr(text_model, "_deepstack_process")

@@ -1,0 +1,88 @@
+"""The public entry points: wrap a model with a schedule, or select on plain tensors."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+from torch import Tensor, nn
+
+from .adapters import adapter_for
+from .errors import LayerError
+from .handle import PruneHandle
+from .schedule import Schedule, Stage, as_schedule, make_stage
+from .selection import TokenInputs, select_tokens
+from .strategies.base import Strategy
+
+StrategySpec = str | Strategy | Stage | Schedule | Sequence[Stage]
+
+
+def prune(
+    model: nn.Module,
+    strategy: StrategySpec,
+    *,
+    keep: int | None = None,
+    keep_ratio: float | None = None,
+    layer: int | None = None,
+    seed: int = 0,
+    newlines: str = "candidate",
+    **options: Any,
+) -> PruneHandle:
+    """Prune the visual tokens of ``model`` (patched in place) until ``handle.remove()``.
+
+    ``strategy`` is a registered name (with ``keep`` tokens per image or ``keep_ratio``, ``layer=K``
+    to act inside the decoder, and the strategy's own ``options``), a schedule string such as
+    ``"divprune:64+fastv@2:50%"``, or :class:`Stage` / :class:`Schedule` objects. ``seed`` feeds the
+    random strategies (mixed with each sample's own tokens, so batching does not change a draw);
+    ``newlines`` says whether LLaVA-NeXT/OneVision row-separator tokens are ordinary candidates
+    (``"candidate"``, DivPrune's choice) or always dropped (``"drop"``).
+    """
+    adapter = adapter_for(model)
+    schedule = as_schedule(strategy, layer=layer, keep=keep, keep_ratio=keep_ratio, **options)
+    schedule.check_depth(len(adapter.layers))
+    _check_sliding_window(adapter.text_config, schedule)
+    return PruneHandle(model, adapter, schedule, seed=seed, newlines=newlines).install()
+
+
+@contextmanager
+def pruned(model: nn.Module, strategy: StrategySpec, **kwargs: Any) -> Iterator[PruneHandle]:
+    """``prune`` as a context manager: the hooks are removed on exit, exceptions included."""
+    handle = prune(model, strategy, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def select(
+    strategy: str | Strategy,
+    features: Tensor,
+    *,
+    keep: int | None = None,
+    keep_ratio: float | None = None,
+    seed: int = 0,
+    grid: tuple[int, int, int] | None = None,
+    layer: int | None = None,
+    attention: Tensor | None = None,
+    newline: Tensor | None = None,
+    newlines: str = "candidate",
+    **options: Any,
+) -> Tensor:
+    """Sorted kept indices for one image's tokens ``features`` (N, D), exactly as the hooks select.
+
+    Extra inputs: ``grid`` (t, h, w) of the tokens, ``attention`` (N,) last-token attention (fastv),
+    ``newline`` (N,) bool marking AnyRes newline tokens; other keywords are strategy options.
+    """
+    stage = make_stage(strategy, keep=keep, keep_ratio=keep_ratio, **options)
+    inputs = TokenInputs(seed=seed, grid=grid, layer=layer, attention=attention, newline=newline)
+    return select_tokens(stage, features, inputs, newlines=newlines)
+
+
+def _check_sliding_window(text_config: Any, schedule: Schedule) -> None:
+    layer_types = getattr(text_config, "layer_types", None) or []
+    for stage in schedule.decoder_stages:
+        if any(kind != "full_attention" for kind in layer_types[stage.layer :]):
+            raise LayerError(
+                f"{stage.strategy.name} at layer {stage.layer}: layers from there on use sliding-window "
+                "attention, which vtprune cannot shorten inside the decoder; prune before the LLM instead"
+            )

@@ -1,0 +1,140 @@
+"""Stage B: prune visual tokens inside the decoder, from layer K on, during prefill.
+
+The text model hands the same causal mask and the same (cos, sin) tables to every layer, so a
+pre-hook sits on every layer from the first pruning layer on. At a pruning layer it selects per
+image and packs the hidden states, the rotary tables and the mask with one layout; later layers
+get the packed versions. Decode steps give layers >= K a mask sized against cache layer K.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from .attention import last_token_attention
+from .layout import pack
+from .schedule import Stage
+from .selection import TokenInputs, select_tokens
+from .state import PruneState
+
+if TYPE_CHECKING:
+    from .handle import PruneHandle
+
+
+class DecoderStages:
+    """Pre-hooks for decoder layers, shared by every decoder stage of one schedule."""
+
+    def __init__(self, handle: PruneHandle) -> None:
+        self.handle = handle
+        self.adapter = handle.adapter
+        self.stages: dict[int, Stage] = {stage.layer: stage for stage in handle.schedule.decoder_stages}
+
+    @property
+    def first_layer(self) -> int:
+        return min(self.stages)
+
+    def install(self) -> None:
+        handle, layers = self.handle, self.adapter.layers
+        for index in range(self.first_layer, len(layers)):
+            handle.add_hook(layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        for layer, stage in self.stages.items():
+            if "attention" in stage.strategy.needs:
+                attn = layers[layer - 1].self_attn
+                handle.add_hook(attn.register_forward_hook(self._attention_hook(layer), with_kwargs=True))
+        handle.add_undo(self.adapter.install_decoder_remap(self._current_source))
+
+    def _current_source(self) -> Any:
+        state = self.handle.active
+        return None if state is None or not state.prefilling else state.decoder_source
+
+    def _attention_hook(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            state = self.handle.active
+            if state is None or not state.prefilling:
+                return
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            state.attention[layer] = last_token_attention(
+                module, hidden_states, kwargs["position_embeddings"], state.valid
+            )
+
+        return hook
+
+    def _layer_hook(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+            state = self.handle.active
+            if state is None:
+                return None
+            hidden_states = args[0] if args else kwargs.pop("hidden_states")
+            args = args[1:]
+            if state.prefilling:
+                if layer in self.stages:
+                    hidden_states = self._prune(layer, state, hidden_states, kwargs)
+                self.handle.record_layer(layer, state)
+                if state.layer_inputs is not None:
+                    mask, position_embeddings, position_ids = state.layer_inputs
+                    kwargs.update(attention_mask=mask, position_embeddings=position_embeddings)
+                    if kwargs.get("position_ids") is not None:
+                        kwargs["position_ids"] = position_ids
+            else:
+                governing = state.governing_layer(layer)
+                if governing is not None:
+                    kwargs["attention_mask"] = self._decode_mask(state, governing, hidden_states, kwargs)
+            return (hidden_states, *args), kwargs
+
+        return hook
+
+    def _prune(self, layer: int, state: PruneState, hidden_states: Any, kwargs: dict[str, Any]) -> Any:
+        stage = self.stages[layer]
+        keep = state.valid.clone()
+        attention = state.attention.pop(layer, None)
+        for index, item in enumerate(state.items):
+            slots = (state.item_of_slot[item.row] == index).nonzero(as_tuple=True)[0]
+            if slots.numel() == 0:
+                continue
+            inputs = TokenInputs(
+                seed=item.seed_at(layer),
+                layer=layer,
+                attention=None if attention is None else attention[item.row, slots],
+                newline=None if item.newline is None else item.newline[state.token_of_slot[item.row, slots]],
+            )
+            kept = select_tokens(stage, hidden_states[item.row, slots], inputs, newlines=self.handle.newlines)
+            dropped = slots.new_ones(slots.numel(), dtype=keep.dtype)
+            dropped[kept.to(slots.device)] = False
+            keep[item.row, slots[dropped]] = False
+        changed = not bool((keep == state.valid).all())
+        if changed:
+            layout = pack(keep, state.left_pad)
+            state.apply(layout)
+            state.decoder_layouts[layer] = layout
+            state.compose_decoder_source(layout)
+            hidden_states = layout.take(hidden_states)
+            cos, sin = state.layer_inputs[1] if state.layer_inputs else kwargs["position_embeddings"]
+            position_ids = state.layer_inputs[2] if state.layer_inputs else kwargs.get("position_ids")
+            if position_ids is not None:
+                position_ids = layout.take(position_ids, fill=0)
+            mask = create_causal_mask(
+                config=self.adapter.text_config,
+                inputs_embeds=hidden_states,
+                attention_mask=state.valid.long(),
+                past_key_values=kwargs.get("past_key_values"),
+                position_ids=None,
+                layer_idx=layer,
+            )
+            state.layer_inputs = (mask, (layout.take(cos), layout.take(sin)), position_ids)
+        for index, item in enumerate(state.items):
+            item.record.kept_by_stage[f"layer {layer}"] = state.kept_tokens(index)
+        return hidden_states
+
+    def _decode_mask(self, state: PruneState, governing: int, hidden_states: Any, kwargs: dict[str, Any]) -> Any:
+        if governing not in state.step_causal:
+            state.step_causal[governing] = create_causal_mask(
+                config=self.adapter.text_config,
+                inputs_embeds=hidden_states,
+                attention_mask=state.step_masks[governing],
+                past_key_values=kwargs.get("past_key_values"),
+                position_ids=None,
+                layer_idx=governing,
+            )
+        return state.step_causal[governing]

@@ -1,0 +1,95 @@
+"""The handle ``vtprune.prune`` returns: owns every hook on one model instance and undoes them."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .adapters import ModelAdapter
+from .decoder_stage import DecoderStages
+from .errors import AlreadyPrunedError
+from .input_stage import InputStage
+from .record import PruneRecord
+from .schedule import Schedule
+from .selection import NEWLINE_POLICIES
+from .state import PruneState
+
+#: Attribute marking a model instance as wrapped.
+HANDLE_ATTR = "_vtprune_handle"
+
+
+class PruneHandle:
+    """Hooks of one schedule on one model. ``remove()`` (or leaving the ``with`` block) undoes all of them."""
+
+    def __init__(
+        self, model: nn.Module, adapter: ModelAdapter, schedule: Schedule, *, seed: int = 0, newlines: str = "candidate"
+    ) -> None:
+        if newlines not in NEWLINE_POLICIES:
+            raise ValueError(f"newlines must be one of {NEWLINE_POLICIES}, got {newlines!r}")
+        self.model = model
+        self.adapter = adapter
+        self.schedule = schedule
+        self.seed = seed
+        self.newlines = newlines
+        self.last_record: PruneRecord | None = None
+        #: State of the forward in progress (read by the decoder-layer hooks).
+        self.active: PruneState | None = None
+        self._undo: list[Callable[[], None]] = []
+
+    def install(self) -> PruneHandle:
+        if getattr(self.model, HANDLE_ATTR, None) is not None:
+            raise AlreadyPrunedError(
+                "this model is already pruned by vtprune; call .remove() on its handle (or leave its `with` "
+                "block) before pruning it again, or put both steps in one schedule"
+            )
+        try:
+            setattr(self.model, HANDLE_ATTR, self)
+            self.add_undo(lambda: delattr(self.model, HANDLE_ATTR))
+            self.add_hook(self.model.register_forward_pre_hook(InputStage(self), with_kwargs=True))
+            if self.schedule.decoder_stages:
+                DecoderStages(self).install()
+        except BaseException:
+            self.remove()  # never leave a model half-patched
+            raise
+        return self
+
+    def add_hook(self, hook: RemovableHandle) -> None:
+        self._undo.append(hook.remove)
+
+    def add_undo(self, undo: Callable[[], None]) -> None:
+        self._undo.append(undo)
+
+    def remove(self) -> None:
+        """Remove every hook; the model is then exactly as it was before ``prune``."""
+        while self._undo:
+            self._undo.pop()()
+        self.active = None
+
+    @property
+    def is_active(self) -> bool:
+        return bool(self._undo)
+
+    def __enter__(self) -> PruneHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    # --- record ----------------------------------------------------------------------------------
+
+    def begin_record(self, state: PruneState | None, valid: torch.Tensor) -> None:
+        num_layers = len(self.adapter.layers)
+        lengths = valid.sum(dim=1, keepdim=True).cpu().expand(-1, num_layers).clone()
+        images = [] if state is None else [item.record for item in state.items]
+        self.last_record = PruneRecord(images=images, layer_lengths=lengths, schedule=str(self.schedule))
+
+    def record_layer(self, layer: int, state: PruneState) -> None:
+        if self.last_record is not None:
+            self.last_record.layer_lengths[:, layer:] = state.valid.sum(dim=1, keepdim=True).cpu()
+
+    def __repr__(self) -> str:
+        status = "active" if self.is_active else "removed"
+        return f"PruneHandle({type(self.model).__name__}, {self.schedule}, {status})"

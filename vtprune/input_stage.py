@@ -1,0 +1,244 @@
+"""Stage A: a forward pre-hook on the ``XxxForConditionalGeneration`` that prunes before the LLM.
+
+At prefill it selects per image, shortens the encoder outputs, and packs every sequence tensor
+with one :class:`Layout`, so kept tokens keep their original (1-D or M-RoPE) positions and
+old padding is reclaimed. At each decode step it maps generate()'s original-length mask into
+the pruned layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicCache
+
+from .adapters.base import PIXEL_INPUTS
+from .errors import UnsupportedCacheError, VTPruneError
+from .layout import Layout, pack
+from .record import ImageRecord
+from .selection import TokenInputs, select_tokens
+from .state import STATE_ATTR, PruneState, VisualItem, ones_mask
+from .strategies.base import INPUT_STAGE
+
+if TYPE_CHECKING:
+    from .handle import PruneHandle
+
+
+def bind_arguments(forward: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """All call arguments by name (users may pass input_ids positionally)."""
+    if not args:
+        return dict(kwargs)
+    bound = inspect.signature(forward).bind_partial(*args, **kwargs).arguments
+    extra = bound.pop("kwargs", {})
+    return {**bound, **extra}
+
+
+def item_seed(base: int, ids: Tensor, modality: str, index: int, layer: int | None = None) -> int:
+    """Seed from the row's own tokens, so a sample gets the same draw whatever batch or beam it is in."""
+    data = ids.cpu().numpy().tobytes() + f"{base}|{modality}|{index}|{layer}".encode()
+    return zlib.crc32(data)
+
+
+class InputStage:
+    def __init__(self, handle: PruneHandle) -> None:
+        self.handle = handle
+        self.adapter = handle.adapter
+        self.stage = handle.schedule.input_stage
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        kwargs = bind_arguments(module.forward, args, kwargs)
+        cache = kwargs.get("past_key_values")
+        check_cache(cache)
+        state = getattr(cache, STATE_ATTR, None)
+        if state is not None:
+            self.handle.active = state
+            return (), self.decode_step(state, kwargs)
+        self.handle.active = None
+        if cache is not None and cache.get_seq_length() > 0:
+            if self._has_visual_tokens(kwargs):
+                raise UnsupportedCacheError(
+                    "vtprune cannot prune images that arrive on top of an existing cache (multi-turn, prefix "
+                    "caching, chunked prefill); pass the whole conversation to a fresh generate() call"
+                )
+            return None
+        return (), self.prefill(kwargs)
+
+    # --- prefill -------------------------------------------------------------------------------
+
+    def prefill(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise VTPruneError("vtprune finds visual tokens through input_ids; pass input_ids, not inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise VTPruneError("vtprune needs a 2-D attention_mask (or none); got a prepared 4-D mask")
+        if any(kwargs.get(key) is not None for key in PIXEL_INPUTS):
+            kwargs = self.adapter.encode(kwargs)
+        encoder_outputs = kwargs.get("mm_encoder_outputs") or {}
+        items = self._locate(input_ids, encoder_outputs)
+        valid = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        if not items:  # text-only batch: nothing to prune, nothing to remember
+            self.handle.begin_record(None, valid)
+            return kwargs
+        state = PruneState(
+            items=items,
+            valid=valid,
+            item_of_slot=torch.full_like(input_ids, -1),
+            token_of_slot=torch.full_like(input_ids, -1),
+            left_pad=not bool((~valid[:, -1]).any()),
+            seen=input_ids.shape[1],
+        )
+        for index, item in enumerate(items):
+            state.item_of_slot[item.row, item.columns] = index
+            state.token_of_slot[item.row, item.columns] = torch.arange(item.columns.numel(), device=input_ids.device)
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", self.adapter.text_config.use_cache):
+            # Own the cache so decode steps can find this state; the text model would make one anyway.
+            kwargs["past_key_values"] = DynamicCache(config=self.adapter.text_config)
+        if self.stage is not None:
+            kwargs = self._prune(kwargs, state, encoder_outputs)
+        if kwargs.get("past_key_values") is not None:
+            setattr(kwargs["past_key_values"], STATE_ATTR, state)
+        self.handle.active = state
+        self.handle.begin_record(state, state.valid)
+        return kwargs
+
+    def _locate(self, input_ids: Tensor, encoder_outputs: dict[str, Any]) -> list[VisualItem]:
+        items = []
+        newline = self.adapter.newline_embedding()
+        for modality, token_id in self.adapter.token_ids().items():
+            output = encoder_outputs.get(modality)
+            if output is None:
+                continue
+            features = list(output.pooler_output)
+            sizes = [f.shape[0] for f in features]
+            rows, cols = (input_ids == token_id).nonzero(as_tuple=True)
+            if rows.numel() != sum(sizes):
+                raise VTPruneError(
+                    f"{rows.numel()} {modality} placeholder tokens in input_ids but the encoder produced "
+                    f"{sum(sizes)} {modality} tokens; check that the processor and the model match"
+                )
+            per_row_count: dict[int, int] = {}
+            start = 0
+            for feature, size in zip(features, sizes):
+                row = int(rows[start]) if size else 0
+                columns = cols[start : start + size]
+                start += size
+                index = per_row_count.get(row, 0)
+                per_row_count[row] = index + 1
+                is_newline = None
+                if newline is not None:
+                    is_newline = (feature == newline.to(feature.dtype)).all(dim=-1)
+                items.append(
+                    VisualItem(
+                        row=row,
+                        modality=modality,
+                        columns=columns,
+                        seed=item_seed(self.handle.seed, input_ids[row], modality, index),
+                        newline=is_newline,
+                        record=ImageRecord(row=row, modality=modality, index=index, num_tokens=size),
+                    )
+                )
+        return items
+
+    def _prune(self, kwargs: dict[str, Any], state: PruneState, encoder_outputs: dict[str, Any]) -> dict[str, Any]:
+        input_ids = kwargs["input_ids"]
+        kept_by_modality: dict[str, list[Tensor]] = {}
+        grids = {
+            modality: self.adapter.grids(
+                modality, kwargs, [item.columns.numel() for item in state.items if item.modality == modality]
+            )
+            for modality in encoder_outputs
+        }
+        keep = state.valid.clone()
+        for item in state.items:
+            features = encoder_outputs[item.modality].pooler_output[len(kept_by_modality.get(item.modality, []))]
+            grid = grids[item.modality][len(kept_by_modality.get(item.modality, []))]
+            kept = select_tokens(
+                self.stage,
+                features,
+                TokenInputs(seed=item.seed, grid=grid, newline=item.newline),
+                newlines=self.handle.newlines,
+            )
+            kept_by_modality.setdefault(item.modality, []).append(kept)
+            dropped = torch.ones(item.columns.numel(), dtype=torch.bool, device=input_ids.device)
+            dropped[kept.to(input_ids.device)] = False
+            keep[item.row, item.columns[dropped]] = False
+        if bool((keep == state.valid).all()):
+            self._record(state)
+            return kwargs
+        layout = pack(keep, state.left_pad)
+        state.input_layout = layout
+        state.apply(layout)
+        self._record(state)
+        return self._shorten(kwargs, layout, state, encoder_outputs, kept_by_modality)
+
+    def _record(self, state: PruneState) -> None:
+        for index, item in enumerate(state.items):
+            item.record.kept_by_stage[INPUT_STAGE] = state.kept_tokens(index)
+
+    def _shorten(
+        self,
+        kwargs: dict[str, Any],
+        layout: Layout,
+        state: PruneState,
+        encoder_outputs: dict[str, Any],
+        kept_by_modality: dict[str, list[Tensor]],
+    ) -> dict[str, Any]:
+        input_ids = kwargs["input_ids"]
+        positions = self.adapter.original_positions(kwargs, input_ids)
+        visual_ids = set(self.adapter.token_ids().values())
+        filler = next(i for i in range(len(visual_ids) + 1) if i not in visual_ids)
+        kwargs["input_ids"] = layout.take(input_ids, fill=filler)
+        mask = kwargs.get("attention_mask")
+        dtype = mask.dtype if mask is not None else torch.long
+        # Always pass a mask: without one, gapped position ids read as packed sequences.
+        kwargs["attention_mask"] = state.valid.to(dtype)
+        kwargs["position_ids"] = layout.take(positions, seq_dim=self.adapter.position_seq_dim, fill=0)
+        for key, fill in (("mm_token_type_ids", 0), ("token_type_ids", 0), ("labels", -100)):
+            if kwargs.get(key) is not None:
+                kwargs[key] = layout.take(kwargs[key], fill=fill)
+        kwargs["mm_encoder_outputs"] = {
+            modality: self.adapter.shorten_outputs(output, kept_by_modality[modality])
+            for modality, output in encoder_outputs.items()
+        }
+        return kwargs
+
+    # --- decode ----------------------------------------------------------------------------------
+
+    def decode_step(self, state: PruneState, kwargs: dict[str, Any]) -> dict[str, Any]:
+        input_ids = kwargs.get("input_ids")
+        new_tokens = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
+        mask = kwargs.get("attention_mask")
+        expected = state.seen + new_tokens
+        if new_tokens != 1 or (mask is not None and mask.shape[1] != expected):
+            raise UnsupportedCacheError(
+                "this cache holds a pruned prefill; vtprune supports decoding one token at a time from it "
+                "(generate() does), not continuing a conversation or assisted decoding on top of it. "
+                "Start a fresh generate() call with the whole conversation."
+            )
+        state.prefilling = False
+        full = mask if mask is not None else ones_mask(input_ids.shape[0], expected, input_ids.device)
+        input_mask = state.begin_decode_step(full)
+        if state.input_layout is not None:
+            kwargs["attention_mask"] = input_mask
+        return kwargs
+
+    def _has_visual_tokens(self, kwargs: dict[str, Any]) -> bool:
+        input_ids = kwargs.get("input_ids")
+        return input_ids is not None and any(
+            bool((input_ids == token_id).any()) for token_id in self.adapter.token_ids().values()
+        )
+
+
+def check_cache(cache: Cache | None) -> None:
+    """Refuse caches that cannot hold layers of different lengths (StaticCache, compiled decoding)."""
+    if cache is None or isinstance(cache, DynamicCache) and not cache.is_compileable:
+        return
+    raise UnsupportedCacheError(
+        f"vtprune shortens sequences, which {type(cache).__name__} (fixed-size, compile-friendly) cannot hold; "
+        "use the default DynamicCache (no cache_implementation='static', no compiled decoding)"
+    )

@@ -1,0 +1,224 @@
+"""What to prune where: stages of (strategy, place, budget), and their one-line string form.
+
+String form, for command lines (no ``=`` or ``,`` so it survives lmms-eval's ``--model_args``)::
+
+    divprune:64                    DivPrune before the LLM, 64 tokens kept per image
+    divprune:25%                   ... 25 % of each image's tokens kept (also ``0.25``)
+    fastv@2:50%                    FastV inside the decoder at layer 2, half of the visual tokens kept
+    divprune:64+random_deep@16:50%(seed:3)
+                                   stages joined by ``+``; options in parentheses as ``key:value;...``
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .errors import BudgetError, LayerError
+from .strategies.registry import make_strategy
+from .strategies.base import DECODER_STAGE, INPUT_STAGE, Strategy
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many visual tokens of one image a stage keeps: a count or a fraction (exactly one)."""
+
+    keep: int | None = None
+    keep_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.keep is None) == (self.keep_ratio is None):
+            raise BudgetError("give exactly one of keep= (tokens kept per image) or keep_ratio= (fraction kept)")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
+            raise BudgetError(f"keep must be a positive int (tokens kept per image), got {self.keep!r}")
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise BudgetError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+
+    def tokens(self, available: int) -> int:
+        """Tokens to keep out of ``available``; a count above ``available`` keeps all (with a warning)."""
+        if self.keep_ratio is not None:
+            # round(r·N) as in DivPrune's reference, but never zero tokens for a non-empty image.
+            return min(available, max(1, int(math.floor(self.keep_ratio * available + 0.5))))
+        if self.keep > available:
+            warnings.warn(
+                f"keep={self.keep} is more than the {available} visual tokens of an image; keeping all of them",
+                BudgetWarning,
+                stacklevel=2,
+            )
+            return available
+        return self.keep
+
+    def __str__(self) -> str:
+        return str(self.keep) if self.keep is not None else f"{self.keep_ratio:g}"
+
+
+class BudgetWarning(UserWarning):
+    """A budget asked for more tokens than an image has (shown once per place by default)."""
+
+
+@dataclass
+class Stage:
+    """One pruning step: a strategy, where it acts (``layer=None``: before the LLM), and its budget."""
+
+    strategy: Strategy
+    layer: int | None = None
+    budget: Budget | None = None
+
+    @property
+    def place(self) -> str:
+        return INPUT_STAGE if self.layer is None else DECODER_STAGE
+
+    def __post_init__(self) -> None:
+        name = self.strategy.name
+        if self.place not in self.strategy.stages:
+            where = "inside the decoder: give layer=K" if self.place == INPUT_STAGE else "before the LLM: drop layer="
+            raise LayerError(f"strategy {name!r} acts {where}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise LayerError(f"layer must be an int decoder layer index, got {self.layer!r}")
+        if self.layer is not None and self.layer < 0:
+            raise LayerError(f"layer must be >= 0, got {self.layer}")
+        if self.strategy.needs_budget and self.budget is None:
+            raise BudgetError(f"strategy {name!r} needs a budget: pass keep=<tokens per image> or keep_ratio=<0..1>")
+        if not self.strategy.needs_budget and self.budget is not None:
+            raise BudgetError(f"strategy {name!r} keeps every token and takes no budget; drop keep/keep_ratio")
+
+    def __str__(self) -> str:
+        text = self.strategy.name
+        if self.layer is not None:
+            text += f"@{self.layer}"
+        if self.budget is not None:
+            text += f":{self.budget}"
+        return text
+
+
+@dataclass
+class Schedule:
+    """Stages in the order they act: at most one before the LLM, then decoder stages by layer."""
+
+    stages: list[Stage] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("a schedule needs at least one stage")
+        if sum(stage.layer is None for stage in self.stages) > 1:
+            raise ValueError("a schedule can have only one stage before the LLM; chain decoder stages with layer=K")
+        layers = [stage.layer for stage in self.stages if stage.layer is not None]
+        if len(set(layers)) != len(layers):
+            raise LayerError(f"two decoder stages at the same layer: {sorted(layers)}")
+        self.stages.sort(key=lambda stage: -1 if stage.layer is None else stage.layer)
+
+    @property
+    def input_stage(self) -> Stage | None:
+        return next((stage for stage in self.stages if stage.layer is None), None)
+
+    @property
+    def decoder_stages(self) -> list[Stage]:
+        return [stage for stage in self.stages if stage.layer is not None]
+
+    def check_depth(self, num_layers: int) -> None:
+        for stage in self.decoder_stages:
+            if stage.layer >= num_layers:
+                raise LayerError(
+                    f"{stage.strategy.name} at layer {stage.layer}: the decoder has layers 0..{num_layers - 1}"
+                )
+            if "attention" in stage.strategy.needs and stage.layer == 0:
+                raise LayerError(
+                    f"{stage.strategy.name} scores with the attention of layer K-1, so it needs layer >= 1"
+                )
+
+    def __str__(self) -> str:
+        return "+".join(str(stage) for stage in self.stages)
+
+
+def make_stage(
+    strategy: str | Strategy,
+    *,
+    layer: int | None = None,
+    keep: int | None = None,
+    keep_ratio: float | None = None,
+    **options: Any,
+) -> Stage:
+    """Build one stage from the same arguments :func:`vtprune.prune` takes."""
+    budget = None if keep is None and keep_ratio is None else Budget(keep=keep, keep_ratio=keep_ratio)
+    return Stage(make_strategy(strategy, **options), layer=layer, budget=budget)
+
+
+_STAGE_RE = re.compile(
+    r"^(?P<name>[A-Za-z_][\w\-]*)(?:@(?P<layer>\d+))?(?::(?P<budget>[\d.]+%?))?(?:\((?P<options>[^)]*)\))?$"
+)
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_budget(text: str) -> Budget:
+    """``64`` -> 64 tokens; ``25%`` or ``0.25`` -> a quarter of the tokens."""
+    if text.endswith("%"):
+        return Budget(keep_ratio=float(text[:-1]) / 100)
+    if "." in text:
+        return Budget(keep_ratio=float(text))
+    return Budget(keep=int(text))
+
+
+def parse_schedule(text: str) -> Schedule:
+    """Parse the string form described in this module's docstring."""
+    stages = []
+    for part in text.replace(" ", "").split("+"):
+        match = _STAGE_RE.match(part)
+        if match is None:
+            raise ValueError(
+                f"cannot parse schedule stage {part!r}; expected name[@layer][:budget][(key:value;...)], "
+                "e.g. 'divprune:64' or 'fastv@2:50%'"
+            )
+        options = {}
+        for item in filter(None, (match["options"] or "").split(";")):
+            key, sep, value = item.partition(":")
+            if not sep:
+                raise ValueError(f"option {item!r} in {part!r} must be key:value")
+            options[key] = _parse_value(value)
+        budget = parse_budget(match["budget"]) if match["budget"] else None
+        layer = int(match["layer"]) if match["layer"] is not None else None
+        stages.append(Stage(make_strategy(match["name"], **options), layer=layer, budget=budget))
+    return Schedule(stages)
+
+
+def as_schedule(
+    strategy: str | Strategy | Stage | Schedule | Sequence[Stage],
+    *,
+    layer: int | None = None,
+    keep: int | None = None,
+    keep_ratio: float | None = None,
+    **options: Any,
+) -> Schedule:
+    """Accept every form :func:`vtprune.prune` takes and return a :class:`Schedule`."""
+    extra = {"layer": layer, "keep": keep, "keep_ratio": keep_ratio, **options}
+    given = sorted(key for key, value in extra.items() if value is not None)
+    if isinstance(strategy, str) and not _is_schedule_string(strategy):
+        return Schedule([make_stage(strategy, layer=layer, keep=keep, keep_ratio=keep_ratio, **options)])
+    if isinstance(strategy, Strategy):
+        return Schedule([make_stage(strategy, layer=layer, keep=keep, keep_ratio=keep_ratio, **options)])
+    if given:
+        raise TypeError(f"{given} cannot be combined with a schedule; put them inside its stages")
+    if isinstance(strategy, str):
+        return parse_schedule(strategy)
+    if isinstance(strategy, Schedule):
+        return strategy
+    if isinstance(strategy, Stage):
+        return Schedule([strategy])
+    return Schedule(list(strategy))
+
+
+def _is_schedule_string(text: str) -> bool:
+    return any(mark in text for mark in "+:@(")

@@ -1,0 +1,76 @@
+"""One image's selection: budget, candidates and checks around a strategy's ``select``.
+
+The hooks and :func:`vtprune.select` both call :func:`select_tokens`, so what researchers run on
+plain tensors is exactly what runs inside a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .adapters.base import Grid
+from .errors import VTPruneError
+from .schedule import Stage
+from .strategies.base import TokenContext
+
+#: What to do with LLaVA-NeXT / OneVision row-separator ("newline") tokens.
+NEWLINE_POLICIES = ("candidate", "drop")
+
+
+@dataclass
+class TokenInputs:
+    """Per-image inputs beyond the features; each is optional."""
+
+    seed: int = 0
+    grid: Grid = None
+    layer: int | None = None
+    attention: Tensor | None = None
+    newline: Tensor | None = None
+    """(N,) bool: which tokens are AnyRes newline tokens."""
+
+
+def select_tokens(stage: Stage, features: Tensor, inputs: TokenInputs, newlines: str = "candidate") -> Tensor:
+    """Sorted indices into ``features`` (N, D) that ``stage`` keeps for one image.
+
+    Newline tokens are ordinary candidates by default, as in DivPrune's reference; with
+    ``newlines="drop"`` they are never kept and the budget counts the other tokens only (as MMTok).
+    """
+    n = features.shape[0]
+    candidates = torch.arange(n, device=features.device)
+    if newlines == "drop" and inputs.newline is not None:
+        candidates = candidates[~inputs.newline.to(features.device)]
+    available = candidates.numel()
+    keep = available if stage.budget is None else stage.budget.tokens(available)
+    if keep == available or available == 0:
+        return candidates
+    attention = inputs.attention
+    if "attention" in stage.strategy.needs and attention is None:
+        raise VTPruneError(f"strategy {stage.strategy.name!r} needs attention scores; run it inside the decoder")
+    ctx = TokenContext(
+        features=features[candidates].float(),
+        keep=keep,
+        seed=inputs.seed,
+        # A grid describes all N tokens; once some are excluded it no longer does.
+        grid=inputs.grid if available == n else None,
+        layer=inputs.layer,
+        attention=None if attention is None else attention[candidates].float(),
+    )
+    chosen = stage.strategy.select(ctx)
+    _check(stage, chosen, keep, available)
+    return candidates[chosen.to(candidates.device)]
+
+
+def _check(stage: Stage, chosen: Tensor, keep: int, available: int) -> None:
+    """User strategies are code we did not write: refuse malformed output instead of pruning wrongly."""
+    name = stage.strategy.name
+    if chosen.ndim != 1 or chosen.dtype not in (torch.int64, torch.int32):
+        raise VTPruneError(f"strategy {name!r} must return a 1-D integer tensor, got {chosen.dtype} {tuple(chosen.shape)}")
+    if chosen.numel() != keep:
+        raise VTPruneError(f"strategy {name!r} returned {chosen.numel()} indices for a budget of {keep}")
+    if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= available):
+        raise VTPruneError(f"strategy {name!r} returned indices outside [0, {available})")
+    if chosen.numel() > 1 and not bool((chosen[1:] > chosen[:-1]).all()):
+        raise VTPruneError(f"strategy {name!r} must return unique indices in ascending order")

@@ -1,0 +1,26 @@
+"""Built-in strategies. Importing this package registers them under their names."""
+
+from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, Strategy, TokenContext
+from .registry import list_strategies, make_strategy, register_strategy, strategy_class
+from .divprune import DivPrune
+from .fastv import FastV
+from .none import NoPruning
+from .random import RandomPruning
+from .uniform import UniformPruning
+
+__all__ = [
+    "DECODER_STAGE",
+    "INPUT_STAGE",
+    "DivPrune",
+    "FastV",
+    "GreedyStrategy",
+    "NoPruning",
+    "RandomPruning",
+    "Strategy",
+    "TokenContext",
+    "UniformPruning",
+    "list_strategies",
+    "make_strategy",
+    "register_strategy",
+    "strategy_class",
+]

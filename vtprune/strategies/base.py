@@ -1,0 +1,99 @@
+"""The contract every strategy implements: choose which visual tokens of one image survive.
+
+A strategy sees a :class:`TokenContext` (the tokens of one image or video at one point of the
+model, plus whatever extra inputs it declared in ``needs``) and returns the sorted indices it
+keeps. It knows nothing about model classes; the engine builds the context and applies the
+result. The same ``select`` is what :func:`vtprune.select` calls on plain tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+#: Where a strategy can act: before the language model, or on decoder hidden states at layer K.
+INPUT_STAGE = "input"
+DECODER_STAGE = "decoder"
+
+
+@dataclass
+class TokenContext:
+    """Everything a strategy may look at when it chooses the tokens of one image.
+
+    ``features`` are float32 whatever the model dtype. Optional fields are filled by the engine
+    only when the strategy lists them in ``Strategy.needs``.
+    """
+
+    features: Tensor
+    """(N, D) tokens of this image: projected tokens before the LLM, hidden states inside it."""
+    keep: int
+    """How many tokens to keep; the engine guarantees 1 <= keep <= N."""
+    seed: int = 0
+    """Per-image seed, derived by the engine from the sample's content so batching cannot change it."""
+    grid: tuple[int, int, int] | None = None
+    """(t, h, w) when the N tokens are one raster-ordered grid (LLaVA, Qwen); None otherwise."""
+    layer: int | None = None
+    """Decoder layer the selection happens at; None before the LLM."""
+    attention: Tensor | None = None
+    """(N,) attention the last prompt token pays to each of these tokens (heads averaged)."""
+
+    def __post_init__(self) -> None:
+        if self.features.ndim != 2:
+            raise ValueError(f"features must be (N, D) for one image, got shape {tuple(self.features.shape)}")
+        n = self.features.shape[0]
+        if not 1 <= self.keep <= n:
+            raise ValueError(f"keep must be in [1, {n}] for {n} tokens, got {self.keep}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0]
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded for this image (CPU so results match across devices)."""
+        return torch.Generator().manual_seed(self.seed)
+
+
+#: Context fields a strategy may ask for in ``needs`` (everything past the always-present ones).
+OPTIONAL_INPUTS: frozenset[str] = frozenset(
+    f.name for f in fields(TokenContext) if f.name not in {"features", "keep", "seed", "grid", "layer"}
+)
+
+
+class Strategy:
+    """Base class: subclasses set the class attributes and implement :meth:`select`.
+
+    Options (hyper-parameters) are constructor keywords; per-image inputs live in the context.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    """Optional :class:`TokenContext` fields this strategy reads (e.g. ``{"attention"}``)."""
+    stages: ClassVar[frozenset[str]] = frozenset({INPUT_STAGE, DECODER_STAGE})
+    """Where the strategy can act."""
+    needs_budget: ClassVar[bool] = True
+    """False for strategies that decide the count themselves (``none``)."""
+
+    def select(self, ctx: TokenContext) -> Tensor:
+        """Return the kept indices: ``ctx.keep`` unique int64 indices into ``ctx.features``, ascending."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class GreedyStrategy(Strategy):
+    """A strategy that picks tokens one at a time; the keep set for k is the first k of its order.
+
+    Subclasses implement :meth:`order`. Because every budget's keep set is a prefix of the same
+    order, one call to :meth:`order` with the largest budget serves a whole sweep (nesting).
+    """
+
+    def order(self, ctx: TokenContext) -> Tensor:
+        """Return the first ``ctx.keep`` picks, in the order they were picked."""
+        raise NotImplementedError
+
+    def select(self, ctx: TokenContext) -> Tensor:
+        return self.order(ctx).sort().values
