@@ -8,9 +8,10 @@ from typing import Any, Iterator, Sequence
 from torch import Tensor, nn
 
 from .adapters import adapter_for
-from .errors import LayerError
+from .errors import BudgetError, LayerError
 from .handle import PruneHandle
-from .schedule import Schedule, Stage, as_schedule, make_stage
+from .schedule import Budget, Schedule, Stage, as_schedule
+from .strategies.registry import make_strategy
 from .selection import TokenInputs, select_tokens
 from .strategies.base import Strategy
 
@@ -73,9 +74,12 @@ def select(
     Extra inputs: ``grid`` (t, h, w) of the tokens, ``attention`` (N,) last-token attention (fastv),
     ``newline`` (N,) bool marking AnyRes newline tokens; other keywords are strategy options.
     """
-    stage = make_stage(strategy, keep=keep, keep_ratio=keep_ratio, **options)
+    chosen = make_strategy(strategy, **options)
+    budget = None if keep is None and keep_ratio is None else Budget(keep=keep, keep_ratio=keep_ratio)
+    if chosen.needs_budget and budget is None:
+        raise BudgetError(f"strategy {chosen.name!r} needs a budget: pass keep= or keep_ratio=")
     inputs = TokenInputs(seed=seed, grid=grid, layer=layer, attention=attention, newline=newline)
-    return select_tokens(stage, features, inputs, newlines=newlines)
+    return select_tokens(chosen, budget, features, inputs, newlines=newlines)
 
 
 def _check_sliding_window(text_config: Any, schedule: Schedule) -> None:

@@ -99,7 +99,9 @@ class DecoderStages:
                 attention=None if attention is None else attention[item.row, slots],
                 newline=None if item.newline is None else item.newline[state.token_of_slot[item.row, slots]],
             )
-            kept = select_tokens(stage, hidden_states[item.row, slots], inputs, newlines=self.handle.newlines)
+            kept = select_tokens(
+                stage.strategy, stage.budget, hidden_states[item.row, slots], inputs, newlines=self.handle.newlines
+            )
             dropped = slots.new_ones(slots.numel(), dtype=keep.dtype)
             dropped[kept.to(slots.device)] = False
             keep[item.row, slots[dropped]] = False

@@ -146,19 +146,15 @@ class InputStage:
 
     def _prune(self, kwargs: dict[str, Any], state: PruneState, encoder_outputs: dict[str, Any]) -> dict[str, Any]:
         input_ids = kwargs["input_ids"]
+        positions = self.adapter.original_positions(kwargs, input_ids)
+        grids = self.adapter.grids(state.items, positions)
         kept_by_modality: dict[str, list[Tensor]] = {}
-        grids = {
-            modality: self.adapter.grids(
-                modality, kwargs, [item.columns.numel() for item in state.items if item.modality == modality]
-            )
-            for modality in encoder_outputs
-        }
         keep = state.valid.clone()
-        for item in state.items:
+        for item, grid in zip(state.items, grids):
             features = encoder_outputs[item.modality].pooler_output[len(kept_by_modality.get(item.modality, []))]
-            grid = grids[item.modality][len(kept_by_modality.get(item.modality, []))]
             kept = select_tokens(
-                self.stage,
+                self.stage.strategy,
+                self.stage.budget,
                 features,
                 TokenInputs(seed=item.seed, grid=grid, newline=item.newline),
                 newlines=self.handle.newlines,
@@ -174,7 +170,7 @@ class InputStage:
         state.input_layout = layout
         state.apply(layout)
         self._record(state)
-        return self._shorten(kwargs, layout, state, encoder_outputs, kept_by_modality)
+        return self._shorten(kwargs, layout, positions, state, encoder_outputs, kept_by_modality)
 
     def _record(self, state: PruneState) -> None:
         for index, item in enumerate(state.items):
@@ -184,12 +180,12 @@ class InputStage:
         self,
         kwargs: dict[str, Any],
         layout: Layout,
+        positions: Tensor,
         state: PruneState,
         encoder_outputs: dict[str, Any],
         kept_by_modality: dict[str, list[Tensor]],
     ) -> dict[str, Any]:
         input_ids = kwargs["input_ids"]
-        positions = self.adapter.original_positions(kwargs, input_ids)
         visual_ids = set(self.adapter.token_ids().values())
         filler = next(i for i in range(len(visual_ids) + 1) if i not in visual_ids)
         kwargs["input_ids"] = layout.take(input_ids, fill=filler)

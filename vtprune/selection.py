@@ -13,8 +13,8 @@ from torch import Tensor
 
 from .adapters.base import Grid
 from .errors import VTPruneError
-from .schedule import Stage
-from .strategies.base import TokenContext
+from .schedule import Budget
+from .strategies.base import Strategy, TokenContext
 
 #: What to do with LLaVA-NeXT / OneVision row-separator ("newline") tokens.
 NEWLINE_POLICIES = ("candidate", "drop")
@@ -32,8 +32,10 @@ class TokenInputs:
     """(N,) bool: which tokens are AnyRes newline tokens."""
 
 
-def select_tokens(stage: Stage, features: Tensor, inputs: TokenInputs, newlines: str = "candidate") -> Tensor:
-    """Sorted indices into ``features`` (N, D) that ``stage`` keeps for one image.
+def select_tokens(
+    strategy: Strategy, budget: Budget | None, features: Tensor, inputs: TokenInputs, newlines: str = "candidate"
+) -> Tensor:
+    """Sorted indices into ``features`` (N, D) that ``strategy`` keeps for one image under ``budget``.
 
     Newline tokens are ordinary candidates by default, as in DivPrune's reference; with
     ``newlines="drop"`` they are never kept and the budget counts the other tokens only (as MMTok).
@@ -43,12 +45,12 @@ def select_tokens(stage: Stage, features: Tensor, inputs: TokenInputs, newlines:
     if newlines == "drop" and inputs.newline is not None:
         candidates = candidates[~inputs.newline.to(features.device)]
     available = candidates.numel()
-    keep = available if stage.budget is None else stage.budget.tokens(available)
+    keep = available if budget is None else budget.tokens(available)
     if keep == available or available == 0:
         return candidates
     attention = inputs.attention
-    if "attention" in stage.strategy.needs and attention is None:
-        raise VTPruneError(f"strategy {stage.strategy.name!r} needs attention scores; run it inside the decoder")
+    if "attention" in strategy.needs and attention is None:
+        raise VTPruneError(f"strategy {strategy.name!r} needs attention scores; run it inside the decoder")
     ctx = TokenContext(
         features=features[candidates].float(),
         keep=keep,
@@ -58,14 +60,13 @@ def select_tokens(stage: Stage, features: Tensor, inputs: TokenInputs, newlines:
         layer=inputs.layer,
         attention=None if attention is None else attention[candidates].float(),
     )
-    chosen = stage.strategy.select(ctx)
-    _check(stage, chosen, keep, available)
+    chosen = strategy.select(ctx)
+    _check(strategy.name, chosen, keep, available)
     return candidates[chosen.to(candidates.device)]
 
 
-def _check(stage: Stage, chosen: Tensor, keep: int, available: int) -> None:
+def _check(name: str, chosen: Tensor, keep: int, available: int) -> None:
     """User strategies are code we did not write: refuse malformed output instead of pruning wrongly."""
-    name = stage.strategy.name
     if chosen.ndim != 1 or chosen.dtype not in (torch.int64, torch.int32):
         raise VTPruneError(f"strategy {name!r} must return a 1-D integer tensor, got {chosen.dtype} {tuple(chosen.shape)}")
     if chosen.numel() != keep:

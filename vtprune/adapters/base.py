@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
+
+if TYPE_CHECKING:
+    from ..state import VisualItem
 
 #: Raw visual inputs the vision encoder consumes.
 PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
@@ -73,9 +76,13 @@ class ModelAdapter:
         # The text model's default when no ids are passed: arange(L), regardless of padding.
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
 
-    def grids(self, modality: str, kwargs: dict[str, Any], sizes: list[int]) -> list[Grid]:
-        """(t, h, w) token grid of each image/video, where the tokens form one raster grid."""
-        return [None] * len(sizes)
+    def grids(self, items: list[VisualItem], positions: Tensor) -> list[Grid]:
+        """(t, h, w) token grid of each item whose tokens form one raster grid, else None.
+
+        Read from what the forward itself sees (``generate()`` has already consumed ``image_sizes``
+        and ``image_grid_thw`` by then), so forward and generate() select alike.
+        """
+        return [None] * len(items)
 
     def newline_embedding(self) -> Tensor | None:
         """The learned row-separator token of AnyRes models (LLaVA-NeXT/OneVision), if any."""

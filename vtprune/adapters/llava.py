@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from .base import Grid, ModelAdapter
+
+if TYPE_CHECKING:
+    from ..state import VisualItem
 
 
 class LlavaAdapter(ModelAdapter):
@@ -19,13 +22,13 @@ class LlavaAdapter(ModelAdapter):
         "LlavaOnevisionForConditionalGeneration",
     )
 
-    def grids(self, modality: str, kwargs: dict[str, Any], sizes: list[int]) -> list[Grid]:
+    def grids(self, items: list[VisualItem], positions: Tensor) -> list[Grid]:
         # LLaVA-1.5 images are one square grid; AnyRes packing (base tile + unpadded tiles + newlines)
         # and OneVision videos are not one raster grid, so strategies get no grid for them.
-        if type(self.model).__name__ != "LlavaForConditionalGeneration" or kwargs.get("image_sizes") is not None:
-            return [None] * len(sizes)
-        side = [math.isqrt(size) for size in sizes]
-        return [(1, s, s) if s * s == size else None for s, size in zip(side, sizes)]
+        if type(self.model).__name__ != "LlavaForConditionalGeneration":
+            return [None] * len(items)
+        sizes = [item.columns.numel() for item in items]
+        return [(1, math.isqrt(n), math.isqrt(n)) if math.isqrt(n) ** 2 == n else None for n in sizes]
 
     def newline_embedding(self) -> Tensor | None:
         return getattr(self.inner, "image_newline", None)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import Tensor
 from transformers.modeling_outputs import ModelOutput
 
 from ..layout import take
 from .base import Grid, ModelAdapter
+
+if TYPE_CHECKING:
+    from ..state import VisualItem
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -39,12 +42,21 @@ class QwenVLAdapter(ModelAdapter):
             return super().original_positions(kwargs, input_ids)[None].expand(3, -1, -1)
         return positions
 
-    def grids(self, modality: str, kwargs: dict[str, Any], sizes: list[int]) -> list[Grid]:
-        grid_thw = kwargs.get(f"{modality}_grid_thw")
-        if grid_thw is None:
-            return [None] * len(sizes)
-        merge = self.inner.config.vision_config.spatial_merge_size
-        return [(int(t), int(h) // merge, int(w) // merge) for t, h, w in grid_thw.tolist()]
+    def grids(self, items: list[VisualItem], positions: Tensor) -> list[Grid]:
+        # M-RoPE gives each token (t, h, w) = start + its grid coordinates, so a frame's extent in h
+        # and w is its grid. A frame is the first contiguous run of the item's tokens: Qwen3-VL puts
+        # each video frame in its own run, Qwen2/2.5-VL one run per item.
+        hw = positions[-2:]  # (2, B, L): the h and w rows, for (3, B, L) and (4, B, L) alike
+        grids: list[Grid] = []
+        for item in items:
+            columns = item.columns
+            breaks = (columns[1:] - columns[:-1] != 1).nonzero()
+            frame = columns[: int(breaks[0]) + 1] if breaks.numel() else columns
+            coords = hw[:, item.row, frame]
+            h, w = (int(extent) for extent in coords.max(dim=1).values - coords.min(dim=1).values + 1)
+            t, rest = divmod(columns.numel(), h * w)
+            grids.append((t, h, w) if rest == 0 and t * h * w == columns.numel() else None)
+        return grids
 
     def shorten_outputs(self, output: ModelOutput, kept: list[Tensor]) -> ModelOutput:
         shortened = super().shorten_outputs(output, kept)
