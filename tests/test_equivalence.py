@@ -172,7 +172,9 @@ def test_remove_restores_the_model_exactly(models, make_inputs):
 def test_use_cache_false_and_a_hand_written_decode_loop(models, make_inputs):
     model = models("llava_next")
     inputs = make_inputs(model, "llava_next", 3)
-    with torch.no_grad(), vtprune.pruned(model, "divprune:40%+fastv@2:50%"):
+    # Without a cache every step is a new prefill; attention-based stages would re-score on the newest
+    # token, so this uses selections that depend on the prompt only.
+    with torch.no_grad(), vtprune.pruned(model, "divprune:40%+random@2:50%"):
         cached = model.generate(**inputs, **GEN)
         uncached = model.generate(**inputs, **GEN, use_cache=False)
         assert torch.equal(cached, uncached)

@@ -55,9 +55,10 @@ class DecoderStages:
             if state is None or not state.prefilling:
                 return
             hidden_states = args[0] if args else kwargs["hidden_states"]
-            state.attention[layer] = last_token_attention(
-                module, hidden_states, kwargs["position_embeddings"], state.valid
-            )
+            with self.handle.timing("hook_seconds"), self.handle.timing("selection_seconds"):
+                state.attention[layer] = last_token_attention(
+                    module, hidden_states, kwargs["position_embeddings"], state.valid
+                )
 
         return hook
 
@@ -66,24 +67,28 @@ class DecoderStages:
             state = self.handle.active
             if state is None:
                 return None
-            hidden_states = args[0] if args else kwargs.pop("hidden_states")
-            args = args[1:]
-            if state.prefilling:
-                if layer in self.stages:
-                    hidden_states = self._prune(layer, state, hidden_states, kwargs)
-                self.handle.record_layer(layer, state)
-                if state.layer_inputs is not None:
-                    mask, position_embeddings, position_ids = state.layer_inputs
-                    kwargs.update(attention_mask=mask, position_embeddings=position_embeddings)
-                    if kwargs.get("position_ids") is not None:
-                        kwargs["position_ids"] = position_ids
-            else:
-                governing = state.governing_layer(layer)
-                if governing is not None:
-                    kwargs["attention_mask"] = self._decode_mask(state, governing, hidden_states, kwargs)
-            return (hidden_states, *args), kwargs
+            with self.handle.timing("hook_seconds"):
+                return self._layer_inputs(layer, state, args, kwargs)
 
         return hook
+
+    def _layer_inputs(self, layer: int, state: PruneState, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        hidden_states = args[0] if args else kwargs.pop("hidden_states")
+        args = args[1:]
+        if state.prefilling:
+            if layer in self.stages:
+                hidden_states = self._prune(layer, state, hidden_states, kwargs)
+            self.handle.record_layer(layer, state)
+            if state.layer_inputs is not None:
+                mask, position_embeddings, position_ids = state.layer_inputs
+                kwargs.update(attention_mask=mask, position_embeddings=position_embeddings)
+                if kwargs.get("position_ids") is not None:
+                    kwargs["position_ids"] = position_ids
+        else:
+            governing = state.governing_layer(layer)
+            if governing is not None:
+                kwargs["attention_mask"] = self._decode_mask(state, governing, hidden_states, kwargs)
+        return (hidden_states, *args), kwargs
 
     def _prune(self, layer: int, state: PruneState, hidden_states: Any, kwargs: dict[str, Any]) -> Any:
         stage = self.stages[layer]
@@ -99,9 +104,10 @@ class DecoderStages:
                 attention=None if attention is None else attention[item.row, slots],
                 newline=None if item.newline is None else item.newline[state.token_of_slot[item.row, slots]],
             )
-            kept = select_tokens(
-                stage.strategy, stage.budget, hidden_states[item.row, slots], inputs, newlines=self.handle.newlines
-            )
+            with self.handle.timing("selection_seconds"):
+                kept = select_tokens(
+                    stage.strategy, stage.budget, hidden_states[item.row, slots], inputs, newlines=self.handle.newlines
+                )
             dropped = slots.new_ones(slots.numel(), dtype=keep.dtype)
             dropped[kept.to(slots.device)] = False
             keep[item.row, slots[dropped]] = False

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -87,8 +89,18 @@ class PruneHandle:
         self.last_record = PruneRecord(images=images, layer_lengths=lengths, schedule=str(self.schedule))
 
     def record_layer(self, layer: int, state: PruneState) -> None:
-        if self.last_record is not None:
-            self.last_record.layer_lengths[:, layer:] = state.valid.sum(dim=1, keepdim=True).cpu()
+        """Tokens entering ``layer`` (and, until a later stage says otherwise, every layer after it)."""
+        self.last_record.layer_lengths[:, layer:] = state.valid.sum(dim=1, keepdim=True).cpu()
+
+    @contextmanager
+    def timing(self, field: str) -> Iterator[None]:
+        """Add the wall time of the block to ``last_record.<field>`` when it ran during a prefill."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.active is not None and self.active.prefilling and self.last_record is not None:
+                setattr(self.last_record, field, getattr(self.last_record, field) + time.perf_counter() - start)
 
     def __repr__(self) -> str:
         status = "active" if self.is_active else "removed"

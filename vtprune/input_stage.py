@@ -50,6 +50,10 @@ class InputStage:
         self.stage = handle.schedule.input_stage
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        with self.handle.timing("hook_seconds"):
+            return self._run(module, args, kwargs)
+
+    def _run(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         kwargs = bind_arguments(module.forward, args, kwargs)
         cache = kwargs.get("past_key_values")
         check_cache(cache)
@@ -98,12 +102,13 @@ class InputStage:
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", self.adapter.text_config.use_cache):
             # Own the cache so decode steps can find this state; the text model would make one anyway.
             kwargs["past_key_values"] = DynamicCache(config=self.adapter.text_config)
-        if self.stage is not None:
-            kwargs = self._prune(kwargs, state, encoder_outputs)
-        if kwargs.get("past_key_values") is not None:
-            setattr(kwargs["past_key_values"], STATE_ATTR, state)
         self.handle.active = state
         self.handle.begin_record(state, state.valid)
+        if self.stage is not None:
+            kwargs = self._prune(kwargs, state, encoder_outputs)
+            self.handle.record_layer(0, state)
+        if kwargs.get("past_key_values") is not None:
+            setattr(kwargs["past_key_values"], STATE_ATTR, state)
         return kwargs
 
     def _locate(self, input_ids: Tensor, encoder_outputs: dict[str, Any]) -> list[VisualItem]:
@@ -152,13 +157,14 @@ class InputStage:
         keep = state.valid.clone()
         for item, grid in zip(state.items, grids):
             features = encoder_outputs[item.modality].pooler_output[len(kept_by_modality.get(item.modality, []))]
-            kept = select_tokens(
-                self.stage.strategy,
-                self.stage.budget,
-                features,
-                TokenInputs(seed=item.seed, grid=grid, newline=item.newline),
-                newlines=self.handle.newlines,
-            )
+            with self.handle.timing("selection_seconds"):
+                kept = select_tokens(
+                    self.stage.strategy,
+                    self.stage.budget,
+                    features,
+                    TokenInputs(seed=item.seed, grid=grid, newline=item.newline),
+                    newlines=self.handle.newlines,
+                )
             kept_by_modality.setdefault(item.modality, []).append(kept)
             dropped = torch.ones(item.columns.numel(), dtype=torch.bool, device=input_ids.device)
             dropped[kept.to(input_ids.device)] = False

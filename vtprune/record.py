@@ -41,6 +41,10 @@ class PruneRecord:
     """(B, num_layers): tokens (padding excluded) each row fed into each decoder layer."""
     schedule: str
     """The schedule that produced it, in its string form."""
+    selection_seconds: float = 0.0
+    """Wall time the strategies spent selecting (CPU clock; on GPU it excludes unsynchronised kernels)."""
+    hook_seconds: float = 0.0
+    """Wall time inside vtprune's hooks during the prefill, selection included."""
 
     def for_row(self, row: int) -> list[ImageRecord]:
         return [image for image in self.images if image.row == row]

@@ -1,0 +1,128 @@
+"""LLM prefill time, unpruned vs pruned, side by side in one run, for every supported model class.
+
+For each class a random-weight model of a realistic mid size (hidden 256, 8 layers; 576 visual
+tokens per LLaVA / Qwen image, AnyRes adds tiles) runs the prefill that generate() runs: images
+are encoded once beforehand (as generate() does), so the timed part is the LLM plus vtprune's
+hooks. Runs are interleaved and the minimum of ``--repeats`` is kept, which suppresses noise from
+other processes on a shared machine.
+
+Printed per (class, schedule): measured speedup, the token-count bound (unpruned tokens summed over
+layers / pruned tokens summed over layers, i.e. the speedup if time were linear in tokens), their
+ratio, and the time spent in vtprune's hooks and in selection as a share of the unpruned prefill.
+
+    python eval/bench_prefill.py                      # all classes, default schedules
+    python eval/bench_prefill.py --kinds llava --repeats 7 --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+
+import torch
+
+import vtprune
+from vtprune.synthetic import MID, MODEL_KINDS, RowSpec, build_inputs, build_model
+
+SCHEDULES = ["uniform:50%", "uniform:25%", "uniform:11%", "divprune:25%", "divprune:11%", "fastv@2:50%", "fastv@2:25%"]
+
+
+def image_rows(kind: str, batch: int) -> list[RowSpec]:
+    # LLaVA: one 336 px image (576 tokens); NeXT/OneVision: a wide AnyRes image (base + 2 tiles);
+    # Qwen: a 24x24 merged grid (576 tokens).
+    image = {"llava": (1, 1), "llava_next": (1, 2), "llava_onevision": (1, 2)}.get(kind, (24, 24))
+    return [RowSpec(images=[image], text_before=16, text_after=24) for _ in range(batch)]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill_inputs(model: torch.nn.Module, inputs: dict) -> dict:
+    """Inputs as generate() hands them to the prefill: images already encoded."""
+    adapter = vtprune.adapters.adapter_for(model)
+    with torch.no_grad():
+        return adapter.encode(dict(inputs))
+
+
+def timed_prefill(model: torch.nn.Module, inputs: dict, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(**inputs, use_cache=True, logits_to_keep=1)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_kind(kind: str, schedules: list[str], args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    model = build_model(kind, MID).to(device=device, dtype=args.dtype)
+    inputs = build_inputs(model, image_rows(kind, args.batch))
+    inputs = {k: v.to(device) if not v.is_floating_point() else v.to(device, args.dtype) for k, v in inputs.items()}
+    inputs = prefill_inputs(model, inputs)
+    times: dict[str, list[float]] = {name: [] for name in ["none", *schedules]}
+    records = {}
+    for _ in range(args.warmup + args.repeats):
+        for name in times:
+            if name == "none":
+                times[name].append(timed_prefill(model, inputs, device))
+                continue
+            with vtprune.pruned(model, name) as handle:
+                times[name].append(timed_prefill(model, inputs, device))
+            records[name] = handle.last_record
+    best = {name: min(values[args.warmup :]) for name, values in times.items()}
+    num_layers = len(model.model.language_model.layers)
+    unpruned_tokens = int(inputs["attention_mask"].sum()) * num_layers
+    rows = []
+    for name in schedules:
+        record = records[name]
+        bound = unpruned_tokens / int(record.layer_lengths.sum())
+        speedup = best["none"] / best[name]
+        rows.append(
+            dict(
+                kind=kind,
+                schedule=name,
+                visual=f"{record.visual_tokens()['before'] // args.batch}->{list(record.visual_tokens().values())[-1] // args.batch}",
+                unpruned_ms=1e3 * best["none"],
+                pruned_ms=1e3 * best[name],
+                speedup=speedup,
+                bound=bound,
+                of_bound=speedup / bound,
+                hooks=record.hook_seconds / best["none"],
+                selection=record.selection_seconds / best["none"],
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", nargs="+", default=list(MODEL_KINDS), choices=MODEL_KINDS)
+    parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", type=lambda name: getattr(torch, name))
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"# prefill benchmark: {machine}, {args.dtype}, batch {args.batch}, min of {args.repeats} interleaved runs")
+    header = ["class", "schedule", "visual/row", "unpruned ms", "pruned ms", "speedup", "bound", "of bound", "hooks", "selection"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for kind in args.kinds:
+        for row in bench_kind(kind, args.schedules, args):
+            print(
+                f"| {row['kind']} | {row['schedule']} | {row['visual']} | {row['unpruned_ms']:.1f} | {row['pruned_ms']:.1f} "
+                f"| x{row['speedup']:.2f} | x{row['bound']:.2f} | {row['of_bound']:.2f} | {row['hooks']:.1%} | {row['selection']:.1%} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
