@@ -75,9 +75,14 @@ def masked_from_layer(model, layer: int, keep: Tensor) -> Iterator[None]:
             hook.remove()
 
 
-def reference_inputs(model, inputs: dict, keep_input: Tensor, *, for_generate: bool = False) -> dict:
-    """The unpruned inputs with the input-stage drops masked and original positions made explicit."""
+def reference_inputs(
+    model, inputs: dict, keep_input: Tensor, *, for_generate: bool = False, renumber: bool = False
+) -> dict:
+    """The unpruned inputs with the input-stage drops masked and original (or renumbered) positions explicit."""
     kwargs = dict(inputs, attention_mask=keep_input.long())
+    if renumber:  # contiguous over the kept tokens of each row (1-D models)
+        kwargs["position_ids"] = (keep_input.long().cumsum(-1) - 1).clamp(min=0)
+        return kwargs
     positions = original_positions(model, inputs)
     # generate() numbers tokens by the cumulative 2-D mask; the reference's mask has holes, so give
     # it the positions of the unmasked prompt explicitly.
@@ -90,11 +95,13 @@ def reference_inputs(model, inputs: dict, keep_input: Tensor, *, for_generate: b
     return kwargs
 
 
-def reference(model, inputs: dict, record: PruneRecord, *, generate_tokens: int = 0) -> Tensor:
+def reference(
+    model, inputs: dict, record: PruneRecord, *, generate_tokens: int = 0, renumber: bool = False
+) -> Tensor:
     """Logits (or, with ``generate_tokens``, greedy tokens) of the masking reference for ``record``."""
     stages = list(record.images[0].kept_by_stage) if record.images else []
     keep_input = kept_columns(inputs, record, "input") if "input" in stages else inputs["attention_mask"].bool()
-    kwargs = reference_inputs(model, inputs, keep_input, for_generate=bool(generate_tokens))
+    kwargs = reference_inputs(model, inputs, keep_input, for_generate=bool(generate_tokens), renumber=renumber)
     decoder = [stage for stage in stages if stage.startswith("layer ")]
     assert len(decoder) <= 1, "the reference handles one decoder stage"
     with torch.no_grad():

@@ -53,6 +53,26 @@ def test_pruning_equals_masking_reference(models, make_inputs, kind, rows, sched
     assert torch.equal(pruned_tokens, reference(model, inputs, record, generate_tokens=GEN["max_new_tokens"]))
 
 
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "llava_onevision"])
+def test_renumbered_positions_equal_the_renumbered_reference(models, make_inputs, kind):
+    model = models(kind)
+    inputs = make_inputs(model, kind, 3)
+    with torch.no_grad(), vtprune.pruned(model, "divprune:40%", renumber=True) as handle:
+        pruned_logits = model(**inputs).logits
+        record = handle.last_record
+        pruned_tokens = model.generate(**inputs, **GEN)
+    keep = final_keep(inputs, record)
+    for expected, got in kept_logits(reference(model, inputs, record, renumber=True), keep, pruned_logits):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    expected_tokens = reference(model, inputs, record, generate_tokens=GEN["max_new_tokens"], renumber=True)
+    assert torch.equal(pruned_tokens, expected_tokens)
+
+
+def test_renumbering_m_rope_is_refused(models):
+    with pytest.raises(vtprune.VTPruneError, match="M-RoPE"):
+        vtprune.prune(models("qwen2_vl"), "divprune", keep=2, renumber=True)
+
+
 @pytest.mark.parametrize("kind", ["llava", "qwen3_vl"])
 def test_kept_tokens_keep_original_positions(models, make_inputs, kind):
     """The text model receives each kept token's original position id (1-D or M-RoPE)."""
@@ -178,14 +198,21 @@ def test_use_cache_false_and_a_hand_written_decode_loop(models, make_inputs):
         cached = model.generate(**inputs, **GEN)
         uncached = model.generate(**inputs, **GEN, use_cache=False)
         assert torch.equal(cached, uncached)
-        # The loop passes only new ids and the growing original-length mask, as a user would.
-        out = model(**inputs, use_cache=True)
-        cache, mask, ids = out.past_key_values, inputs["attention_mask"], inputs["input_ids"]
-        positions = mask.cumsum(-1)[:, -1:] - 1
-        for step in range(GEN["max_new_tokens"]):
-            next_token = out.logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, next_token], dim=1)
-            mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
-            positions = positions + 1
-            out = model(input_ids=next_token, attention_mask=mask, position_ids=positions, past_key_values=cache)
-        assert torch.equal(ids, cached)
+        # The loops pass only new ids and the growing original-length mask, as a user would; one passes
+        # positions numbered like generate() does, one leaves them to vtprune.
+        for pass_positions in (True, False):
+            out = model(**inputs, position_ids=(inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0), use_cache=True)
+            cache, mask, ids = out.past_key_values, inputs["attention_mask"], inputs["input_ids"]
+            positions = mask.cumsum(-1)[:, -1:] - 1
+            for step in range(GEN["max_new_tokens"]):
+                next_token = out.logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, next_token], dim=1)
+                mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+                positions = positions + 1
+                out = model(
+                    input_ids=next_token,
+                    attention_mask=mask,
+                    position_ids=positions if pass_positions else None,
+                    past_key_values=cache,
+                )
+            assert torch.equal(ids, cached)

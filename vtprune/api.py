@@ -27,6 +27,7 @@ def prune(
     layer: int | None = None,
     seed: int = 0,
     newlines: str = "candidate",
+    renumber: bool = False,
     **options: Any,
 ) -> PruneHandle:
     """Prune the visual tokens of ``model`` (patched in place) until ``handle.remove()``.
@@ -36,13 +37,15 @@ def prune(
     ``"divprune:64+fastv@2:50%"``, or :class:`Stage` / :class:`Schedule` objects. ``seed`` feeds the
     random strategies (mixed with each sample's own tokens, so batching does not change a draw);
     ``newlines`` says whether LLaVA-NeXT/OneVision row-separator tokens are ordinary candidates
-    (``"candidate"``, DivPrune's choice) or always dropped (``"drop"``).
+    (``"candidate"``, DivPrune's choice) or always dropped (``"drop"``). Kept tokens keep their original
+    positions; ``renumber=True`` numbers them contiguously instead, as the LLaVA reference code of the
+    papers does (1-D RoPE models only; it applies to the stage before the LLM).
     """
     adapter = adapter_for(model)
     schedule = as_schedule(strategy, layer=layer, keep=keep, keep_ratio=keep_ratio, **options)
     schedule.check_depth(len(adapter.layers))
     _check_sliding_window(adapter.text_config, schedule)
-    return PruneHandle(model, adapter, schedule, seed=seed, newlines=newlines).install()
+    return PruneHandle(model, adapter, schedule, seed=seed, newlines=newlines, renumber=renumber).install()
 
 
 @contextmanager

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .layout import last_valid
+
 
 def _rotate_half(x: Tensor) -> Tensor:
     first, second = x.chunk(2, dim=-1)
@@ -32,7 +34,7 @@ def last_token_attention(
     """
     batch, length, _ = hidden_states.shape
     head_dim = attn.head_dim
-    last = valid.long().cumsum(dim=1).argmax(dim=1)  # last valid slot of each row (left or right padding)
+    last = last_valid(valid)
     rows = torch.arange(batch, device=hidden_states.device)
     query = attn.q_proj(hidden_states[rows, last].unsqueeze(1)).view(batch, 1, -1, head_dim)
     keys = attn.k_proj(hidden_states).view(batch, length, -1, head_dim)

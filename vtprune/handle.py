@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters import ModelAdapter
 from .decoder_stage import DecoderStages
-from .errors import AlreadyPrunedError
+from .errors import AlreadyPrunedError, VTPruneError
 from .input_stage import InputStage
 from .record import PruneRecord
 from .schedule import Schedule
@@ -27,15 +27,28 @@ class PruneHandle:
     """Hooks of one schedule on one model. ``remove()`` (or leaving the ``with`` block) undoes all of them."""
 
     def __init__(
-        self, model: nn.Module, adapter: ModelAdapter, schedule: Schedule, *, seed: int = 0, newlines: str = "candidate"
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        schedule: Schedule,
+        *,
+        seed: int = 0,
+        newlines: str = "candidate",
+        renumber: bool = False,
     ) -> None:
         if newlines not in NEWLINE_POLICIES:
             raise ValueError(f"newlines must be one of {NEWLINE_POLICIES}, got {newlines!r}")
+        if renumber and adapter.position_seq_dim != 1:
+            raise VTPruneError(
+                f"renumber=True is defined for 1-D positions; {type(model).__name__} uses M-RoPE, whose positions "
+                "encode each token's place in its grid, so kept tokens keep their original positions"
+            )
         self.model = model
         self.adapter = adapter
         self.schedule = schedule
         self.seed = seed
         self.newlines = newlines
+        self.renumber = renumber
         self.last_record: PruneRecord | None = None
         #: State of the forward in progress (read by the decoder-layer hooks).
         self.active: PruneState | None = None

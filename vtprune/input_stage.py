@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from .adapters.base import PIXEL_INPUTS
 from .errors import UnsupportedCacheError, VTPruneError
-from .layout import Layout, pack
+from .layout import Layout, last_valid, pack
 from .record import ImageRecord
 from .selection import TokenInputs, select_tokens
 from .state import STATE_ATTR, PruneState, VisualItem, ones_mask
@@ -199,7 +199,7 @@ class InputStage:
         dtype = mask.dtype if mask is not None else torch.long
         # Always pass a mask: without one, gapped position ids read as packed sequences.
         kwargs["attention_mask"] = state.valid.to(dtype)
-        kwargs["position_ids"] = layout.take(positions, seq_dim=self.adapter.position_seq_dim, fill=0)
+        kwargs["position_ids"] = self._positions(layout, positions, state)
         for key, fill in (("mm_token_type_ids", 0), ("token_type_ids", 0), ("labels", -100)):
             if kwargs.get(key) is not None:
                 kwargs[key] = layout.take(kwargs[key], fill=fill)
@@ -208,6 +208,19 @@ class InputStage:
             for modality, output in encoder_outputs.items()
         }
         return kwargs
+
+    def _positions(self, layout: Layout, positions: Tensor, state: PruneState) -> Tensor:
+        """Kept tokens' original positions, or contiguous ones per row with ``renumber``."""
+        kept = layout.take(positions, seq_dim=self.adapter.position_seq_dim, fill=0)
+        rows = torch.arange(state.valid.shape[0], device=positions.device)
+        last = last_valid(state.valid)
+        if self.handle.renumber:
+            renumbered = (state.valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            # generate() keeps numbering decode steps in the original layout; shift them by this much.
+            state.position_shift = kept[rows, last] - renumbered[rows, last]
+            kept = renumbered
+        state.next_position = kept[..., rows, last] + 1
+        return kept
 
     # --- decode ----------------------------------------------------------------------------------
 
@@ -227,6 +240,13 @@ class InputStage:
         input_mask = state.begin_decode_step(full)
         if state.input_layout is not None:
             kwargs["attention_mask"] = input_mask
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                # The model would number from the (pruned) cache length; continue the prompt's numbering.
+                kwargs["position_ids"] = state.next_position[..., None]
+            elif state.position_shift is not None:
+                kwargs["position_ids"] = position_ids - state.position_shift[..., None]
+            state.next_position = state.next_position + 1
         return kwargs
 
     def _has_visual_tokens(self, kwargs: dict[str, Any]) -> bool:

@@ -65,3 +65,8 @@ def pack(keep: Tensor, left_pad: bool) -> Layout:
     offset = (length - counts)[rows] if left_pad else 0
     source[rows, rank + offset] = cols
     return Layout(source, previous_length=keep.shape[1])
+
+
+def last_valid(valid: Tensor) -> Tensor:
+    """(B,) index of each row's last real slot, for left or right padding alike."""
+    return valid.long().cumsum(dim=1).argmax(dim=1)

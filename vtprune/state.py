@@ -52,6 +52,10 @@ class PruneState:
     """Layout the LLM input was packed into (None: the input was left as it was)."""
     decoder_layouts: dict[int, Layout] = field(default_factory=dict)
     """Decoder layer -> layout its stage packed the hidden states into (identity layouts are left out)."""
+    next_position: Tensor | None = None
+    """Position ids ((B,) or (rows, B)) of the next decoded token, once the input was packed."""
+    position_shift: Tensor | None = None
+    """With renumbered positions: per row, original minus renumbered position of the last prompt token."""
     prefilling: bool = True
     attention: dict[int, Tensor] = field(default_factory=dict)
     """Decoder layer K -> (B, L) last-token attention measured at layer K-1, for strategies that need it."""
