@@ -41,6 +41,7 @@ class Layout:
 def take(x: Tensor, source: Tensor, seq_dim: int = 1, fill: float | int | bool = 0) -> Tensor:
     """``x[..., b, source[b, j], ...]`` for every row ``b``, with ``fill`` where ``source`` is -1."""
     batch_dim = seq_dim - 1
+    source = source.to(x.device)  # layers may sit on other devices (device_map="auto")
     rows, length = source.shape
     if x.shape[batch_dim] != rows:  # e.g. position ids shaped (1, L) shared by all rows
         x = x.expand(*x.shape[:batch_dim], rows, *x.shape[batch_dim + 1 :])

@@ -39,6 +39,10 @@ class TokenContext:
     """Decoder layer the selection happens at; None before the LLM."""
     attention: Tensor | None = None
     """(N,) attention the last prompt token pays to each of these tokens (heads averaged)."""
+    text_embeds: Tensor | None = None
+    """(m, D) input-embedding rows of the question's words (stop-words and instructions removed)."""
+    pre_features: Tensor | None = None
+    """(N, Dc) vision-tower features the projector consumed for these tokens (before projection)."""
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2:
