@@ -165,3 +165,15 @@ def test_text_only_batches_pass_through(models):
         with vtprune.pruned(model, "divprune", keep=2) as handle:
             assert torch.equal(model.generate(**inputs, max_new_tokens=3), expected)
     assert handle.last_record.images == []
+
+
+def test_random_deep_defaults_to_half_the_depth_and_stacks(models, make_inputs):
+    model = models("qwen2_5_vl")
+    inputs = make_inputs(model, "qwen2_5_vl", 3)
+    with torch.no_grad(), vtprune.pruned(model, "divprune:75%+random_deep:50%") as handle:
+        model.generate(**inputs, max_new_tokens=2)
+    assert [stage.layer for stage in handle.schedule.stages] == [None, 2]  # 4 layers: half is layer 2
+    totals = handle.last_record.visual_tokens()
+    assert totals["before"] > totals["input"] > totals["layer 2"]
+    with vtprune.pruned(model, "random_deep@3:50%") as handle:
+        assert handle.schedule.stages[0].layer == 3

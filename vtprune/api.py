@@ -43,7 +43,7 @@ def prune(
     """
     adapter = adapter_for(model)
     schedule = as_schedule(strategy, layer=layer, keep=keep, keep_ratio=keep_ratio, **options)
-    schedule.check_depth(len(adapter.layers))
+    schedule = schedule.resolved(len(adapter.layers))
     _check_sliding_window(adapter.text_config, schedule)
     return PruneHandle(model, adapter, schedule, seed=seed, newlines=newlines, renumber=renumber).install()
 

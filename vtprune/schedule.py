@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from .errors import BudgetError, LayerError
@@ -69,10 +69,14 @@ class Stage:
 
     @property
     def place(self) -> str:
-        return INPUT_STAGE if self.layer is None else DECODER_STAGE
+        if self.layer is None and INPUT_STAGE in self.strategy.stages:
+            return INPUT_STAGE
+        return DECODER_STAGE
 
     def __post_init__(self) -> None:
         name = self.strategy.name
+        if self.layer is None and self.place == DECODER_STAGE and self.strategy.default_depth is None:
+            raise LayerError(f"strategy {name!r} acts inside the decoder: give layer=K")
         if self.place not in self.strategy.stages:
             where = "inside the decoder: give layer=K" if self.place == INPUT_STAGE else "before the LLM: drop layer="
             raise LayerError(f"strategy {name!r} acts {where}")
@@ -103,20 +107,32 @@ class Schedule:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("a schedule needs at least one stage")
-        if sum(stage.layer is None for stage in self.stages) > 1:
+        if sum(stage.place == INPUT_STAGE for stage in self.stages) > 1:
             raise ValueError("a schedule can have only one stage before the LLM; chain decoder stages with layer=K")
         layers = [stage.layer for stage in self.stages if stage.layer is not None]
         if len(set(layers)) != len(layers):
             raise LayerError(f"two decoder stages at the same layer: {sorted(layers)}")
-        self.stages.sort(key=lambda stage: -1 if stage.layer is None else stage.layer)
+        self.stages = sorted(self.stages, key=lambda stage: -1 if stage.layer is None else stage.layer)
 
     @property
     def input_stage(self) -> Stage | None:
-        return next((stage for stage in self.stages if stage.layer is None), None)
+        return next((stage for stage in self.stages if stage.place == INPUT_STAGE), None)
 
     @property
     def decoder_stages(self) -> list[Stage]:
-        return [stage for stage in self.stages if stage.layer is not None]
+        return [stage for stage in self.stages if stage.place == DECODER_STAGE]
+
+    def resolved(self, num_layers: int) -> Schedule:
+        """This schedule for a decoder of ``num_layers``: default depths filled in, every layer checked."""
+        stages = [
+            replace(stage, layer=min(num_layers - 1, max(1, round(stage.strategy.default_depth * num_layers))))
+            if stage.place == DECODER_STAGE and stage.layer is None
+            else stage
+            for stage in self.stages
+        ]
+        schedule = Schedule(stages)
+        schedule.check_depth(num_layers)
+        return schedule
 
     def check_depth(self, num_layers: int) -> None:
         for stage in self.decoder_stages:

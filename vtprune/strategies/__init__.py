@@ -6,6 +6,7 @@ from .divprune import DivPrune
 from .fastv import FastV
 from .none import NoPruning
 from .random import RandomPruning
+from .random_deep import RandomDeepPruning
 from .uniform import UniformPruning
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "FastV",
     "GreedyStrategy",
     "NoPruning",
+    "RandomDeepPruning",
     "RandomPruning",
     "Strategy",
     "TokenContext",

@@ -79,6 +79,8 @@ class Strategy:
     """Where the strategy can act."""
     needs_budget: ClassVar[bool] = True
     """False for strategies that decide the count themselves (``none``)."""
+    default_depth: ClassVar[float | None] = None
+    """Decoder-only strategies: default layer as a fraction of the decoder depth (None: ``layer`` is required)."""
 
     def select(self, ctx: TokenContext) -> Tensor:
         """Return the kept indices: ``ctx.keep`` unique int64 indices into ``ctx.features``, ascending."""
