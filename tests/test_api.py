@@ -177,3 +177,15 @@ def test_random_deep_defaults_to_half_the_depth_and_stacks(models, make_inputs):
     assert totals["before"] > totals["input"] > totals["layer 2"]
     with vtprune.pruned(model, "random_deep@3:50%") as handle:
         assert handle.schedule.stages[0].layer == 3
+
+
+def test_select_nested_gives_every_budget_from_one_pass():
+    features = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    sets = vtprune.select_nested("divprune", features, [4, 16, 32])
+    for k, kept in sets.items():
+        assert torch.equal(kept, vtprune.select("divprune", features, keep=k))
+    assert set(sets[4].tolist()) <= set(sets[16].tolist()) <= set(sets[32].tolist())
+    with pytest.raises(TypeError, match="not greedy"):
+        vtprune.select_nested("random", features, [4])
+    with pytest.raises(vtprune.BudgetError):
+        vtprune.select_nested("divprune", features, [0, 65])

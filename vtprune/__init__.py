@@ -1,7 +1,7 @@
 """vtprune: prune the visual tokens of Hugging Face vision-language models with one call."""
 
 from .adapters import supported_models
-from .api import prune, pruned, select
+from .api import prune, pruned, select, select_nested
 from .errors import (
     AlreadyPrunedError,
     BudgetError,
@@ -42,5 +42,6 @@ __all__ = [
     "pruned",
     "register_strategy",
     "select",
+    "select_nested",
     "supported_models",
 ]

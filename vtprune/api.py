@@ -13,7 +13,7 @@ from .handle import PruneHandle
 from .schedule import Budget, Schedule, Stage, as_schedule
 from .strategies.registry import make_strategy
 from .selection import TokenInputs, select_tokens
-from .strategies.base import Strategy
+from .strategies.base import GreedyStrategy, Strategy, TokenContext
 
 StrategySpec = str | Strategy | Stage | Schedule | Sequence[Stage]
 
@@ -83,6 +83,44 @@ def select(
         raise BudgetError(f"strategy {chosen.name!r} needs a budget: pass keep= or keep_ratio=")
     inputs = TokenInputs(seed=seed, grid=grid, layer=layer, attention=attention, newline=newline)
     return select_tokens(chosen, budget, features, inputs, newlines=newlines)
+
+
+def select_nested(
+    strategy: str | Strategy,
+    features: Tensor,
+    budgets: Sequence[int],
+    *,
+    seed: int = 0,
+    grid: tuple[int, int, int] | None = None,
+    layer: int | None = None,
+    attention: Tensor | None = None,
+    text_embeds: Tensor | None = None,
+    pre_features: Tensor | None = None,
+    **options: Any,
+) -> dict[int, Tensor]:
+    """Keep sets for several budgets from one greedy pass: budget -> sorted kept indices.
+
+    A greedy strategy's keep set for k is the first k tokens of its pick order, so scoring once
+    at the largest budget serves a whole sweep (the sets are nested).
+    """
+    chosen = make_strategy(strategy, **options)
+    if not isinstance(chosen, GreedyStrategy):
+        raise TypeError(f"strategy {chosen.name!r} is not greedy, so its keep sets are not nested; call select() per budget")
+    n = features.shape[0]
+    if not budgets or any(not 1 <= k <= n for k in budgets):
+        raise BudgetError(f"budgets must be token counts in [1, {n}], got {list(budgets)}")
+    ctx = TokenContext(
+        features=features.float(),
+        keep=max(budgets),
+        seed=seed,
+        grid=grid,
+        layer=layer,
+        attention=None if attention is None else attention.float(),
+        text_embeds=None if text_embeds is None else text_embeds.float(),
+        pre_features=None if pre_features is None else pre_features.float(),
+    )
+    order = chosen.order(ctx)
+    return {k: order[:k].sort().values for k in budgets}
 
 
 def _check_sliding_window(text_config: Any, schedule: Schedule) -> None:
