@@ -28,6 +28,7 @@ def prune(
     seed: int = 0,
     newlines: str = "candidate",
     renumber: bool = False,
+    tokenizer: Any | None = None,
     **options: Any,
 ) -> PruneHandle:
     """Prune the visual tokens of ``model`` (patched in place) until ``handle.remove()``.
@@ -39,13 +40,18 @@ def prune(
     ``newlines`` says whether LLaVA-NeXT/OneVision row-separator tokens are ordinary candidates
     (``"candidate"``, DivPrune's choice) or always dropped (``"drop"``). Kept tokens keep their original
     positions; ``renumber=True`` numbers them contiguously instead, as the LLaVA reference code of the
-    papers does (1-D RoPE models only; it applies to the stage before the LLM).
+    papers does (1-D RoPE models only; it applies to the stage before the LLM). ``tokenizer`` (or
+    a processor) lets text-aware strategies (``mmtok``) drop stop-words and instruction words from
+    the question; without it every non-special text token of the prompt counts.
     """
     adapter = adapter_for(model)
     schedule = as_schedule(strategy, layer=layer, keep=keep, keep_ratio=keep_ratio, **options)
     schedule = schedule.resolved(len(adapter.layers))
     _check_sliding_window(adapter.text_config, schedule)
-    return PruneHandle(model, adapter, schedule, seed=seed, newlines=newlines, renumber=renumber).install()
+    handle = PruneHandle(
+        model, adapter, schedule, seed=seed, newlines=newlines, renumber=renumber, tokenizer=tokenizer
+    )
+    return handle.install()
 
 
 @contextmanager
@@ -69,19 +75,31 @@ def select(
     layer: int | None = None,
     attention: Tensor | None = None,
     newline: Tensor | None = None,
+    text_embeds: Tensor | None = None,
+    pre_features: Tensor | None = None,
     newlines: str = "candidate",
     **options: Any,
 ) -> Tensor:
     """Sorted kept indices for one image's tokens ``features`` (N, D), exactly as the hooks select.
 
     Extra inputs: ``grid`` (t, h, w) of the tokens, ``attention`` (N,) last-token attention (fastv),
-    ``newline`` (N,) bool marking AnyRes newline tokens; other keywords are strategy options.
+    ``newline`` (N,) bool marking AnyRes newline tokens, ``text_embeds`` (m, D) question-word
+    embeddings and ``pre_features`` (N, Dc) pre-projector features (mmtok); other keywords are
+    strategy options.
     """
     chosen = make_strategy(strategy, **options)
     budget = None if keep is None and keep_ratio is None else Budget(keep=keep, keep_ratio=keep_ratio)
     if chosen.needs_budget and budget is None:
         raise BudgetError(f"strategy {chosen.name!r} needs a budget: pass keep= or keep_ratio=")
-    inputs = TokenInputs(seed=seed, grid=grid, layer=layer, attention=attention, newline=newline)
+    inputs = TokenInputs(
+        seed=seed,
+        grid=grid,
+        layer=layer,
+        attention=attention,
+        newline=newline,
+        text_embeds=text_embeds,
+        pre_features=pre_features,
+    )
     return select_tokens(chosen, budget, features, inputs, newlines=newlines)
 
 

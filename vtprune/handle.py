@@ -18,6 +18,7 @@ from .record import PruneRecord
 from .schedule import Schedule
 from .selection import NEWLINE_POLICIES
 from .state import PruneState
+from .text import QuestionTokens
 
 #: Attribute marking a model instance as wrapped.
 HANDLE_ATTR = "_vtprune_handle"
@@ -35,6 +36,7 @@ class PruneHandle:
         seed: int = 0,
         newlines: str = "candidate",
         renumber: bool = False,
+        tokenizer: Any | None = None,
     ) -> None:
         if newlines not in NEWLINE_POLICIES:
             raise ValueError(f"newlines must be one of {NEWLINE_POLICIES}, got {newlines!r}")
@@ -49,6 +51,8 @@ class PruneHandle:
         self.seed = seed
         self.newlines = newlines
         self.renumber = renumber
+        #: Picks question words out of a row's text tokens (for strategies that read ``text_embeds``).
+        self.question_tokens = QuestionTokens(adapter.special_token_ids(), tokenizer)
         self.last_record: PruneRecord | None = None
         #: State of the forward in progress (read by the decoder-layer hooks).
         self.active: PruneState | None = None

@@ -153,19 +153,33 @@ class InputStage:
         input_ids = kwargs["input_ids"]
         positions = self.adapter.original_positions(kwargs, input_ids)
         grids = self.adapter.grids(state.items, positions)
-        kept_by_modality: dict[str, list[Tensor]] = {}
+        needs = self.stage.strategy.needs
+        pre_features = {
+            modality: self.adapter.pre_features(modality, output) if "pre_features" in needs else None
+            for modality, output in encoder_outputs.items()
+        }
+        question = {}
+        if "text_embeds" in needs:
+            embed = self.adapter.model.get_input_embeddings()
+            for row in {item.row for item in state.items}:
+                question[row] = embed(self.handle.question_tokens.select(input_ids[row][state.valid[row]]))
+        kept_by_modality: dict[str, list[Tensor]] = {modality: [] for modality in encoder_outputs}
         keep = state.valid.clone()
         for item, grid in zip(state.items, grids):
-            features = encoder_outputs[item.modality].pooler_output[len(kept_by_modality.get(item.modality, []))]
+            index = len(kept_by_modality[item.modality])
+            inputs = TokenInputs(
+                seed=item.seed,
+                grid=grid,
+                newline=item.newline,
+                text_embeds=question.get(item.row),
+                pre_features=None if pre_features[item.modality] is None else pre_features[item.modality][index],
+            )
+            features = encoder_outputs[item.modality].pooler_output[index]
             with self.handle.timing("selection_seconds"):
                 kept = select_tokens(
-                    self.stage.strategy,
-                    self.stage.budget,
-                    features,
-                    TokenInputs(seed=item.seed, grid=grid, newline=item.newline),
-                    newlines=self.handle.newlines,
+                    self.stage.strategy, self.stage.budget, features, inputs, newlines=self.handle.newlines
                 )
-            kept_by_modality.setdefault(item.modality, []).append(kept)
+            kept_by_modality[item.modality].append(kept)
             dropped = torch.ones(item.columns.numel(), dtype=torch.bool, device=input_ids.device)
             dropped[kept.to(input_ids.device)] = False
             keep[item.row, item.columns[dropped]] = False

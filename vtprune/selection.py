@@ -30,6 +30,8 @@ class TokenInputs:
     attention: Tensor | None = None
     newline: Tensor | None = None
     """(N,) bool: which tokens are AnyRes newline tokens."""
+    text_embeds: Tensor | None = None
+    pre_features: Tensor | None = None
 
 
 def select_tokens(
@@ -59,6 +61,8 @@ def select_tokens(
         grid=inputs.grid if available == n else None,
         layer=inputs.layer,
         attention=None if attention is None else attention[candidates].float(),
+        text_embeds=None if inputs.text_embeds is None else inputs.text_embeds.float(),
+        pre_features=None if inputs.pre_features is None else inputs.pre_features[candidates].float(),
     )
     chosen = strategy.select(ctx)
     _check(strategy.name, chosen, keep, available)

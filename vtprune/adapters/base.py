@@ -58,6 +58,21 @@ class ModelAdapter:
             ids["video"] = config.video_token_id
         return ids
 
+    def special_token_ids(self) -> set[int]:
+        """Token ids that are never question words: placeholders, vision delimiters, BOS/EOS/padding."""
+        configs = (self.model.config, self.text_config, self.model.generation_config)
+        names = ("vision_start_token_id", "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
+        ids = set(self.token_ids().values())
+        for config in configs:
+            for name in names:
+                value = getattr(config, name, None)
+                ids.update(value if isinstance(value, (list, tuple)) else [value])
+        return {int(i) for i in ids if i is not None}
+
+    def pre_features(self, modality: str, output: ModelOutput) -> list[Tensor] | None:
+        """Per item, the vision features the projector consumed for each token (None where not recoverable)."""
+        return None
+
     def encode(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Run the vision encoder the way ``generate()`` does, so a plain forward prunes the same features.
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
+from transformers.modeling_outputs import ModelOutput
 
 from .base import Grid, ModelAdapter
 
@@ -29,6 +31,20 @@ class LlavaAdapter(ModelAdapter):
             return [None] * len(items)
         sizes = [item.columns.numel() for item in items]
         return [(1, math.isqrt(n), math.isqrt(n)) if math.isqrt(n) ** 2 == n else None for n in sizes]
+
+    def pre_features(self, modality: str, output: ModelOutput) -> list[Tensor] | None:
+        # LLaVA-1.5: the vision layer(s) the projector read, without CLS under the "default" strategy.
+        # AnyRes models pack per-tile features differently from their projected tokens: not recovered.
+        config = self.model.config
+        if type(self.model).__name__ != "LlavaForConditionalGeneration" or output.get("hidden_states") is None:
+            return None
+        layers = config.vision_feature_layer
+        features = torch.cat([output.hidden_states[i] for i in ([layers] if isinstance(layers, int) else layers)], -1)
+        if config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        if [len(f) for f in features] != [len(p) for p in output.pooler_output]:
+            return None
+        return list(features)
 
     def newline_embedding(self) -> Tensor | None:
         return getattr(self.inner, "image_newline", None)

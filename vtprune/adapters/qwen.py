@@ -58,6 +58,17 @@ class QwenVLAdapter(ModelAdapter):
             grids.append((t, h, w) if rest == 0 and t * h * w == columns.numel() else None)
         return grids
 
+    def pre_features(self, modality: str, output: ModelOutput) -> list[Tensor] | None:
+        # The merger reads each 2x2 block of vision-tower tokens as one row: consecutive rows of
+        # last_hidden_state. Qwen2.5-VL keeps those rows in its window order, so they are not recovered.
+        if type(self.model).__name__ == "Qwen2_5_VLForConditionalGeneration" or output.last_hidden_state is None:
+            return None
+        sizes = [len(f) for f in output.pooler_output]
+        hidden = output.last_hidden_state
+        if hidden.shape[0] % sum(sizes):
+            return None
+        return list(hidden.reshape(sum(sizes), -1).split(sizes))
+
     def shorten_outputs(self, output: ModelOutput, kept: list[Tensor]) -> ModelOutput:
         shortened = super().shorten_outputs(output, kept)
         if getattr(output, "deepstack_features", None) is not None:

@@ -1,0 +1,74 @@
+"""What the engine hands strategies that ask for extra inputs (question embeddings, pre-projector features)."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import vtprune
+from vtprune.synthetic import IMAGE, RowSpec, build_inputs
+from vtprune.text import QuestionTokens
+
+
+def probe(name: str, seen: list):
+    @vtprune.register_strategy(name, overwrite=True)
+    class Probe(vtprune.Strategy):
+        needs = frozenset({"text_embeds", "pre_features"})
+
+        def select(self, ctx):
+            seen.append((ctx.text_embeds, ctx.pre_features, ctx.num_tokens))
+            return torch.arange(ctx.keep)
+
+    return name
+
+
+@pytest.mark.parametrize(
+    "kind, pre_width",
+    [("llava", 16), ("llava_next", None), ("qwen2_vl", 4 * 16), ("qwen2_5_vl", None), ("qwen3_vl", 4 * 16)],
+)
+def test_question_embeddings_and_pre_projector_features(models, make_inputs, kind, pre_width):
+    seen = []
+    model = models(kind)
+    inputs = make_inputs(model, kind, 3)
+    with torch.no_grad(), vtprune.pruned(model, probe("test_input_probe", seen), keep=1):
+        model(**inputs)
+        from_forward = list(seen)
+        seen.clear()
+        model.generate(**inputs, max_new_tokens=1)
+    assert len(seen) == len(from_forward)
+    for (text, pre, n), (text_gen, pre_gen, _) in zip(from_forward, seen):
+        assert torch.equal(text, text_gen)
+        if pre_width is None:
+            assert pre is None and pre_gen is None
+        else:
+            assert pre.shape == (n, pre_width) and torch.equal(pre, pre_gen)
+    # Row 0's question words: its real text tokens without specials (no tokenizer given).
+    ids = inputs["input_ids"][0][inputs["attention_mask"][0].bool()]
+    special = vtprune.adapters.adapter_for(model).special_token_ids()
+    words = torch.tensor([i for i in ids.tolist() if i not in special])
+    expected = model.get_input_embeddings()(words).float()
+    assert torch.equal(from_forward[0][0], expected)
+
+
+def test_llava_pre_features_are_what_the_projector_reads(models, make_inputs):
+    model = models("llava")
+    inputs = make_inputs(model, "llava", 1)
+    seen = []
+    with torch.no_grad(), vtprune.pruned(model, probe("test_input_probe_llava", seen), keep=1):
+        model(**inputs)
+        pre = seen[0][1]
+        projected = model.model.multi_modal_projector(pre[None])[0]
+        expected = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+    torch.testing.assert_close(projected, expected.float())
+
+
+def test_stop_words_and_instructions_are_dropped_with_a_tokenizer():
+    words = ["<pad>", "<s>", "<image>", "what", "colour", "is", "the", "circle", "?", "answer", "using", "a", "single", "word"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>")
+    ids = torch.tensor(tokenizer("<s> what colour is the <image> circle ? answer using a single word")["input_ids"])
+    chosen = QuestionTokens({words.index("<image>")}, tokenizer).select(ids)
+    assert tokenizer.convert_ids_to_tokens(chosen.tolist()) == ["colour", "circle"]
+    without = QuestionTokens({words.index("<image>")}).select(ids)
+    assert IMAGE not in without.tolist() and len(without) == len(ids) - 1
