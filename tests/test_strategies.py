@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from vtprune.strategies.base import DECODER_STAGE, TokenContext
 from vtprune.strategies import DivPrune, FastV, NoPruning, RandomPruning, UniformPruning
-from vtprune.strategies.divprune import cosine_distances
+from vtprune.strategies.diversity import cosine_distances
 from vtprune.errors import UnknownStrategyError
 from vtprune.strategies.registry import list_strategies, make_strategy
 

@@ -1,9 +1,10 @@
-"""Exact attention of each row's last prompt token, without switching the model to eager attention.
+"""Exact attention probabilities of a decoder layer, without switching the model to eager attention.
 
-SDPA returns no attention weights. Recomputing one query row and the keys of one layer is cheap
-and gives the same probabilities eager attention would (to float rounding), on every model
-family vtprune supports: all of them apply RoPE as ``x·cos + rotate_half(x)·sin`` with ``cos`` and
-``sin`` of shape (B, L, head_dim), and Qwen3-VL normalises q and k per head before it.
+SDPA returns no attention weights. Recomputing the queries and keys of one layer from its input is
+cheap next to the layer itself and gives the probabilities eager attention would (to float
+rounding), on every model family vtprune supports: all of them apply RoPE as
+``x·cos + rotate_half(x)·sin`` with ``cos`` and ``sin`` of shape (B, L, head_dim), and Qwen3-VL
+normalises q and k per head before it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,30 @@ def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
+def _project(attn: nn.Module, hidden_states: Tensor, proj: nn.Module, norm: str) -> Tensor:
+    batch, length, _ = hidden_states.shape
+    states = proj(hidden_states).view(batch, length, -1, attn.head_dim)
+    if hasattr(attn, norm):
+        states = getattr(attn, norm)(states)
+    return states.transpose(1, 2).float()  # (B, heads, L, head_dim)
+
+
+def _scores(
+    attn: nn.Module, queries_from: Tensor, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor], query_rows: Tensor | None
+) -> Tensor:
+    """Pre-softmax scores (B, H, Q, L) of the queries at ``query_rows`` (B, Q) against every key."""
+    batch = hidden_states.shape[0]
+    # Tables are (1, L, d) when every row shares positions.
+    cos, sin = (table.float().expand(batch, -1, -1) for table in position_embeddings)
+    keys = _apply_rope(_project(attn, hidden_states, attn.k_proj, "k_norm"), cos, sin)
+    rows = torch.arange(batch, device=hidden_states.device)[:, None]
+    query_states = queries_from[rows, query_rows]
+    query_cos, query_sin = cos[rows, query_rows], sin[rows, query_rows]
+    queries = _apply_rope(_project(attn, query_states, attn.q_proj, "q_norm"), query_cos, query_sin)
+    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # grouped-query attention
+    return (queries @ keys.transpose(-1, -2)) * attn.scaling
+
+
 def last_token_attention(
     attn: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor], valid: Tensor
 ) -> Tensor:
@@ -32,21 +57,65 @@ def last_token_attention(
     ``attn`` is a decoder layer's self-attention module and ``hidden_states`` its input (after the
     layer's input norm); ``valid`` (B, L) marks real tokens (padding and filler are masked out).
     """
-    batch, length, _ = hidden_states.shape
-    head_dim = attn.head_dim
-    last = last_valid(valid)
-    rows = torch.arange(batch, device=hidden_states.device)
-    query = attn.q_proj(hidden_states[rows, last].unsqueeze(1)).view(batch, 1, -1, head_dim)
-    keys = attn.k_proj(hidden_states).view(batch, length, -1, head_dim)
-    if hasattr(attn, "q_norm"):
-        query, keys = attn.q_norm(query), attn.k_norm(keys)
-    query, keys = query.transpose(1, 2).float(), keys.transpose(1, 2).float()
-    # Tables are (1, L, d) when every row shares positions.
-    cos, sin = (table.float().expand(batch, -1, -1) for table in position_embeddings)
-    query = _apply_rope(query, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
-    keys = _apply_rope(keys, cos, sin)
-    keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # grouped-query attention
-    scores = (query @ keys.transpose(-1, -2)) * attn.scaling  # (B, H, 1, L)
+    last = last_valid(valid)[:, None]
+    scores = _scores(attn, hidden_states, hidden_states, position_embeddings, last)  # (B, H, 1, L)
     # The last token sees every earlier token, so padding is the only thing to mask.
     scores = scores.masked_fill(~valid[:, None, None, :].bool(), float("-inf"))
     return scores.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def cross_modal_shares(
+    attn: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor], valid: Tensor, visual: Tensor
+) -> Tensor:
+    """(B, 2) per row: the share of text queries' attention that goes to visual keys, and of visual
+    queries' attention that goes to text keys (causal, padding masked, heads averaged; ToDRE)."""
+    batch, length = valid.shape
+    positions = torch.arange(length, device=valid.device).expand(batch, -1)
+    shares = torch.zeros(batch, 2, device=valid.device)
+    causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
+    probs = []
+    for head in range(attn.config.num_attention_heads):  # one head at a time keeps memory at B·L²
+        scores = _scores(_OneHead(attn, head), hidden_states, hidden_states, position_embeddings, positions)
+        allowed = causal & valid[:, None, :].bool()
+        probs.append(scores[:, 0].masked_fill(~allowed, float("-inf")).softmax(dim=-1))
+    mean = torch.stack(probs).mean(dim=0).nan_to_num()  # (B, L, L); padding query rows are all -inf
+    visual, text = visual & valid, ~visual & valid
+    to_visual = (mean * visual[:, None, :]).sum(-1)  # (B, L) per query
+    to_text = (mean * text[:, None, :]).sum(-1)
+    shares[:, 0] = (to_visual * text).sum(-1) / text.sum(-1).clamp(min=1)
+    shares[:, 1] = (to_text * visual).sum(-1) / visual.sum(-1).clamp(min=1)
+    return shares
+
+
+class _OneHead:
+    """View of an attention module restricted to one query head (and its key/value group)."""
+
+    def __init__(self, attn: nn.Module, head: int) -> None:
+        heads, kv_heads, dim = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
+        group = head // (heads // kv_heads)
+        self.head_dim, self.scaling = dim, attn.scaling
+        self.q_proj = _Rows(attn.q_proj, head * dim, dim)
+        self.k_proj = _Rows(attn.k_proj, group * dim, dim)
+        if hasattr(attn, "q_norm"):
+            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+
+
+class _Rows:
+    """The output rows [start, start + size) of a linear layer."""
+
+    def __init__(self, linear: nn.Linear, start: int, size: int) -> None:
+        self.weight = linear.weight[start : start + size]
+        self.bias = None if linear.bias is None else linear.bias[start : start + size]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def cls_attention(attn: nn.Module, hidden_states: Tensor) -> Tensor:
+    """(B, S-1) attention of the [CLS] token (position 0) to the patch tokens in a ViT layer, heads averaged."""
+    batch, length, _ = hidden_states.shape
+    heads = attn.num_heads
+    query = attn.q_proj(hidden_states[:, :1]).view(batch, 1, heads, -1).transpose(1, 2).float()
+    keys = attn.k_proj(hidden_states).view(batch, length, heads, -1).transpose(1, 2).float()
+    probs = ((query @ keys.transpose(-1, -2)) * attn.scale).softmax(dim=-1)  # (B, H, 1, S)
+    return probs.mean(dim=1)[:, 0, 1:]

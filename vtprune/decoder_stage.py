@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
-from .attention import last_token_attention
+from .attention import cross_modal_shares, last_token_attention
 from .layout import pack
 from .schedule import Stage
 from .selection import TokenInputs, select_tokens
@@ -40,7 +40,7 @@ class DecoderStages:
         for index in range(self.first_layer, len(layers)):
             handle.add_hook(layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
         for layer, stage in self.stages.items():
-            if "attention" in stage.strategy.needs:
+            if stage.strategy.needs & {"attention", "cross_shares"}:
                 attn = layers[layer - 1].self_attn
                 handle.add_hook(attn.register_forward_hook(self._attention_hook(layer), with_kwargs=True))
         handle.add_undo(self.adapter.install_decoder_remap(self._current_source))
@@ -55,10 +55,13 @@ class DecoderStages:
             if state is None or not state.prefilling:
                 return
             hidden_states = args[0] if args else kwargs["hidden_states"]
+            needs, tables = self.stages[layer].strategy.needs, kwargs["position_embeddings"]
             with self.handle.timing("hook_seconds"), self.handle.timing("selection_seconds"):
-                state.attention[layer] = last_token_attention(
-                    module, hidden_states, kwargs["position_embeddings"], state.valid
-                )
+                if "attention" in needs:
+                    state.attention[layer] = last_token_attention(module, hidden_states, tables, state.valid)
+                if "cross_shares" in needs:
+                    visual = state.item_of_slot >= 0
+                    state.cross_shares[layer] = cross_modal_shares(module, hidden_states, tables, state.valid, visual)
 
         return hook
 
@@ -94,6 +97,7 @@ class DecoderStages:
         stage = self.stages[layer]
         keep = state.valid.clone()
         attention = state.attention.pop(layer, None)
+        shares = state.cross_shares.pop(layer, None)
         for index, item in enumerate(state.items):
             slots = (state.item_of_slot[item.row] == index).nonzero(as_tuple=True)[0]
             if slots.numel() == 0:
@@ -102,6 +106,7 @@ class DecoderStages:
                 seed=item.seed_at(layer),
                 layer=layer,
                 attention=None if attention is None else attention[item.row, slots],
+                cross_shares=None if shares is None else shares[item.row],
                 newline=None if item.newline is None else item.newline[state.token_of_slot[item.row, slots]],
             )
             with self.handle.timing("selection_seconds"):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import ModelAdapter
+from .attention import cls_attention
 from .decoder_stage import DecoderStages
 from .errors import AlreadyPrunedError, VTPruneError
 from .input_stage import InputStage
@@ -56,6 +57,8 @@ class PruneHandle:
         self.last_record: PruneRecord | None = None
         #: State of the forward in progress (read by the decoder-layer hooks).
         self.active: PruneState | None = None
+        #: (images, patches) [CLS] attention of the last vision-tower pass (strategies that read cls_attention).
+        self.vision_cls_attention: torch.Tensor | None = None
         self._undo: list[Callable[[], None]] = []
 
     def install(self) -> PruneHandle:
@@ -68,12 +71,21 @@ class PruneHandle:
             setattr(self.model, HANDLE_ATTR, self)
             self.add_undo(lambda: delattr(self.model, HANDLE_ATTR))
             self.add_hook(self.model.register_forward_pre_hook(InputStage(self), with_kwargs=True))
+            input_stage = self.schedule.input_stage
+            cls_layer = self.adapter.cls_attention_layer()
+            if input_stage is not None and "cls_attention" in input_stage.strategy.needs and cls_layer is not None:
+                self.add_hook(cls_layer.register_forward_hook(self._capture_cls_attention, with_kwargs=True))
             if self.schedule.decoder_stages:
                 DecoderStages(self).install()
         except BaseException:
             self.remove()  # never leave a model half-patched
             raise
         return self
+
+    def _capture_cls_attention(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        # The vision tower runs before the prefill inside generate(); keep its [CLS] row for it.
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        self.vision_cls_attention = cls_attention(module, hidden_states)
 
     def add_hook(self, hook: RemovableHandle) -> None:
         self._undo.append(hook.remove)

@@ -163,6 +163,7 @@ class InputStage:
             embed = self.adapter.model.get_input_embeddings()
             for row in {item.row for item in state.items}:
                 question[row] = embed(self.handle.question_tokens.select(input_ids[row][state.valid[row]]))
+        cls_rows = self._cls_rows(encoder_outputs) if "cls_attention" in needs else None
         kept_by_modality: dict[str, list[Tensor]] = {modality: [] for modality in encoder_outputs}
         keep = state.valid.clone()
         for item, grid in zip(state.items, grids):
@@ -173,6 +174,7 @@ class InputStage:
                 newline=item.newline,
                 text_embeds=question.get(item.row),
                 pre_features=None if pre_features[item.modality] is None else pre_features[item.modality][index],
+                cls_attention=None if cls_rows is None or item.modality != "image" else cls_rows[index],
             )
             features = encoder_outputs[item.modality].pooler_output[index]
             with self.handle.timing("selection_seconds"):
@@ -191,6 +193,22 @@ class InputStage:
         state.apply(layout)
         self._record(state)
         return self._shorten(kwargs, layout, positions, state, encoder_outputs, kept_by_modality)
+
+    def _cls_rows(self, encoder_outputs: dict[str, Any]) -> list[Tensor] | None:
+        """Per image item, its row of the last vision pass's [CLS] attention (None if they do not match).
+
+        generate() repeats the same feature tensors for beams and returned sequences, so an item's
+        image is the rank of its tensor among the distinct ones, in order of first appearance.
+        """
+        cls = self.handle.vision_cls_attention
+        features = encoder_outputs.get("image")
+        if cls is None or features is None:
+            return None
+        pointers = [f.data_ptr() for f in features.pooler_output]
+        image_of = {pointer: rank for rank, pointer in enumerate(dict.fromkeys(pointers))}
+        if len(image_of) != cls.shape[0] or any(len(f) != cls.shape[1] for f in features.pooler_output):
+            return None
+        return [cls[image_of[pointer]] for pointer in pointers]
 
     def _record(self, state: PruneState) -> None:
         for index, item in enumerate(state.items):

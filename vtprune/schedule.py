@@ -75,7 +75,8 @@ class Stage:
 
     def __post_init__(self) -> None:
         name = self.strategy.name
-        if self.layer is None and self.place == DECODER_STAGE and self.strategy.default_depth is None:
+        has_default = type(self.strategy).default_layer is not Strategy.default_layer
+        if self.layer is None and self.place == DECODER_STAGE and not has_default:
             raise LayerError(f"strategy {name!r} acts inside the decoder: give layer=K")
         if self.place not in self.strategy.stages:
             where = "inside the decoder: give layer=K" if self.place == INPUT_STAGE else "before the LLM: drop layer="
@@ -125,7 +126,7 @@ class Schedule:
     def resolved(self, num_layers: int) -> Schedule:
         """This schedule for a decoder of ``num_layers``: default depths filled in, every layer checked."""
         stages = [
-            replace(stage, layer=min(num_layers - 1, max(1, round(stage.strategy.default_depth * num_layers))))
+            replace(stage, layer=min(num_layers - 1, max(1, stage.strategy.default_layer(num_layers))))
             if stage.place == DECODER_STAGE and stage.layer is None
             else stage
             for stage in self.stages

@@ -32,6 +32,8 @@ class TokenInputs:
     """(N,) bool: which tokens are AnyRes newline tokens."""
     text_embeds: Tensor | None = None
     pre_features: Tensor | None = None
+    cls_attention: Tensor | None = None
+    cross_shares: Tensor | None = None
 
 
 def select_tokens(
@@ -47,8 +49,10 @@ def select_tokens(
     if newlines == "drop" and inputs.newline is not None:
         candidates = candidates[~inputs.newline.to(features.device)]
     available = candidates.numel()
+    if available == 0:
+        return candidates
     keep = available if budget is None else budget.tokens(available)
-    if keep == available or available == 0:
+    if keep == available and strategy.needs_budget:
         return candidates
     attention = inputs.attention
     if "attention" in strategy.needs and attention is None:
@@ -63,17 +67,19 @@ def select_tokens(
         attention=None if attention is None else attention[candidates].float(),
         text_embeds=None if inputs.text_embeds is None else inputs.text_embeds.float(),
         pre_features=None if inputs.pre_features is None else inputs.pre_features[candidates].float(),
+        cls_attention=None if inputs.cls_attention is None else inputs.cls_attention[candidates].float(),
+        cross_shares=inputs.cross_shares,
     )
     chosen = strategy.select(ctx)
-    _check(strategy.name, chosen, keep, available)
+    _check(strategy.name, chosen, keep if strategy.needs_budget else None, available)
     return candidates[chosen.to(candidates.device)]
 
 
-def _check(name: str, chosen: Tensor, keep: int, available: int) -> None:
+def _check(name: str, chosen: Tensor, keep: int | None, available: int) -> None:
     """User strategies are code we did not write: refuse malformed output instead of pruning wrongly."""
     if chosen.ndim != 1 or chosen.dtype not in (torch.int64, torch.int32):
         raise VTPruneError(f"strategy {name!r} must return a 1-D integer tensor, got {chosen.dtype} {tuple(chosen.shape)}")
-    if chosen.numel() != keep:
+    if keep is not None and chosen.numel() != keep:
         raise VTPruneError(f"strategy {name!r} returned {chosen.numel()} indices for a budget of {keep}")
     if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= available):
         raise VTPruneError(f"strategy {name!r} returned indices outside [0, {available})")

@@ -59,6 +59,8 @@ class PruneState:
     prefilling: bool = True
     attention: dict[int, Tensor] = field(default_factory=dict)
     """Decoder layer K -> (B, L) last-token attention measured at layer K-1, for strategies that need it."""
+    cross_shares: dict[int, Tensor] = field(default_factory=dict)
+    """Decoder layer K -> (B, 2) text->visual and visual->text attention shares at layer K-1."""
     layer_inputs: tuple | None = None
     """(4-D mask, position embeddings, position ids) that replace the text model's from the last pruning layer on."""
     decoder_source: Tensor | None = None

@@ -69,6 +69,10 @@ class ModelAdapter:
                 ids.update(value if isinstance(value, (list, tuple)) else [value])
         return {int(i) for i in ids if i is not None}
 
+    def cls_attention_layer(self) -> nn.Module | None:
+        """The vision-tower attention module whose [CLS] row ranks patches (None: no [CLS] token)."""
+        return None
+
     def pre_features(self, modality: str, output: ModelOutput) -> list[Tensor] | None:
         """Per item, the vision features the projector consumed for each token (None where not recoverable)."""
         return None

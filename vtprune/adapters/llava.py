@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
 from .base import Grid, ModelAdapter
@@ -31,6 +31,18 @@ class LlavaAdapter(ModelAdapter):
             return [None] * len(items)
         sizes = [item.columns.numel() for item in items]
         return [(1, math.isqrt(n), math.isqrt(n)) if math.isqrt(n) ** 2 == n else None for n in sizes]
+
+    def cls_attention_layer(self) -> nn.Module | None:
+        # The layer whose output the projector reads (hidden_states[k] is the output of layers[k] for k < 0).
+        # Only LLaVA-1.5 maps one tower pass to one image's tokens; SigLIP towers have no [CLS].
+        layer = self.model.config.vision_feature_layer
+        tower = self.inner.vision_tower
+        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # nesting varies by version
+        if type(self.model).__name__ != "LlavaForConditionalGeneration" or not isinstance(layer, int) or layer >= 0:
+            return None
+        if encoder is None or getattr(self.model.config.vision_config, "model_type", "") != "clip_vision_model":
+            return None
+        return encoder.layers[layer].self_attn
 
     def pre_features(self, modality: str, output: ModelOutput) -> list[Tensor] | None:
         # LLaVA-1.5: the vision layer(s) the projector read, without CLS under the "default" strategy.

@@ -7,6 +7,7 @@ from .fastv import FastV
 from .none import NoPruning
 from .random import RandomPruning
 from .random_deep import RandomDeepPruning
+from .todre import ToDRE, ToDRERelevance
 from .uniform import UniformPruning
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "RandomDeepPruning",
     "RandomPruning",
     "Strategy",
+    "ToDRE",
+    "ToDRERelevance",
     "TokenContext",
     "UniformPruning",
     "list_strategies",

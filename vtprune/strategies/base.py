@@ -43,6 +43,11 @@ class TokenContext:
     """(m, D) input-embedding rows of the question's words (stop-words and instructions removed)."""
     pre_features: Tensor | None = None
     """(N, Dc) vision-tower features the projector consumed for these tokens (before projection)."""
+    cls_attention: Tensor | None = None
+    """(N,) attention the vision tower's [CLS] token pays to each token (LLaVA-1.5's CLIP tower)."""
+    cross_shares: Tensor | None = None
+    """(2,) for this token's row at this layer: share of text-query attention on visual keys, and of
+    visual-query attention on text keys (heads averaged)."""
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2:
@@ -79,12 +84,17 @@ class Strategy:
     """Where the strategy can act."""
     needs_budget: ClassVar[bool] = True
     """False for strategies that decide the count themselves (``none``)."""
-    default_depth: ClassVar[float | None] = None
-    """Decoder-only strategies: default layer as a fraction of the decoder depth (None: ``layer`` is required)."""
 
     def select(self, ctx: TokenContext) -> Tensor:
-        """Return the kept indices: ``ctx.keep`` unique int64 indices into ``ctx.features``, ascending."""
+        """Return the kept indices: ``ctx.keep`` unique int64 indices into ``ctx.features``, ascending.
+
+        Strategies without a budget (``needs_budget = False``) may keep any number, none included.
+        """
         raise NotImplementedError
+
+    def default_layer(self, num_layers: int) -> int | None:
+        """Decoder-only strategies: the layer to act at when none is given (None: ``layer`` is required)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

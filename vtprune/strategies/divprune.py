@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .registry import register_strategy
 from .base import GreedyStrategy, TokenContext
-
-#: Floor on row norms so zero rows get cosine 0 to everything (distance 1) instead of NaN.
-_NORM_EPS = 1e-12
-
-
-def cosine_distances(features: Tensor) -> Tensor:
-    """(N, N) matrix of ``1 - cos(x_i, x_j)`` in float64."""
-    # float64: greedy max-min meets near-ties; the parity cases are reproduced exactly in float64.
-    x = features.to(torch.float64)
-    unit = x / x.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
-    return 1.0 - unit @ unit.T
+from .registry import register_strategy
+from .diversity import cosine_distances, farthest_point_order, most_isolated
 
 
 @register_strategy("divprune")
@@ -36,16 +25,4 @@ class DivPrune(GreedyStrategy):
 
     def order(self, ctx: TokenContext) -> Tensor:
         dist = cosine_distances(ctx.features)
-        # The diagonal is "distance to itself", excluded from the nearest-neighbour minimum.
-        nearest = dist.clone().fill_diagonal_(float("inf")).min(dim=1).values
-        first = int(nearest.argmax())
-        picks = [first]
-        # min distance from each token to the chosen set; -inf marks chosen tokens so argmax skips them.
-        to_set = dist[first].clone()
-        to_set[first] = -torch.inf
-        for _ in range(ctx.keep - 1):
-            j = int(to_set.argmax())
-            picks.append(j)
-            torch.minimum(to_set, dist[j], out=to_set)
-            to_set[j] = -torch.inf
-        return torch.tensor(picks, dtype=torch.int64)
+        return farthest_point_order(dist, most_isolated(dist), ctx.keep)

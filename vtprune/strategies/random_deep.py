@@ -22,4 +22,6 @@ class RandomDeepPruning(RandomPruning):
     """
 
     stages = frozenset({DECODER_STAGE})
-    default_depth = 0.5
+
+    def default_layer(self, num_layers: int) -> int:
+        return num_layers // 2

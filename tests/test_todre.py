@@ -1,0 +1,149 @@
+"""ToDRE: diversity from a [CLS] pivot before the LLM, and dropping all visual tokens deep in the decoder."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import final_keep, kept_logits, reference
+
+import vtprune
+from vtprune.attention import cls_attention, cross_modal_shares
+from vtprune.strategies import ToDRE, ToDRERelevance
+from vtprune.strategies.base import TokenContext
+from vtprune.strategies.diversity import cosine_distances, cosine_similarities
+
+
+def features(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 40), d=st.integers(2, 12), seed=st.integers(0, 10_000), data=st.data())
+def test_k_center_starts_at_the_pivot_and_goes_farthest(n, d, seed, data):
+    keep = data.draw(st.integers(1, n))
+    x = features(n, d, seed)
+    pivot = data.draw(st.integers(0, n - 1))
+    attention = torch.zeros(n)
+    attention[pivot] = 1.0
+    order = ToDRE().order(TokenContext(features=x, keep=keep, cls_attention=attention))
+    assert order[0] == pivot and len(set(order.tolist())) == keep
+    dist = cosine_distances(x)
+    for step in range(1, keep):
+        chosen = order[:step]
+        to_set = dist[:, chosen].min(dim=1).values
+        to_set[chosen] = -torch.inf
+        assert order[step] == int(to_set.argmax())
+    longer = ToDRE().order(TokenContext(features=x, keep=n, cls_attention=attention))
+    assert torch.equal(longer[:keep], order)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 40), d=st.integers(2, 12), seed=st.integers(0, 10_000), data=st.data())
+def test_max_sum_adds_the_least_similar_to_the_set(n, d, seed, data):
+    keep = data.draw(st.integers(1, n))
+    x = features(n, d, seed)
+    attention = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+    order = ToDRE(method="max-sum").order(TokenContext(features=x, keep=keep, cls_attention=attention))
+    assert order[0] == int(attention.argmax())
+    similarity = cosine_similarities(x)
+    for step in range(1, keep):
+        chosen = order[:step]
+        sums = similarity[:, chosen].sum(dim=1)
+        sums[chosen] = torch.inf
+        assert order[step] == int(sums.argmin())
+
+
+def test_without_cls_the_pivot_is_the_most_isolated_token():
+    x = features(30, 6, 1)
+    order = ToDRE().order(TokenContext(features=x, keep=5))
+    assert torch.equal(order, vtprune.strategies.DivPrune().order(TokenContext(features=x, keep=5)))
+    with pytest.raises(ValueError, match="method"):
+        ToDRE(method="greedy")
+
+
+def test_relevance_keeps_all_or_nothing():
+    x = features(8, 4, 0)
+    below = TokenContext(features=x, keep=8, cross_shares=torch.tensor([0.05, 0.09]))
+    mixed = TokenContext(features=x, keep=8, cross_shares=torch.tensor([0.05, 0.2]))
+    assert ToDRERelevance().select(below).numel() == 0
+    assert ToDRERelevance().select(mixed).tolist() == list(range(8))
+    assert ToDRERelevance(tau=0.01).select(below).numel() == 8
+    assert ToDRERelevance().default_layer(32) == 29  # checks layer 28 (floor(7L/8)), drops from 29
+
+
+def test_cls_attention_equals_the_vision_towers_own_weights(models, make_inputs):
+    model = models("llava", attn_implementation="eager")
+    inputs = make_inputs(model, "llava", 3)
+    attn = vtprune.adapters.adapter_for(model).cls_attention_layer()
+    captured = {}
+
+    def capture(module, args, kwargs, output):
+        captured["ours"] = cls_attention(module, kwargs["hidden_states"])
+        captured["eager"] = output[1][:, :, 0, 1:].float().mean(dim=1)
+
+    hook = attn.register_forward_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(captured["ours"], captured["eager"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llava_next", "qwen3_vl"])
+def test_cross_modal_shares_equal_eager_attention(models, make_inputs, kind):
+    model = models(kind, attn_implementation="eager")
+    inputs = make_inputs(model, kind, 3)
+    layer = model.model.language_model.layers[2]
+    captured = {}
+    valid = inputs["attention_mask"].bool()
+    visual = (inputs["input_ids"] == 2) | (inputs["input_ids"] == 3)
+
+    def capture(module, args, kwargs, output):
+        captured["ours"] = cross_modal_shares(module, kwargs["hidden_states"], kwargs["position_embeddings"], valid, visual)
+        captured["weights"] = output[1].float().mean(dim=1)  # (B, L, L)
+
+    hook = layer.self_attn.register_forward_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, output_attentions=True)
+    finally:
+        hook.remove()
+    probs = captured["weights"]
+    text, vis = ~visual & valid, visual & valid
+    text_to_visual = ((probs * vis[:, None]).sum(-1) * text).sum(-1) / text.sum(-1)
+    visual_to_text = ((probs * text[:, None]).sum(-1) * vis).sum(-1) / vis.sum(-1).clamp(min=1)
+    expected = torch.stack([text_to_visual, visual_to_text], dim=1)
+    torch.testing.assert_close(captured["ours"], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_onevision", "qwen2_vl", "qwen3_vl"])
+def test_two_stage_todre_equals_masking_reference(models, make_inputs, kind):
+    """tau 1.0 always drops: every visual token disappears from layer 2 on, for prefill and decoding."""
+    model = models(kind)
+    inputs = make_inputs(model, kind, 3)
+    with torch.no_grad(), vtprune.pruned(model, "todre:50%+todre_relevance@2(tau:1.0)") as handle:
+        pruned_logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    record = handle.last_record
+    assert record.visual_tokens()["layer 2"] == 0
+    for expected, got in kept_logits(reference(model, inputs, record), final_keep(inputs, record), pruned_logits):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    if kind != "qwen3_vl":  # the reference decodes without a cache, which Qwen3-VL's generate() lacks
+        assert torch.equal(tokens, reference(model, inputs, record, generate_tokens=3))
+
+
+def test_llava_pivot_comes_from_cls_attention_even_with_beams(models, make_inputs):
+    model = models("llava")
+    inputs = make_inputs(model, "llava", 3)
+    with torch.no_grad(), vtprune.pruned(model, "todre", keep=4) as handle:
+        model(**inputs)
+        first = handle.last_record
+        single = [image.kept.tolist() for image in first.images]
+        cls = handle.vision_cls_attention
+        model.generate(**inputs, max_new_tokens=2, num_beams=2)
+        beams = handle.last_record
+    for row in range(6):  # beam rows 2r and 2r+1 belong to sample r
+        assert [im.kept.tolist() for im in beams.for_row(row)] == [im.kept.tolist() for im in first.for_row(row // 2)]
+    # The pivot (the first pick) is the [CLS]'s favourite patch, so it is among the kept tokens.
+    assert all(int(cls[i].argmax()) in kept for i, kept in enumerate(single))

@@ -1,0 +1,96 @@
+"""``todre`` and ``todre_relevance``: ToDRE's two stages (diversity, then task relevance in the decoder).
+
+ToDRE (no public code; paper v1 and v2) prunes in two places. Stage 1, before the LLM, keeps a
+diverse subset of the projected tokens, greedily from a pivot. Stage 2, deep in the decoder,
+drops every remaining visual token once text and image stop attending to each other. Use both as
+one schedule: ``"todre:25%+todre_relevance"``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, Strategy, TokenContext
+from .diversity import cosine_distances, cosine_similarities, farthest_point_order, most_isolated
+from .registry import register_strategy
+
+METHODS = ("k-center", "max-sum")
+
+
+@register_strategy("todre")
+class ToDRE(GreedyStrategy):
+    """Stage 1: greedy diversity from a [CLS]-attention pivot, on L2-normalised projected tokens.
+
+    - Pivot: the token the vision tower's [CLS] attends to most (last layer the projector reads,
+      heads averaged). Models without a [CLS] token (Qwen, SigLIP towers) and AnyRes models (whose
+      per-tile [CLS] rows vtprune does not map back to packed tokens) fall back to the most
+      isolated token, DivPrune's first pick — a documented choice, the paper leaves it open.
+    - ``method="k-center"`` (v1, the default, the method this project follows): farthest point from
+      the chosen set each step, ``argmax_j min_{i in S} d(i, j)`` with ``d = 1 - cos``.
+    - ``method="max-sum"`` (v2): keep a running sum ``s_j = sum_{i in S} cos(V_i, V_j)`` and add
+      ``argmin s`` each step.
+    Ties go to the lower index; chosen tokens are never picked twice.
+    """
+
+    needs = frozenset({"cls_attention"})
+    stages = frozenset({INPUT_STAGE})
+
+    def __init__(self, method: str = "k-center") -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
+
+    def order(self, ctx: TokenContext) -> Tensor:
+        if self.method == "k-center":
+            dist = cosine_distances(ctx.features)
+            first = most_isolated(dist) if ctx.cls_attention is None else int(ctx.cls_attention.argmax())
+            return farthest_point_order(dist, first, ctx.keep)
+        similarity = cosine_similarities(ctx.features)
+        first = most_isolated(1.0 - similarity) if ctx.cls_attention is None else int(ctx.cls_attention.argmax())
+        picks = [first]
+        running = similarity[first].clone()
+        running[first] = torch.inf
+        for _ in range(ctx.keep - 1):
+            j = int(running.argmin())
+            picks.append(j)
+            running += similarity[j]
+            running[j] = torch.inf
+        return torch.tensor(picks, dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        return f"ToDRE(method={self.method!r})"
+
+
+@register_strategy("todre_relevance")
+class ToDRERelevance(Strategy):
+    """Stage 2: inside the decoder, drop all visual tokens of a row when they stopped mattering.
+
+    From the attention of layer K-1 (heads averaged, exact under SDPA), if both the share of
+    text-query attention that goes to visual keys and the share of visual-query attention that
+    goes to text keys are below ``tau`` (default 0.10), every visual token of the row is dropped
+    for layers K.. and for decoding; otherwise all are kept. The paper checks at layer
+    ``floor(7L/8)`` (28 of 32) and drops from there on; with vtprune's convention (scores at K-1,
+    pruning from K) the default is ``K = floor(7L/8) + 1``. Text queries are all non-visual tokens
+    of the row (the paper does not say which); shares are per row, not per image.
+    """
+
+    needs = frozenset({"cross_shares"})
+    stages = frozenset({DECODER_STAGE})
+    needs_budget = False
+
+    def __init__(self, tau: float = 0.10) -> None:
+        self.tau = tau
+
+    def default_layer(self, num_layers: int) -> int:
+        return 7 * num_layers // 8 + 1
+
+    def select(self, ctx: TokenContext) -> Tensor:
+        if ctx.cross_shares is None:
+            raise ValueError("todre_relevance acts inside the decoder (layer=K), where the engine supplies attention shares")
+        if bool((ctx.cross_shares < self.tau).all()):
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.arange(ctx.num_tokens)
+
+    def __repr__(self) -> str:
+        return f"ToDRERelevance(tau={self.tau})"
