@@ -185,11 +185,12 @@ def test_divprune_each_pick_is_farthest_from_the_earlier_picks(ctx: TokenContext
     n = ctx.num_tokens
     if n > 1:
         nearest = [min(float(dist[i, j]) for i in range(n) if i != j) for j in range(n)]
-        assert nearest[picks[0]] == max(nearest)
+        # The float64 matrix is symmetric only to rounding, so compare with a rounding-sized tolerance.
+        assert nearest[picks[0]] >= max(nearest) - 1e-12
     for step in range(1, len(picks)):
         remaining = [j for j in range(n) if j not in picks[:step]]
         best = max(min_gap_to_earlier(dist, picks, step, j) for j in remaining)
-        assert min_gap_to_earlier(dist, picks, step, picks[step]) == best
+        assert min_gap_to_earlier(dist, picks, step, picks[step]) >= best - 1e-12
 
 
 @fast
