@@ -164,6 +164,7 @@ class InputStage:
             for row in {item.row for item in state.items}:
                 question[row] = embed(self.handle.question_tokens.select(input_ids[row][state.valid[row]]))
         cls_rows = self._cls_rows(encoder_outputs) if "cls_attention" in needs else None
+        projector = self.adapter.projector() if "projector" in needs else None
         kept_by_modality: dict[str, list[Tensor]] = {modality: [] for modality in encoder_outputs}
         keep = state.valid.clone()
         for item, grid in zip(state.items, grids):
@@ -175,6 +176,7 @@ class InputStage:
                 text_embeds=question.get(item.row),
                 pre_features=None if pre_features[item.modality] is None else pre_features[item.modality][index],
                 cls_attention=None if cls_rows is None or item.modality != "image" else cls_rows[index],
+                projector=projector,
             )
             features = encoder_outputs[item.modality].pooler_output[index]
             with self.handle.timing("selection_seconds"):

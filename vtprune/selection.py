@@ -7,6 +7,7 @@ plain tensors is exactly what runs inside a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ class TokenInputs:
     """(N,) bool: which tokens are AnyRes newline tokens."""
     text_embeds: Tensor | None = None
     pre_features: Tensor | None = None
+    projector: Callable[[Tensor], Tensor] | None = None
     cls_attention: Tensor | None = None
     cross_shares: Tensor | None = None
 
@@ -67,6 +69,7 @@ def select_tokens(
         attention=None if attention is None else attention[candidates].float(),
         text_embeds=None if inputs.text_embeds is None else inputs.text_embeds.float(),
         pre_features=None if inputs.pre_features is None else inputs.pre_features[candidates].float(),
+        projector=inputs.projector,
         cls_attention=None if inputs.cls_attention is None else inputs.cls_attention[candidates].float(),
         cross_shares=inputs.cross_shares,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
@@ -69,6 +70,10 @@ class ModelAdapter:
                 ids.update(value if isinstance(value, (list, tuple)) else [value])
         return {int(i) for i in ids if i is not None}
 
+    def projector(self) -> Callable[[Tensor], Tensor] | None:
+        """A float32 copy of the projector, as a function of ``pre_features`` rows (None if not recovered)."""
+        return None
+
     def cls_attention_layer(self) -> nn.Module | None:
         """The vision-tower attention module whose [CLS] row ranks patches (None: no [CLS] token)."""
         return None
@@ -125,3 +130,11 @@ class ModelAdapter:
         such state need nothing.
         """
         return lambda: None
+
+
+def float32_copy(module: nn.Module) -> nn.Module:
+    """A float32 copy of a small module, for selection math that must not run in half precision."""
+    first = next(module.parameters(), None)
+    if first is not None and first.dtype == torch.float32:
+        return module
+    return copy.deepcopy(module).float()

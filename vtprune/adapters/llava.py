@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
-from .base import Grid, ModelAdapter
+from .base import Grid, ModelAdapter, float32_copy
 
 if TYPE_CHECKING:
     from ..state import VisualItem
@@ -31,6 +31,11 @@ class LlavaAdapter(ModelAdapter):
             return [None] * len(items)
         sizes = [item.columns.numel() for item in items]
         return [(1, math.isqrt(n), math.isqrt(n)) if math.isqrt(n) ** 2 == n else None for n in sizes]
+
+    def projector(self) -> Callable[[Tensor], Tensor] | None:
+        if type(self.model).__name__ != "LlavaForConditionalGeneration":
+            return None
+        return float32_copy(self.inner.multi_modal_projector)
 
     def cls_attention_layer(self) -> nn.Module | None:
         # The layer whose output the projector reads (hidden_states[k] is the output of layers[k] for k < 0).

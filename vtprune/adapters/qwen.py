@@ -8,7 +8,7 @@ from torch import Tensor
 from transformers.modeling_outputs import ModelOutput
 
 from ..layout import take
-from .base import Grid, ModelAdapter
+from .base import Grid, ModelAdapter, float32_copy
 
 if TYPE_CHECKING:
     from ..state import VisualItem
@@ -68,6 +68,14 @@ class QwenVLAdapter(ModelAdapter):
         if hidden.shape[0] % sum(sizes):
             return None
         return list(hidden.reshape(sum(sizes), -1).split(sizes))
+
+    def projector(self) -> Callable[[Tensor], Tensor] | None:
+        if type(self.model).__name__ == "Qwen2_5_VLForConditionalGeneration":
+            return None  # its pre-merger rows are not recovered (see pre_features)
+        merger = float32_copy(self.inner.visual.merger)
+        block = self.inner.config.vision_config.spatial_merge_size ** 2
+        # pre_features rows hold a 2x2 block of tower tokens side by side; the merger takes them one per row.
+        return lambda rows: merger(rows.reshape(-1, rows.shape[-1] // block))
 
     def shorten_outputs(self, output: ModelOutput, kept: list[Tensor]) -> ModelOutput:
         shortened = super().shorten_outputs(output, kept)

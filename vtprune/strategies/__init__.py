@@ -9,6 +9,7 @@ from .random import RandomPruning
 from .random_deep import RandomDeepPruning
 from .todre import ToDRE, ToDRERelevance
 from .uniform import UniformPruning
+from .zoo import ZOOPrune
 
 __all__ = [
     "DECODER_STAGE",
@@ -24,6 +25,7 @@ __all__ = [
     "ToDRERelevance",
     "TokenContext",
     "UniformPruning",
+    "ZOOPrune",
     "list_strategies",
     "make_strategy",
     "register_strategy",

@@ -9,7 +9,7 @@ result. The same ``select`` is what :func:`vtprune.select` calls on plain tensor
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -43,6 +43,8 @@ class TokenContext:
     """(m, D) input-embedding rows of the question's words (stop-words and instructions removed)."""
     pre_features: Tensor | None = None
     """(N, Dc) vision-tower features the projector consumed for these tokens (before projection)."""
+    projector: Callable[[Tensor], Tensor] | None = None
+    """The model's projector / merger, float32: maps ``pre_features`` rows to projected tokens."""
     cls_attention: Tensor | None = None
     """(N,) attention the vision tower's [CLS] token pays to each token (LLaVA-1.5's CLIP tower)."""
     cross_shares: Tensor | None = None

@@ -1,0 +1,87 @@
+"""``zoo``: zeroth-order sensitivity through the projector, times diversity (ZOO-Prune, CVPR 2026)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import INPUT_STAGE, GreedyStrategy, TokenContext
+from .diversity import cosine_similarities
+from .registry import register_strategy
+
+
+@register_strategy("zoo")
+class ZOOPrune(GreedyStrategy):
+    """How much the projector's output moves when a token's input moves, and how new the token is.
+
+    No public code; implemented from the method's description (see docs/strategies notes):
+
+    1. Sensitivity. For ``directions`` random unit vectors ``u_j`` in the projector's input space,
+       ``S(i) = mean_j || M(x_i + h u_j) - M(x_i - h u_j) || / 2h`` with ``M`` the model's own
+       projector (LLaVA MLP, Qwen merger), ``x_i`` the token's pre-projector features and ``h =
+       step``. All perturbed passes run as a few large batches, in float32 (``h·u`` is about one
+       bf16 ulp). ``S`` is min-max normalised to ``Ŝ``.
+    2. Selection. First ``argmax Ŝ``; then ``argmax_{i not chosen} Ŝ(i)·(1 - max_{j chosen} cos(Z_i, Z_j))``
+       with ``Z`` the projected tokens (the paper's product form, which beat a sum). A running
+       maximum keeps the loop O(kN).
+
+    Cost: ``2·directions`` projector passes over the image's tokens — at the defaults (64) about
+    as many FLOPs as a 7B prefill on LLaVA-1.5, so ``eval/bench_selection.py`` reports it; the
+    paper reports robustness for 16-160 directions, and ``directions=8`` is the cheap setting.
+    ``rank`` projects the directions into a random ``rank``-dimensional subspace of the input
+    (the low-rank variant reported for LLaVA-NeXT), which changes accuracy, not cost per pass.
+    Directions are drawn from the per-image seed, so selection is deterministic.
+    """
+
+    needs = frozenset({"pre_features", "projector"})
+    stages = frozenset({INPUT_STAGE})
+
+    def __init__(self, directions: int = 64, step: float = 0.01, rank: int | None = None, chunk: int = 16) -> None:
+        if directions < 1 or step <= 0:
+            raise ValueError("directions must be >= 1 and step > 0")
+        self.directions, self.step, self.rank, self.chunk = directions, step, rank, chunk
+
+    def sensitivity(self, ctx: TokenContext) -> Tensor:
+        """(N,) finite-difference sensitivity of each token, before normalisation."""
+        if ctx.pre_features is None or ctx.projector is None:
+            raise ValueError(
+                "zoo needs the pre-projector features and the projector, which vtprune recovers for "
+                "LLaVA-1.5, Qwen2-VL and Qwen3-VL (not for AnyRes packing or Qwen2.5-VL's window order)"
+            )
+        x = ctx.pre_features.float()
+        generator = ctx.generator()
+        width = x.shape[1]
+        if self.rank is not None and self.rank < width:
+            basis = torch.linalg.qr(torch.randn(width, self.rank, generator=generator))[0]  # (width, rank)
+            directions = torch.randn(self.directions, self.rank, generator=generator) @ basis.T
+        else:
+            directions = torch.randn(self.directions, width, generator=generator)
+        directions = (directions / directions.norm(dim=1, keepdim=True)).to(x.device)
+        total = torch.zeros(x.shape[0], device=x.device)
+        for start in range(0, self.directions, self.chunk):  # a few big batches, bounded memory
+            u = directions[start : start + self.chunk, None, :] * self.step  # (c, 1, width)
+            plus = ctx.projector((x[None] + u).reshape(-1, width))
+            minus = ctx.projector((x[None] - u).reshape(-1, width))
+            delta = (plus - minus).float().view(u.shape[0], x.shape[0], -1) / (2 * self.step)
+            total += delta.norm(dim=-1).sum(dim=0)
+        return total / self.directions
+
+    def order(self, ctx: TokenContext) -> Tensor:
+        score = self.sensitivity(ctx)
+        spread = score.max() - score.min()
+        score = ((score - score.min()) / spread if spread > 0 else torch.ones_like(score)).double()
+        similarity = cosine_similarities(ctx.features).to(score.device)
+        first = int(score.argmax())
+        picks = [first]
+        closest = similarity[first].clone()  # max cos to the chosen set
+        chosen = torch.zeros_like(score, dtype=torch.bool)
+        chosen[first] = True
+        for _ in range(ctx.keep - 1):
+            j = int((score * (1 - closest)).masked_fill_(chosen, -torch.inf).argmax())
+            picks.append(j)
+            chosen[j] = True
+            torch.maximum(closest, similarity[j], out=closest)
+        return torch.tensor(picks, dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        return f"ZOOPrune(directions={self.directions}, step={self.step}, rank={self.rank})"
