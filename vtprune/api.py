@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import fields
 from typing import Any, Iterator, Sequence
 
 from torch import Tensor, nn
@@ -12,8 +13,8 @@ from .errors import BudgetError, LayerError
 from .handle import PruneHandle
 from .schedule import Budget, Schedule, Stage, as_schedule
 from .strategies.registry import make_strategy
-from .selection import TokenInputs, select_tokens
-from .strategies.base import GreedyStrategy, Strategy, TokenContext
+from .selection import TokenInputs, select_tokens, token_context
+from .strategies.base import GreedyStrategy, Strategy
 
 StrategySpec = str | Strategy | Stage | Schedule | Sequence[Stage]
 
@@ -70,75 +71,49 @@ def select(
     *,
     keep: int | None = None,
     keep_ratio: float | None = None,
-    seed: int = 0,
-    grid: tuple[int, int, int] | None = None,
-    layer: int | None = None,
-    attention: Tensor | None = None,
-    newline: Tensor | None = None,
-    text_embeds: Tensor | None = None,
-    pre_features: Tensor | None = None,
     newlines: str = "candidate",
-    **options: Any,
+    **inputs_and_options: Any,
 ) -> Tensor:
     """Sorted kept indices for one image's tokens ``features`` (N, D), exactly as the hooks select.
 
-    Extra inputs: ``grid`` (t, h, w) of the tokens, ``attention`` (N,) last-token attention (fastv),
-    ``newline`` (N,) bool marking AnyRes newline tokens, ``text_embeds`` (m, D) question-word
-    embeddings and ``pre_features`` (N, Dc) pre-projector features (mmtok); other keywords are
-    strategy options.
+    Keywords named like :class:`TokenInputs` fields are per-image inputs: ``seed``, ``grid``
+    (t, h, w), ``layer``, ``attention`` (N,) last-token attention (fastv), ``newline`` (N,) bool
+    AnyRes newline tokens, ``text_embeds`` (m, D) question words and ``pre_features`` (N, Dc)
+    (mmtok), ``projector`` (zoo), ``cls_attention`` (N,) (todre), ``cross_shares`` (2,)
+    (todre_relevance). Every other keyword is a strategy option.
     """
+    inputs, options = _split_inputs(inputs_and_options)
     chosen = make_strategy(strategy, **options)
     budget = None if keep is None and keep_ratio is None else Budget(keep=keep, keep_ratio=keep_ratio)
     if chosen.needs_budget and budget is None:
         raise BudgetError(f"strategy {chosen.name!r} needs a budget: pass keep= or keep_ratio=")
-    inputs = TokenInputs(
-        seed=seed,
-        grid=grid,
-        layer=layer,
-        attention=attention,
-        newline=newline,
-        text_embeds=text_embeds,
-        pre_features=pre_features,
-    )
     return select_tokens(chosen, budget, features, inputs, newlines=newlines)
 
 
 def select_nested(
-    strategy: str | Strategy,
-    features: Tensor,
-    budgets: Sequence[int],
-    *,
-    seed: int = 0,
-    grid: tuple[int, int, int] | None = None,
-    layer: int | None = None,
-    attention: Tensor | None = None,
-    text_embeds: Tensor | None = None,
-    pre_features: Tensor | None = None,
-    **options: Any,
+    strategy: str | Strategy, features: Tensor, budgets: Sequence[int], **inputs_and_options: Any
 ) -> dict[int, Tensor]:
     """Keep sets for several budgets from one greedy pass: budget -> sorted kept indices.
 
     A greedy strategy's keep set for k is the first k tokens of its pick order, so scoring once
-    at the largest budget serves a whole sweep (the sets are nested).
+    at the largest budget serves a whole sweep (the sets are nested). Inputs and options as in
+    :func:`select`.
     """
+    inputs, options = _split_inputs(inputs_and_options)
     chosen = make_strategy(strategy, **options)
     if not isinstance(chosen, GreedyStrategy):
         raise TypeError(f"strategy {chosen.name!r} is not greedy, so its keep sets are not nested; call select() per budget")
     n = features.shape[0]
     if not budgets or any(not 1 <= k <= n for k in budgets):
         raise BudgetError(f"budgets must be token counts in [1, {n}], got {list(budgets)}")
-    ctx = TokenContext(
-        features=features.float(),
-        keep=max(budgets),
-        seed=seed,
-        grid=grid,
-        layer=layer,
-        attention=None if attention is None else attention.float(),
-        text_embeds=None if text_embeds is None else text_embeds.float(),
-        pre_features=None if pre_features is None else pre_features.float(),
-    )
-    order = chosen.order(ctx)
+    order = chosen.order(token_context(features, max(budgets), inputs))
     return {k: order[:k].sort().values for k in budgets}
+
+
+def _split_inputs(kwargs: dict[str, Any]) -> tuple[TokenInputs, dict[str, Any]]:
+    names = {field.name for field in fields(TokenInputs)}
+    inputs = TokenInputs(**{key: value for key, value in kwargs.items() if key in names})
+    return inputs, {key: value for key, value in kwargs.items() if key not in names}
 
 
 def _check_sliding_window(text_config: Any, schedule: Schedule) -> None:

@@ -56,26 +56,36 @@ def select_tokens(
     keep = available if budget is None else budget.tokens(available)
     if keep == available and strategy.needs_budget:
         return candidates
-    attention = inputs.attention
-    if "attention" in strategy.needs and attention is None:
+    if "attention" in strategy.needs and inputs.attention is None:
         raise VTPruneError(f"strategy {strategy.name!r} needs attention scores; run it inside the decoder")
-    ctx = TokenContext(
-        features=features[candidates].float(),
-        keep=keep,
-        seed=inputs.seed,
-        # A grid describes all N tokens; once some are excluded it no longer does.
-        grid=inputs.grid if available == n else None,
-        layer=inputs.layer,
-        attention=None if attention is None else attention[candidates].float(),
-        text_embeds=None if inputs.text_embeds is None else inputs.text_embeds.float(),
-        pre_features=None if inputs.pre_features is None else inputs.pre_features[candidates].float(),
-        projector=inputs.projector,
-        cls_attention=None if inputs.cls_attention is None else inputs.cls_attention[candidates].float(),
-        cross_shares=inputs.cross_shares,
-    )
-    chosen = strategy.select(ctx)
+    # A grid describes all N tokens; once some are excluded it no longer does.
+    grid = inputs.grid if available == n else None
+    chosen = strategy.select(token_context(features, keep, inputs, candidates, grid))
     _check(strategy.name, chosen, keep if strategy.needs_budget else None, available)
     return candidates[chosen.to(candidates.device)]
+
+
+def token_context(
+    features: Tensor, keep: int, inputs: TokenInputs, candidates: Tensor | None = None, grid: Grid = None
+) -> TokenContext:
+    """The strategy's view of one image: float32 tensors, restricted to ``candidates`` (default: all)."""
+
+    def per_token(x: Tensor | None) -> Tensor | None:
+        return None if x is None else (x if candidates is None else x[candidates]).float()
+
+    return TokenContext(
+        features=per_token(features),
+        keep=keep,
+        seed=inputs.seed,
+        grid=inputs.grid if candidates is None else grid,
+        layer=inputs.layer,
+        attention=per_token(inputs.attention),
+        text_embeds=None if inputs.text_embeds is None else inputs.text_embeds.float(),
+        pre_features=per_token(inputs.pre_features),
+        projector=inputs.projector,
+        cls_attention=per_token(inputs.cls_attention),
+        cross_shares=inputs.cross_shares,
+    )
 
 
 def _check(name: str, chosen: Tensor, keep: int | None, available: int) -> None:

@@ -1,0 +1,124 @@
+"""Selection time of every strategy at realistic sizes, as a share of the prefill it is meant to shrink.
+
+Sizes: 576 x 4096 (LLaVA-1.5-7B: one 336 px image), 2880 x 4096 (LLaVA-NeXT-7B: five tiles), and
+a batch of 8 images of 576. The reference is the unpruned prefill of a 7B-shaped decoder (hidden
+4096, MLP 11008, 32 heads, 32 layers) over the same visual tokens plus 64 text tokens, estimated
+as 32 x the time of one real decoder layer measured in the same run (same machine, same dtype).
+Keep is 25 % of each image. Inputs each strategy reads are made at the matching shapes (question
+of 20 words, 1024-wide pre-projector features and a LLaVA-1.5-shaped projector for zoo).
+
+    python eval/bench_selection.py                    # CPU, float32
+    python eval/bench_selection.py --device cuda --sizes 576 2880
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+import vtprune
+
+HIDDEN, LAYERS, VISION = 4096, 32, 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def prefill_seconds(tokens: int, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
+    """Unpruned 7B-shaped prefill over ``tokens``: one real decoder layer, timed, times the depth."""
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+    config._attn_implementation = "sdpa"
+    layer = LlamaDecoderLayer(config, layer_idx=0).to(device, dtype).eval()
+    hidden = torch.randn(1, tokens, HIDDEN, device=device, dtype=dtype)
+    positions = torch.arange(tokens, device=device)[None]
+    tables = LlamaRotaryEmbedding(config, device=device)(hidden, positions)
+    with torch.no_grad():
+        return LAYERS * best_time(lambda: layer(hidden, position_embeddings=tables, position_ids=positions), device, repeats)
+
+
+def selector_inputs(name: str, n: int, device: torch.device, generator: torch.Generator) -> dict:
+    side = int(n**0.5)
+    inputs: dict = {}
+    if name in ("uniform", "matryoshka") and side * side == n:
+        inputs["grid"] = (1, side, side)
+    if name == "fastv":
+        inputs["attention"] = torch.rand(n, generator=generator).to(device)
+    if name == "todre":
+        inputs["cls_attention"] = torch.rand(n, generator=generator).to(device)
+    if name == "mmtok":
+        inputs["text_embeds"] = torch.randn(20, HIDDEN, generator=generator).to(device)
+    if name in ("mmtok", "zoo"):
+        inputs["pre_features"] = torch.randn(n, VISION, generator=generator).to(device)
+    if name == "zoo":
+        projector = torch.nn.Sequential(
+            torch.nn.Linear(VISION, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, HIDDEN)
+        ).to(device)
+        inputs["projector"] = projector
+    if name == "todre_relevance":
+        inputs["cross_shares"] = torch.tensor([0.05, 0.2], device=device)
+    return inputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[576, 2880])
+    parser.add_argument("--batch", type=int, default=8, help="images in the batched case (of the first size)")
+    parser.add_argument("--strategies", nargs="+", default=None, help="default: every registered strategy")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", type=lambda name: getattr(torch, name))
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    device = torch.device(args.device)
+    names = args.strategies or [n for n in vtprune.list_strategies() if not n.startswith("test_")]
+    cases = [(n, 1) for n in args.sizes] + [(args.sizes[0], args.batch)]
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"# selection benchmark: {machine}, prefill in {args.dtype}, selection in float32, keep 25 %")
+    generator = torch.Generator().manual_seed(0)
+    prefill = {}
+    for n, images in cases:
+        tokens = n * images + 64
+        if tokens not in prefill:
+            prefill[tokens] = prefill_seconds(tokens, device, args.dtype, max(1, args.repeats - 1))
+        print(f"\n## {images} x {n} tokens x {HIDDEN}: unpruned 7B-shaped prefill ~{prefill[tokens]:.2f} s")
+        print("| strategy | selection s | share of prefill |")
+        print("|---|---|---|")
+        features = [torch.randn(n, HIDDEN, generator=generator).to(device) for _ in range(images)]
+        for name in names:
+            inputs = selector_inputs(name, n, device, generator)
+            budget = {} if not vtprune.strategies.strategy_class(name).needs_budget else {"keep_ratio": 0.25}
+
+            def run() -> None:
+                for image in features:
+                    vtprune.select(name, image, **budget, **inputs)
+
+            with torch.no_grad():
+                try:
+                    seconds = best_time(run, device, args.repeats)
+                except (ValueError, vtprune.VTPruneError) as error:  # e.g. a grid it cannot pool
+                    print(f"| {name} | n/a ({error}) | |")
+                    continue
+            print(f"| {name} | {seconds:.4f} | {seconds / prefill[tokens]:.2%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
