@@ -72,3 +72,25 @@ def test_stop_words_and_instructions_are_dropped_with_a_tokenizer():
     assert tokenizer.convert_ids_to_tokens(chosen.tolist()) == ["colour", "circle"]
     without = QuestionTokens({words.index("<image>")}).select(ids)
     assert IMAGE not in without.tolist() and len(without) == len(ids) - 1
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen3_vl", "llava_next"])
+def test_mmtok_in_the_model_selects_what_select_gives_on_the_same_inputs(models, make_inputs, kind):
+    seen = []
+    model = models(kind)
+    inputs = make_inputs(model, kind, 3)
+    with torch.no_grad(), vtprune.pruned(model, probe("test_input_probe_mmtok", seen), keep=1):
+        model(**inputs)
+    with torch.no_grad(), vtprune.pruned(model, "mmtok", keep_ratio=0.25) as handle:
+        model.generate(**inputs, max_new_tokens=1)
+        adapter = vtprune.adapters.adapter_for(model)
+        encoded = adapter.encode(dict(inputs))["mm_encoder_outputs"]
+    items = [(image, output) for modality, output in encoded.items() for image in handle.last_record.images if image.modality == modality]
+    per_modality_index: dict = {}
+    for image, output in items:
+        index = per_modality_index.setdefault(image.modality, 0)
+        per_modality_index[image.modality] += 1
+        features = output.pooler_output[index]
+        text, pre, _ = seen[handle.last_record.images.index(image)]
+        expected = vtprune.select("mmtok", features, keep_ratio=0.25, text_embeds=text, pre_features=pre)
+        assert torch.equal(image.kept, expected)

@@ -20,9 +20,9 @@ from .adapters.base import PIXEL_INPUTS
 from .errors import UnsupportedCacheError, VTPruneError
 from .layout import Layout, last_valid, pack
 from .record import ImageRecord
-from .selection import TokenInputs, select_tokens
+from .selection import TokenInputs, merge_tokens, select_tokens
 from .state import STATE_ATTR, PruneState, VisualItem, ones_mask
-from .strategies.base import INPUT_STAGE
+from .strategies.base import INPUT_STAGE, MergingStrategy
 
 if TYPE_CHECKING:
     from .handle import PruneHandle
@@ -166,6 +166,7 @@ class InputStage:
         cls_rows = self._cls_rows(encoder_outputs) if "cls_attention" in needs else None
         projector = self.adapter.projector() if "projector" in needs else None
         kept_by_modality: dict[str, list[Tensor]] = {modality: [] for modality in encoder_outputs}
+        weights_by_modality: dict[str, list[Tensor | None]] = {modality: [] for modality in encoder_outputs}
         keep = state.valid.clone()
         for item, grid in zip(state.items, grids):
             index = len(kept_by_modality[item.modality])
@@ -180,10 +181,15 @@ class InputStage:
             )
             features = encoder_outputs[item.modality].pooler_output[index]
             with self.handle.timing("selection_seconds"):
-                kept = select_tokens(
-                    self.stage.strategy, self.stage.budget, features, inputs, newlines=self.handle.newlines
-                )
+                if isinstance(self.stage.strategy, MergingStrategy):
+                    kept, weights = merge_tokens(self.stage.strategy, self.stage.budget, features, inputs)
+                else:
+                    kept = select_tokens(
+                        self.stage.strategy, self.stage.budget, features, inputs, newlines=self.handle.newlines
+                    )
+                    weights = None
             kept_by_modality[item.modality].append(kept)
+            weights_by_modality[item.modality].append(weights)
             dropped = torch.ones(item.columns.numel(), dtype=torch.bool, device=input_ids.device)
             dropped[kept.to(input_ids.device)] = False
             keep[item.row, item.columns[dropped]] = False
@@ -194,7 +200,7 @@ class InputStage:
         state.input_layout = layout
         state.apply(layout)
         self._record(state)
-        return self._shorten(kwargs, layout, positions, state, encoder_outputs, kept_by_modality)
+        return self._shorten(kwargs, layout, positions, state, encoder_outputs, kept_by_modality, weights_by_modality)
 
     def _cls_rows(self, encoder_outputs: dict[str, Any]) -> list[Tensor] | None:
         """Per image item, its row of the last vision pass's [CLS] attention (None if they do not match).
@@ -224,6 +230,7 @@ class InputStage:
         state: PruneState,
         encoder_outputs: dict[str, Any],
         kept_by_modality: dict[str, list[Tensor]],
+        weights_by_modality: dict[str, list[Tensor | None]],
     ) -> dict[str, Any]:
         input_ids = kwargs["input_ids"]
         visual_ids = set(self.adapter.token_ids().values())
@@ -238,7 +245,7 @@ class InputStage:
             if kwargs.get(key) is not None:
                 kwargs[key] = layout.take(kwargs[key], fill=fill)
         kwargs["mm_encoder_outputs"] = {
-            modality: self.adapter.shorten_outputs(output, kept_by_modality[modality])
+            modality: self.adapter.shorten_outputs(output, kept_by_modality[modality], weights_by_modality[modality])
             for modality, output in encoder_outputs.items()
         }
         return kwargs

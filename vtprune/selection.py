@@ -15,7 +15,7 @@ from torch import Tensor
 from .adapters.base import Grid
 from .errors import VTPruneError
 from .schedule import Budget
-from .strategies.base import Strategy, TokenContext
+from .strategies.base import MergingStrategy, Strategy, TokenContext
 
 #: What to do with LLaVA-NeXT / OneVision row-separator ("newline") tokens.
 NEWLINE_POLICIES = ("candidate", "drop")
@@ -63,6 +63,21 @@ def select_tokens(
     chosen = strategy.select(token_context(features, keep, inputs, candidates, grid))
     _check(strategy.name, chosen, keep if strategy.needs_budget else None, available)
     return candidates[chosen.to(candidates.device)]
+
+
+def merge_tokens(
+    strategy: MergingStrategy, budget: Budget, features: Tensor, inputs: TokenInputs
+) -> tuple[Tensor, Tensor | None]:
+    """(places, weights) a merging strategy makes for one image; (all, None) at full budget."""
+    n = features.shape[0]
+    keep = budget.tokens(n)
+    if keep == n:
+        return torch.arange(n, device=features.device), None
+    places, weights = strategy.merge(token_context(features, keep, inputs))
+    _check(strategy.name, places, None, n)
+    if weights.shape != (places.numel(), n):
+        raise VTPruneError(f"strategy {strategy.name!r} gave weights {tuple(weights.shape)} for {places.numel()} places")
+    return places.to(features.device), weights.float()
 
 
 def token_context(

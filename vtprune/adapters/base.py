@@ -112,10 +112,13 @@ class ModelAdapter:
         """The learned row-separator token of AnyRes models (LLaVA-NeXT/OneVision), if any."""
         return None
 
-    def shorten_outputs(self, output: ModelOutput, kept: list[Tensor]) -> ModelOutput:
-        """A copy of one modality's encoder output with each item's tokens reduced to ``kept``."""
+    def shorten_outputs(
+        self, output: ModelOutput, kept: list[Tensor], weights: list[Tensor | None]
+    ) -> ModelOutput:
+        """A copy of one modality's encoder output with each item's tokens reduced to ``kept``
+        (or, where a merging strategy gave ``weights``, replaced by ``weights @ tokens``)."""
         shortened = type(output)(**dict(output.items()))
-        pooled = [features[index] for features, index in zip(output.pooler_output, kept)]
+        pooled = reduce_tokens(output.pooler_output, kept, weights)
         if isinstance(output.pooler_output, Tensor):
             # Some models stack equal-length items (OneVision videos); equal budgets keep them equal.
             pooled = torch.stack(pooled)
@@ -130,6 +133,14 @@ class ModelAdapter:
         such state need nothing.
         """
         return lambda: None
+
+
+def reduce_tokens(items: list[Tensor], kept: list[Tensor], weights: list[Tensor | None]) -> list[Tensor]:
+    """Per item, the kept rows, or the weighted merges of all rows (computed in float32)."""
+    return [
+        tokens[index] if merge is None else (merge.to(tokens.device) @ tokens.float()).to(tokens.dtype)
+        for tokens, index, merge in zip(items, kept, weights)
+    ]
 
 
 def float32_copy(module: nn.Module) -> nn.Module:

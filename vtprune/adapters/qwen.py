@@ -8,7 +8,7 @@ from torch import Tensor
 from transformers.modeling_outputs import ModelOutput
 
 from ..layout import take
-from .base import Grid, ModelAdapter, float32_copy
+from .base import Grid, ModelAdapter, float32_copy, reduce_tokens
 
 if TYPE_CHECKING:
     from ..state import VisualItem
@@ -77,13 +77,11 @@ class QwenVLAdapter(ModelAdapter):
         # pre_features rows hold a 2x2 block of tower tokens side by side; the merger takes them one per row.
         return lambda rows: merger(rows.reshape(-1, rows.shape[-1] // block))
 
-    def shorten_outputs(self, output: ModelOutput, kept: list[Tensor]) -> ModelOutput:
-        shortened = super().shorten_outputs(output, kept)
+    def shorten_outputs(self, output: ModelOutput, kept: list[Tensor], weights: list[Tensor | None]) -> ModelOutput:
+        shortened = super().shorten_outputs(output, kept, weights)
         if getattr(output, "deepstack_features", None) is not None:
             # Qwen3-VL adds these vision-layer features to the visual tokens of early decoder layers.
-            shortened.deepstack_features = [
-                [features[index] for features, index in zip(level, kept)] for level in output.deepstack_features
-            ]
+            shortened.deepstack_features = [reduce_tokens(level, kept, weights) for level in output.deepstack_features]
         return shortened
 
     def install_decoder_remap(self, current_source: Callable[[], Tensor | None]) -> Callable[[], None]:

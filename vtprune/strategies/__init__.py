@@ -1,10 +1,12 @@
 """Built-in strategies. Importing this package registers them under their names."""
 
-from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, Strategy, TokenContext
+from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, MergingStrategy, Strategy, TokenContext
 from .registry import list_strategies, make_strategy, register_strategy, strategy_class
 from .divprune import DivPrune
 from .fastv import FastV
+from .mmtok import MMTok
 from .none import NoPruning
+from .matryoshka import Matryoshka
 from .random import RandomPruning
 from .random_deep import RandomDeepPruning
 from .todre import ToDRE, ToDRERelevance
@@ -16,7 +18,10 @@ __all__ = [
     "INPUT_STAGE",
     "DivPrune",
     "FastV",
+    "MMTok",
     "GreedyStrategy",
+    "Matryoshka",
+    "MergingStrategy",
     "NoPruning",
     "RandomDeepPruning",
     "RandomPruning",

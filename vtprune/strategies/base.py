@@ -115,3 +115,24 @@ class GreedyStrategy(Strategy):
 
     def select(self, ctx: TokenContext) -> Tensor:
         return self.order(ctx).sort().values
+
+
+class MergingStrategy(Strategy):
+    """A strategy that replaces an image's tokens by fewer new ones (e.g. pooling) instead of a subset.
+
+    ``merge`` returns, for each new token, the index of the original token whose place (sequence
+    slot and position id) it takes — ascending and unique, what ``select`` returns and the record
+    shows — and a (k, N) matrix of weights: new token i is ``weights[i] @ tokens``. The engine
+    applies the same weights to every per-token tensor (projected tokens, Qwen3-VL's deepstack
+    features). The count may differ from ``ctx.keep`` when the method only has certain sizes (it
+    then documents how it rounds).
+    """
+
+    stages: ClassVar[frozenset[str]] = frozenset({INPUT_STAGE})
+
+    def merge(self, ctx: TokenContext) -> tuple[Tensor, Tensor]:
+        """(places (k,), weights (k, N)) for this image."""
+        raise NotImplementedError
+
+    def select(self, ctx: TokenContext) -> Tensor:
+        return self.merge(ctx)[0]

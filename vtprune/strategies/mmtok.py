@@ -1,0 +1,121 @@
+"""``mmtok``: multimodal coverage maximisation (MMTok, ICLR 2026)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import GreedyStrategy, TokenContext
+from .registry import register_strategy
+
+VARIANTS = ("multimodal", "vision", "text")
+
+
+def _coverage_probabilities(queries: Tensor, keys: Tensor, temperature: float) -> Tensor:
+    """Row-softmax of ``cos(queries, keys) / temperature`` in float32: how well each key covers each query."""
+    # float32 as in the reference; the parity cases are reproduced exactly in float32.
+    q = F.normalize(queries.float(), dim=1)
+    k = F.normalize(keys.float(), dim=1)
+    return torch.softmax(q @ k.T / temperature, dim=1)
+
+
+def coverage_order(weights: Tensor, count: int) -> Tensor:
+    """Greedy maximum coverage of the rows of ``weights`` (R, N) by ``count`` of its N columns.
+
+    Maximises ``f(S) = sum_r max_{j in S} weights[r, j]``: a running ``best`` vector holds each
+    row's current maximum (0 for the empty set, the weights being non-negative), and each step adds
+    the column with the largest gain ``sum_r max(0, weights[r, j] - best[r])``. O(count·R·N), all
+    tensor ops on the weights' device. Ties go to the lower index (``argmax``); chosen columns are
+    masked, so none comes out twice even when every gain is 0.
+    """
+    rows, n = weights.shape
+    best = weights.new_zeros(rows)
+    taken = torch.zeros(n, dtype=torch.bool, device=weights.device)
+    order = torch.empty(count, dtype=torch.int64, device=weights.device)
+    scratch = torch.empty_like(weights)  # one (R, N) buffer reused by every step
+    for step in range(count):
+        gain = torch.sub(weights, best[:, None], out=scratch).clamp_min_(0).sum(dim=0)
+        j = gain.masked_fill_(taken, -torch.inf).argmax()
+        order[step] = j
+        taken[j] = True
+        best = torch.maximum(best, weights.index_select(1, j.view(1)).squeeze(1))
+    return order
+
+
+@register_strategy("mmtok")
+class MMTok(GreedyStrategy):
+    """Greedy coverage of the question and of the image itself by the kept tokens.
+
+    With T (m, D) the question words' input-embedding rows (``ctx.text_embeds``), V (n, D) the
+    tokens (``ctx.features``) and C (n, Dc) the pre-projector features (``ctx.pre_features``):
+
+    - ``P = softmax_rows(cos(T, V) / text_temp)`` (m, n): how well token j covers question word i;
+    - ``Q = softmax_rows(cos(C, C) / vision_temp)`` (n, n): how well token j covers token i;
+    - ``f(S) = (1/m) sum_i max_{j in S} P_ij + alpha (1/n) sum_i max_{j in S} Q_ij``, monotone
+      submodular, maximised greedily (a ``1 - 1/e`` approximation) over the rows of ``[P/m ; alpha Q/n]``
+      by :func:`coverage_order`. Ties go to the lower index; chosen tokens are never picked twice.
+
+    Options: ``alpha = 0.5``, ``vision_temp = 0.2`` and ``text_temp = 0.02`` are the paper's LLaVA
+    defaults; its Qwen2.5-VL runs use ``text_temp = 0.01``. ``variant`` selects the paper's ablations:
+    ``"multimodal"`` (both terms), ``"vision"`` (the Q term alone) and ``"text"`` (the P term alone);
+    a term used alone is not scaled by ``alpha``, which only weighs the two terms against each other.
+    ``needs`` follows the variant, so the engine computes only the inputs that are read.
+
+    Fallbacks (documented choices, not the paper's): without question words (``text_embeds`` None
+    or with 0 rows, e.g. a prompt that is all instructions or stop-words) the multimodal and text
+    variants maximise the vision term alone. Without ``pre_features`` (models whose projector input
+    vtprune does not expose, and the text variant, which does not ask for them) C is the tokens
+    themselves, ``ctx.features``. The reference's
+    exclusion of LLaVA-1.5 letterbox-padding patches is not applied: the strategy sees no image
+    geometry. The paper selects the projected tokens before the LLM; the strategy works at either stage.
+    """
+
+    needs = frozenset({"text_embeds", "pre_features"})
+
+    def __init__(
+        self, alpha: float = 0.5, text_temp: float = 0.02, vision_temp: float = 0.2, variant: str = "multimodal"
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if text_temp <= 0 or vision_temp <= 0:
+            raise ValueError(f"temperatures must be > 0, got text_temp={text_temp}, vision_temp={vision_temp}")
+        self.alpha, self.text_temp, self.vision_temp, self.variant = alpha, text_temp, vision_temp, variant
+        # Shadows the class attribute (the multimodal set) so the engine skips inputs this variant ignores.
+        self.needs = {
+            "multimodal": frozenset({"text_embeds", "pre_features"}),
+            "vision": frozenset({"pre_features"}),
+            "text": frozenset({"text_embeds"}),
+        }[variant]
+
+    def order(self, ctx: TokenContext) -> Tensor:
+        return coverage_order(self.coverage_weights(ctx), ctx.keep)
+
+    def coverage_weights(self, ctx: TokenContext) -> Tensor:
+        """The (R, n) matrix whose rows the greedy covers: ``f(S)`` is the sum of its rows' maxima over S."""
+        features, n = ctx.features, ctx.num_tokens
+        text = None if self.variant == "vision" else ctx.text_embeds
+        if text is not None and text.shape[0] == 0:
+            text = None
+        if text is not None and text.shape[1] != features.shape[1]:
+            raise ValueError(
+                f"mmtok compares question words with tokens: text_embeds width {text.shape[1]} != features "
+                f"width {features.shape[1]}"
+            )
+        if text is not None:
+            text_term = _coverage_probabilities(text, features, self.text_temp) / text.shape[0]
+            if self.variant == "text":
+                return text_term
+        clip = features if ctx.pre_features is None else ctx.pre_features
+        if clip.shape[0] != n:
+            raise ValueError(f"pre_features has {clip.shape[0]} rows for {n} tokens")
+        vision_term = _coverage_probabilities(clip, clip, self.vision_temp) / n
+        return vision_term if text is None else torch.cat([text_term, self.alpha * vision_term])
+
+    def __repr__(self) -> str:
+        return (
+            f"MMTok(alpha={self.alpha}, text_temp={self.text_temp}, vision_temp={self.vision_temp}, "
+            f"variant={self.variant!r})"
+        )
