@@ -216,3 +216,42 @@ def test_use_cache_false_and_a_hand_written_decode_loop(models, make_inputs):
                     past_key_values=cache,
                 )
             assert torch.equal(ids, cached)
+
+
+# Every registered strategy, where it acts, with a budget that prunes; inputs it cannot get raise clearly.
+EVERY_STRATEGY = {
+    "random": "random:50%",
+    "uniform": "uniform:50%",
+    "divprune": "divprune:50%",
+    "fastv": "fastv@2:50%",
+    "todre": "todre:50%+todre_relevance@3(tau:1.0)",
+    "mmtok": "mmtok:50%",
+    "zoo": "zoo:50%(directions:4)",
+    "random_deep": "random_deep:50%",
+}
+UNAVAILABLE = {("zoo", "llava_next"), ("zoo", "llava_onevision"), ("zoo", "qwen2_5_vl")}
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("name", sorted(EVERY_STRATEGY))
+def test_every_strategy_on_every_class(models, make_inputs, kind, name):
+    model = models(kind)
+    inputs = make_inputs(model, kind, 3)
+    schedule = EVERY_STRATEGY[name]
+    if (name, kind) in UNAVAILABLE:
+        with vtprune.pruned(model, schedule), pytest.raises(ValueError, match="recovers"):
+            model(**inputs)
+        return
+    keep_all = schedule.split("+")[0].replace("50%", "100%").replace("(tau:1.0)", "")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with vtprune.pruned(model, keep_all):
+            assert torch.equal(model(**inputs).logits, expected)
+        with vtprune.pruned(model, schedule) as handle:
+            pruned_logits = model(**inputs).logits
+            tokens = model.generate(**inputs, **GEN)
+    record = handle.last_record
+    assert list(record.visual_tokens().values())[-1] < record.visual_tokens()["before"]
+    for want, got in kept_logits(reference(model, inputs, record), final_keep(inputs, record), pruned_logits):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert tokens.shape[0] == inputs["input_ids"].shape[0]
