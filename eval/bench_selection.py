@@ -23,6 +23,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 import vtprune
+from vtprune.schedule import parse_strategy
 
 HIDDEN, LAYERS, VISION = 4096, 32, 1024
 
@@ -50,7 +51,7 @@ def prefill_seconds(tokens: int, device: torch.device, dtype: torch.dtype, repea
     layer = LlamaDecoderLayer(config, layer_idx=0).to(device, dtype).eval()
     hidden = torch.randn(1, tokens, HIDDEN, device=device, dtype=dtype)
     positions = torch.arange(tokens, device=device)[None]
-    tables = LlamaRotaryEmbedding(config, device=device)(hidden, positions)
+    tables = LlamaRotaryEmbedding(config).to(device)(hidden, positions)
     with torch.no_grad():
         return LAYERS * best_time(lambda: layer(hidden, position_embeddings=tables, position_ids=positions), device, repeats)
 
@@ -82,7 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=int, default=[576, 2880])
     parser.add_argument("--batch", type=int, default=8, help="images in the batched case (of the first size)")
-    parser.add_argument("--strategies", nargs="+", default=None, help="default: every registered strategy")
+    parser.add_argument(
+        "--strategies", nargs="+", default=None, help="names or name(option:value), e.g. 'zoo(directions:8)'; default: all"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", type=lambda name: getattr(torch, name))
@@ -103,21 +106,22 @@ def main() -> None:
         print("| strategy | selection s | share of prefill |")
         print("|---|---|---|")
         features = [torch.randn(n, HIDDEN, generator=generator).to(device) for _ in range(images)]
-        for name in names:
-            inputs = selector_inputs(name, n, device, generator)
-            budget = {} if not vtprune.strategies.strategy_class(name).needs_budget else {"keep_ratio": 0.25}
+        for spec in names:
+            strategy = parse_strategy(spec)
+            inputs = selector_inputs(strategy.name, n, device, generator)
+            budget = {"keep_ratio": 0.25} if strategy.needs_budget else {}
 
             def run() -> None:
                 for image in features:
-                    vtprune.select(name, image, **budget, **inputs)
+                    vtprune.select(strategy, image, **budget, **inputs)
 
             with torch.no_grad():
                 try:
                     seconds = best_time(run, device, args.repeats)
                 except (ValueError, vtprune.VTPruneError) as error:  # e.g. a grid it cannot pool
-                    print(f"| {name} | n/a ({error}) | |")
+                    print(f"| {spec} | n/a ({error}) | |")
                     continue
-            print(f"| {name} | {seconds:.4f} | {seconds / prefill[tokens]:.2%} |", flush=True)
+            print(f"| {spec} | {seconds:.4f} | {seconds / prefill[tokens]:.2%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -199,16 +199,29 @@ def parse_schedule(text: str) -> Schedule:
                 f"cannot parse schedule stage {part!r}; expected name[@layer][:budget][(key:value;...)], "
                 "e.g. 'divprune:64' or 'fastv@2:50%'"
             )
-        options = {}
-        for item in filter(None, (match["options"] or "").split(";")):
-            key, sep, value = item.partition(":")
-            if not sep:
-                raise ValueError(f"option {item!r} in {part!r} must be key:value")
-            options[key] = _parse_value(value)
         budget = parse_budget(match["budget"]) if match["budget"] else None
         layer = int(match["layer"]) if match["layer"] is not None else None
-        stages.append(Stage(make_strategy(match["name"], **options), layer=layer, budget=budget))
+        strategy = make_strategy(match["name"], **_parse_options(match["options"], part))
+        stages.append(Stage(strategy, layer=layer, budget=budget))
     return Schedule(stages)
+
+
+def parse_strategy(text: str) -> Strategy:
+    """``name`` or ``name(key:value;...)`` -> a strategy instance (no place, no budget)."""
+    match = _STAGE_RE.match(text.replace(" ", ""))
+    if match is None or match["layer"] is not None or match["budget"] is not None:
+        raise ValueError(f"cannot parse strategy {text!r}; expected name or name(key:value;...)")
+    return make_strategy(match["name"], **_parse_options(match["options"], text))
+
+
+def _parse_options(text: str | None, part: str) -> dict[str, Any]:
+    options = {}
+    for item in filter(None, (text or "").split(";")):
+        key, sep, value = item.partition(":")
+        if not sep:
+            raise ValueError(f"option {item!r} in {part!r} must be key:value")
+        options[key] = _parse_value(value)
+    return options
 
 
 def as_schedule(
