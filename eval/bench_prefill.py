@@ -110,9 +110,24 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
     print(f"# prefill benchmark: {machine}, {args.dtype}, batch {args.batch}, min of {args.repeats} interleaved runs")
-    header = ["class", "schedule", "visual/row", "unpruned ms", "pruned ms", "speedup", "bound", "of bound", "hooks", "selection"]
+    header = [
+        "class",
+        "schedule",
+        "visual/row",
+        "unpruned ms",
+        "pruned ms",
+        "speedup",
+        "bound",
+        "of bound",
+        "hooks",
+        "selection",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for kind in args.kinds:

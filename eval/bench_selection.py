@@ -53,7 +53,9 @@ def prefill_seconds(tokens: int, device: torch.device, dtype: torch.dtype, repea
     positions = torch.arange(tokens, device=device)[None]
     tables = LlamaRotaryEmbedding(config).to(device)(hidden, positions)
     with torch.no_grad():
-        return LAYERS * best_time(lambda: layer(hidden, position_embeddings=tables, position_ids=positions), device, repeats)
+        return LAYERS * best_time(
+            lambda: layer(hidden, position_embeddings=tables, position_ids=positions), device, repeats
+        )
 
 
 def selector_inputs(name: str, n: int, device: torch.device, generator: torch.Generator) -> dict:
@@ -84,7 +86,10 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[576, 2880])
     parser.add_argument("--batch", type=int, default=8, help="images in the batched case (of the first size)")
     parser.add_argument(
-        "--strategies", nargs="+", default=None, help="names or name(option:value), e.g. 'zoo(directions:8)'; default: all"
+        "--strategies",
+        nargs="+",
+        default=None,
+        help="names or name(option:value), e.g. 'zoo(directions:8)'; default: all",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -94,7 +99,11 @@ def main() -> None:
     device = torch.device(args.device)
     names = args.strategies or [n for n in vtprune.list_strategies() if not n.startswith("test_")]
     cases = [(n, 1) for n in args.sizes] + [(args.sizes[0], args.batch)]
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    machine = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
     print(f"# selection benchmark: {machine}, prefill in {args.dtype}, selection in float32, keep 25 %")
     generator = torch.Generator().manual_seed(0)
     prefill = {}

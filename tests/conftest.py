@@ -2,6 +2,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,15 @@ def batch_rows(kind: str, rows: int) -> list[RowSpec]:
     if kind in ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         spec[2] = RowSpec(images=[], videos=1, text_before=2)
     return spec
+
+
+@pytest.fixture(scope="session")
+def arrays():
+    """The input and output arrays of the parity cases, by name."""
+    from parity import DATA
+
+    with np.load(DATA / "parity.npz") as npz:
+        yield npz
 
 
 @pytest.fixture

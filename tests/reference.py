@@ -67,7 +67,10 @@ def masked_from_layer(model, layer: int, keep: Tensor) -> Iterator[None]:
         )
         return args, kwargs
 
-    hooks = [text_model.layers[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in range(layer, len(text_model.layers))]
+    hooks = [
+        text_model.layers[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        for i in range(layer, len(text_model.layers))
+    ]
     try:
         yield
     finally:
@@ -95,9 +98,7 @@ def reference_inputs(
     return kwargs
 
 
-def reference(
-    model, inputs: dict, record: PruneRecord, *, generate_tokens: int = 0, renumber: bool = False
-) -> Tensor:
+def reference(model, inputs: dict, record: PruneRecord, *, generate_tokens: int = 0, renumber: bool = False) -> Tensor:
     """Logits (or, with ``generate_tokens``, greedy tokens) of the masking reference for ``record``."""
     stages = list(record.images[0].kept_by_stage) if record.images else []
     keep_input = kept_columns(inputs, record, "input") if "input" in stages else inputs["attention_mask"].bool()

@@ -72,7 +72,11 @@ def test_record_describes_each_image_and_layer(models, make_inputs):
     with torch.no_grad(), vtprune.pruned(model, "divprune:50%+fastv@2:50%") as handle:
         model(**inputs)
     record = handle.last_record
-    assert [(im.row, im.modality, im.index) for im in record.images] == [(0, "image", 0), (1, "image", 0), (1, "image", 1)]
+    assert [(im.row, im.modality, im.index) for im in record.images] == [
+        (0, "image", 0),
+        (1, "image", 0),
+        (1, "image", 1),
+    ]
     for image in record.images:
         after_input, after_layer = image.kept_by_stage["input"], image.kept_by_stage["layer 2"]
         assert after_input.numel() == round(image.num_tokens / 2)
@@ -81,7 +85,9 @@ def test_record_describes_each_image_and_layer(models, make_inputs):
     lengths = record.layer_lengths
     assert lengths.shape == (3, len(model.model.language_model.layers))
     valid = inputs["attention_mask"].sum(dim=1)
-    dropped_input = torch.tensor([sum(im.num_tokens - im.kept_by_stage["input"].numel() for im in record.for_row(r)) for r in range(3)])
+    dropped_input = torch.tensor(
+        [sum(im.num_tokens - im.kept_by_stage["input"].numel() for im in record.for_row(r)) for r in range(3)]
+    )
     assert torch.equal(lengths[:, 0], valid - dropped_input)
     assert (lengths[:, 2] < lengths[:, 1]).tolist() == [True, True, False]  # the text-only row loses nothing
     totals = record.visual_tokens()

@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import vtprune
-from vtprune.synthetic import IMAGE, RowSpec, build_inputs
+from vtprune.synthetic import IMAGE
 from vtprune.text import QuestionTokens
 
 
@@ -63,7 +63,22 @@ def test_llava_pre_features_are_what_the_projector_reads(models, make_inputs):
 
 
 def test_stop_words_and_instructions_are_dropped_with_a_tokenizer():
-    words = ["<pad>", "<s>", "<image>", "what", "colour", "is", "the", "circle", "?", "answer", "using", "a", "single", "word"]
+    words = [
+        "<pad>",
+        "<s>",
+        "<image>",
+        "what",
+        "colour",
+        "is",
+        "the",
+        "circle",
+        "?",
+        "answer",
+        "using",
+        "a",
+        "single",
+        "word",
+    ]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>")
@@ -85,7 +100,12 @@ def test_mmtok_in_the_model_selects_what_select_gives_on_the_same_inputs(models,
         model.generate(**inputs, max_new_tokens=1)
         adapter = vtprune.adapters.adapter_for(model)
         encoded = adapter.encode(dict(inputs))["mm_encoder_outputs"]
-    items = [(image, output) for modality, output in encoded.items() for image in handle.last_record.images if image.modality == modality]
+    items = [
+        (image, output)
+        for modality, output in encoded.items()
+        for image in handle.last_record.images
+        if image.modality == modality
+    ]
     per_modality_index: dict = {}
     for image, output in items:
         index = per_modality_index.setdefault(image.modality, 0)

@@ -63,7 +63,12 @@ def test_budgets_round_to_m3_scales_and_full_budget_is_identity(models):
     features = torch.randn(576, 8)
     ctx = TokenContext(features=features, keep=100, grid=(1, 24, 24))
     assert Matryoshka().merge(ctx)[0].numel() == 64  # nearest valid scale to 100 (8 x 8, window 3)
-    assert Matryoshka(scales=(576, 144, 36, 9, 1)).merge(TokenContext(features=features, keep=20, grid=(1, 24, 24)))[0].numel() == 9
+    assert (
+        Matryoshka(scales=(576, 144, 36, 9, 1))
+        .merge(TokenContext(features=features, keep=20, grid=(1, 24, 24)))[0]
+        .numel()
+        == 9
+    )
     model = models("llava")
     inputs = build_inputs(model, [RowSpec(images=[(1, 1)])])
     with torch.no_grad():

@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parity import DATA, parity_cases
 
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.mmtok import VARIANTS, MMTok, coverage_order
 from vtprune.strategies.registry import make_strategy
 
-DATA = Path(__file__).parent / "data" / "parity"
-CASES = [c for c in json.loads((DATA / "parity.json").read_text())["cases"] if c["method"] == "mmtok"]
+CASES = parity_cases("mmtok")
 
 # Few examples and small sizes: the machine is shared and every property is cheap to falsify.
 fast = settings(max_examples=25, deadline=None)
-
-
-@pytest.fixture(scope="module")
-def arrays() -> Iterator[np.lib.npyio.NpzFile]:
-    with np.load(DATA / "parity.npz") as npz:
-        yield npz
 
 
 def coverage(weights: torch.Tensor, kept: list[int]) -> float:

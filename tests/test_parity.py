@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from parity import DATA, parity_cases
 
-from vtprune.strategies.base import TokenContext
 from vtprune.strategies import DivPrune
-from vtprune.strategies.divprune import cosine_distances
+from vtprune.strategies.base import TokenContext
+from vtprune.strategies.diversity import cosine_distances
 
-DATA = Path(__file__).parent / "data" / "parity"
-CASES = [c for c in json.loads((DATA / "parity.json").read_text())["cases"] if c["method"] == "divprune"]
-
-
-@pytest.fixture(scope="module")
-def arrays() -> Iterator[np.lib.npyio.NpzFile]:
-    with np.load(DATA / "parity.npz") as npz:
-        yield npz
+CASES = parity_cases("divprune")
 
 
 def min_pairwise_distance(features: torch.Tensor, kept: list[int]) -> float:

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parity import DATA, parity_cases
 
 from vtprune.pooling import M3_SCALES, nearest_scale, pool_grid, valid_scales
 
-DATA = Path(__file__).parent / "data" / "parity"
-CASES = [c for c in json.loads((DATA / "parity.json").read_text())["cases"] if c["method"] == "matryoshka"]
+CASES = parity_cases("matryoshka")
 
 fast = settings(max_examples=25, deadline=None)
-
-
-@pytest.fixture(scope="module")
-def arrays() -> Iterator[np.lib.npyio.NpzFile]:
-    with np.load(DATA / "parity.npz") as npz:
-        yield npz
 
 
 def square_grid(num_tokens: int) -> tuple[int, int]:

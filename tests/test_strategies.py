@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vtprune.strategies.base import DECODER_STAGE, TokenContext
-from vtprune.strategies import DivPrune, FastV, NoPruning, RandomPruning, UniformPruning
-from vtprune.strategies.diversity import cosine_distances
 from vtprune.errors import UnknownStrategyError
+from vtprune.strategies import DivPrune, FastV, NoPruning, RandomPruning, UniformPruning
+from vtprune.strategies.base import DECODER_STAGE, TokenContext
+from vtprune.strategies.diversity import cosine_distances
 from vtprune.strategies.registry import list_strategies, make_strategy
 
 BUILTINS = ("none", "random", "uniform", "divprune", "fastv")

@@ -100,7 +100,9 @@ def test_cross_modal_shares_equal_eager_attention(models, make_inputs, kind):
     visual = (inputs["input_ids"] == 2) | (inputs["input_ids"] == 3)
 
     def capture(module, args, kwargs, output):
-        captured["ours"] = cross_modal_shares(module, kwargs["hidden_states"], kwargs["position_embeddings"], valid, visual)
+        captured["ours"] = cross_modal_shares(
+            module, kwargs["hidden_states"], kwargs["position_embeddings"], valid, visual
+        )
         captured["weights"] = output[1].float().mean(dim=1)  # (B, L, L)
 
     hook = layer.self_attn.register_forward_hook(capture, with_kwargs=True)

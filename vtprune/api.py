@@ -12,9 +12,9 @@ from .adapters import adapter_for
 from .errors import BudgetError, LayerError
 from .handle import PruneHandle
 from .schedule import Budget, Schedule, Stage, as_schedule
-from .strategies.registry import make_strategy
 from .selection import TokenInputs, select_tokens, token_context
 from .strategies.base import GreedyStrategy, Strategy
+from .strategies.registry import make_strategy
 
 StrategySpec = str | Strategy | Stage | Schedule | Sequence[Stage]
 
@@ -49,9 +49,7 @@ def prune(
     schedule = as_schedule(strategy, layer=layer, keep=keep, keep_ratio=keep_ratio, **options)
     schedule = schedule.resolved(len(adapter.layers))
     _check_sliding_window(adapter.text_config, schedule)
-    handle = PruneHandle(
-        model, adapter, schedule, seed=seed, newlines=newlines, renumber=renumber, tokenizer=tokenizer
-    )
+    handle = PruneHandle(model, adapter, schedule, seed=seed, newlines=newlines, renumber=renumber, tokenizer=tokenizer)
     return handle.install()
 
 
@@ -102,7 +100,9 @@ def select_nested(
     inputs, options = _split_inputs(inputs_and_options)
     chosen = make_strategy(strategy, **options)
     if not isinstance(chosen, GreedyStrategy):
-        raise TypeError(f"strategy {chosen.name!r} is not greedy, so its keep sets are not nested; call select() per budget")
+        raise TypeError(
+            f"strategy {chosen.name!r} is not greedy, so its keep sets are not nested; call select() per budget"
+        )
     n = features.shape[0]
     if not budgets or any(not 1 <= k <= n for k in budgets):
         raise BudgetError(f"budgets must be token counts in [1, {n}], got {list(budgets)}")

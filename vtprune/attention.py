@@ -34,7 +34,11 @@ def _project(attn: nn.Module, hidden_states: Tensor, proj: nn.Module, norm: str)
 
 
 def _scores(
-    attn: nn.Module, queries_from: Tensor, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor], query_rows: Tensor | None
+    attn: nn.Module,
+    queries_from: Tensor,
+    hidden_states: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    query_rows: Tensor | None,
 ) -> Tensor:
     """Pre-softmax scores (B, H, Q, L) of the queries at ``query_rows`` (B, Q) against every key."""
     batch = hidden_states.shape[0]

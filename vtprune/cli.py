@@ -27,8 +27,10 @@ def _demo_toy(model, processor, schedule: str, count: int, seed: int) -> None:
         pruned_seconds = time.perf_counter() - start
     record = handle.last_record
     for sample, plain, cut, image in zip(samples, unpruned, pruned, record.images):
-        print(f"{sample.question:<40} truth={sample.answer:<8} unpruned={plain:<8} {schedule}={cut:<8} "
-              f"kept {image.kept.numel()}/{image.num_tokens} tokens")
+        print(
+            f"{sample.question:<40} truth={sample.answer:<8} unpruned={plain:<8} {schedule}={cut:<8} "
+            f"kept {image.kept.numel()}/{image.num_tokens} tokens"
+        )
     hits = lambda answers: sum(a == s.answer for a, s in zip(answers, samples))  # noqa: E731
     totals = record.visual_tokens()
     print(f"\naccuracy: unpruned {hits(unpruned)}/{count}, {schedule} {hits(pruned)}/{count}")
@@ -69,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vtprune", description="Prune the visual tokens of vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="answer questions about images, unpruned and pruned")
-    demo_parser.add_argument("--schedule", default="divprune:25%", help="strategy and budget, e.g. 'divprune:16', 'fastv@2:25%%'")
+    demo_parser.add_argument(
+        "--schedule", default="divprune:25%", help="strategy and budget, e.g. 'divprune:16', 'fastv@2:25%%'"
+    )
     demo_parser.add_argument("--model", default=None, help="folder of a saved toy VLM (default: the shipped one)")
     demo_parser.add_argument("--count", type=int, default=8, help="questions to ask")
     demo_parser.add_argument("--seed", type=int, default=1234)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from .errors import BudgetError, LayerError
-from .strategies.registry import make_strategy
 from .strategies.base import DECODER_STAGE, INPUT_STAGE, Strategy
+from .strategies.registry import make_strategy
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,9 @@ def merge_tokens(
     places, weights = strategy.merge(token_context(features, keep, inputs))
     _check(strategy.name, places, None, n)
     if weights.shape != (places.numel(), n):
-        raise VTPruneError(f"strategy {strategy.name!r} gave weights {tuple(weights.shape)} for {places.numel()} places")
+        raise VTPruneError(
+            f"strategy {strategy.name!r} gave weights {tuple(weights.shape)} for {places.numel()} places"
+        )
     return places.to(features.device), weights.float()
 
 
@@ -106,7 +108,9 @@ def token_context(
 def _check(name: str, chosen: Tensor, keep: int | None, available: int) -> None:
     """User strategies are code we did not write: refuse malformed output instead of pruning wrongly."""
     if chosen.ndim != 1 or chosen.dtype not in (torch.int64, torch.int32):
-        raise VTPruneError(f"strategy {name!r} must return a 1-D integer tensor, got {chosen.dtype} {tuple(chosen.shape)}")
+        raise VTPruneError(
+            f"strategy {name!r} must return a 1-D integer tensor, got {chosen.dtype} {tuple(chosen.shape)}"
+        )
     if keep is not None and chosen.numel() != keep:
         raise VTPruneError(f"strategy {name!r} returned {chosen.numel()} indices for a budget of {keep}")
     if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= available):

@@ -57,8 +57,9 @@ TINY = Size(hidden=32, layers=4, heads=4, kv_heads=2, vocab=96, vision_hidden=16
 MID = Size(hidden=256, layers=8, heads=8, kv_heads=4, vocab=512, vision_hidden=64, vision_layers=2, image=336, patch=14)
 
 
-def _llama_text(size: Size) -> LlamaConfig:
-    return LlamaConfig(
+def _text_fields(size: Size) -> dict:
+    """Fields every synthetic text config shares (Llama, Qwen2, the Qwen-VL text models)."""
+    return dict(
         vocab_size=size.vocab,
         hidden_size=size.hidden,
         intermediate_size=2 * size.hidden,
@@ -70,6 +71,10 @@ def _llama_text(size: Size) -> LlamaConfig:
         bos_token_id=BOS,
         eos_token_id=None,
     )
+
+
+def _llama_text(size: Size) -> LlamaConfig:
+    return LlamaConfig(**_text_fields(size))
 
 
 def _clip_vision(size: Size) -> CLIPVisionConfig:
@@ -86,23 +91,14 @@ def _clip_vision(size: Size) -> CLIPVisionConfig:
 def _qwen_text(size: Size, kind: str) -> dict:
     head_dim = size.hidden // size.heads
     quarter = head_dim // 8  # M-RoPE sections (t, h, w) must add up to head_dim / 2
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]}
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
+    }
     if kind == "qwen3_vl":
         rope["mrope_interleaved"] = True
-    return dict(
-        vocab_size=size.vocab,
-        hidden_size=size.hidden,
-        intermediate_size=2 * size.hidden,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=8192,
-        rope_parameters=rope,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=None,
-    )
+    return dict(_text_fields(size), head_dim=head_dim, rope_parameters=rope)
 
 
 def _qwen_vision(size: Size, kind: str) -> dict:
@@ -243,7 +239,7 @@ def build_inputs(model: nn.Module, rows: list[RowSpec], *, seed: int = 0) -> dic
             extra.update(pixel_values_videos=torch.cat(video_pixels), video_grid_thw=torch.tensor(video_grids))
     else:
         side = config.vision_config.image_size
-        images, sizes = [], []
+        sizes = []
         for row in rows:
             for h, w in row.images:
                 sizes.append((h * side, w * side))

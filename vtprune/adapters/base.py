@@ -112,9 +112,7 @@ class ModelAdapter:
         """The learned row-separator token of AnyRes models (LLaVA-NeXT/OneVision), if any."""
         return None
 
-    def shorten_outputs(
-        self, output: ModelOutput, kept: list[Tensor], weights: list[Tensor | None]
-    ) -> ModelOutput:
+    def shorten_outputs(self, output: ModelOutput, kept: list[Tensor], weights: list[Tensor | None]) -> ModelOutput:
         """A copy of one modality's encoder output with each item's tokens reduced to ``kept``
         (or, where a merging strategy gave ``weights``, replaced by ``weights @ tokens``)."""
         shortened = type(output)(**dict(output.items()))

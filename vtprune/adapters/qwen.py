@@ -73,7 +73,7 @@ class QwenVLAdapter(ModelAdapter):
         if type(self.model).__name__ == "Qwen2_5_VLForConditionalGeneration":
             return None  # its pre-merger rows are not recovered (see pre_features)
         merger = float32_copy(self.inner.visual.merger)
-        block = self.inner.config.vision_config.spatial_merge_size ** 2
+        block = self.inner.config.vision_config.spatial_merge_size**2
         # pre_features rows hold a 2x2 block of tower tokens side by side; the merger takes them one per row.
         return lambda rows: merger(rows.reshape(-1, rows.shape[-1] // block))
 

@@ -1,14 +1,14 @@
 """Built-in strategies. Importing this package registers them under their names."""
 
 from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, MergingStrategy, Strategy, TokenContext
-from .registry import list_strategies, make_strategy, register_strategy, strategy_class
 from .divprune import DivPrune
 from .fastv import FastV
+from .matryoshka import Matryoshka
 from .mmtok import MMTok
 from .none import NoPruning
-from .matryoshka import Matryoshka
 from .random import RandomPruning
 from .random_deep import RandomDeepPruning
+from .registry import list_strategies, make_strategy, register_strategy, strategy_class
 from .todre import ToDRE, ToDRERelevance
 from .uniform import UniformPruning
 from .zoo import ZOOPrune

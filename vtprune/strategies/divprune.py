@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import GreedyStrategy, TokenContext
-from .registry import register_strategy
 from .diversity import cosine_distances, farthest_point_order, most_isolated
+from .registry import register_strategy
 
 
 @register_strategy("divprune")

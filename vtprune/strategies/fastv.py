@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .registry import register_strategy
 from .base import DECODER_STAGE, Strategy, TokenContext
+from .registry import register_strategy
 
 
 @register_strategy("fastv")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .registry import register_strategy
 from .base import Strategy, TokenContext
+from .registry import register_strategy
 
 
 @register_strategy("random")

@@ -87,7 +87,9 @@ class ToDRERelevance(Strategy):
 
     def select(self, ctx: TokenContext) -> Tensor:
         if ctx.cross_shares is None:
-            raise ValueError("todre_relevance acts inside the decoder (layer=K), where the engine supplies attention shares")
+            raise ValueError(
+                "todre_relevance acts inside the decoder (layer=K), where the engine supplies attention shares"
+            )
         if bool((ctx.cross_shares < self.tau).all()):
             return torch.zeros(0, dtype=torch.int64)
         return torch.arange(ctx.num_tokens)

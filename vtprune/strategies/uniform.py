@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from .registry import register_strategy
 from .base import Strategy, TokenContext
+from .registry import register_strategy
 
 
 def _evenly_spaced(count: int, total: int) -> Tensor:
