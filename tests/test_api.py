@@ -96,9 +96,10 @@ def test_record_describes_each_image_and_layer(models, make_inputs):
 
 def test_random_draws_depend_on_the_sample_not_the_batch(models):
     model = models("qwen2_vl")
-    rows = [RowSpec(images=[(3, 3)]), RowSpec(images=[(2, 3)], text_before=1)]
+    rows = [RowSpec(images=[(2, 3)], text_before=1), RowSpec(images=[(3, 3)], text_before=4)]
     alone = build_inputs(model, rows[:1])
-    both = build_inputs(model, rows)
+    both = build_inputs(model, rows)  # the first sample is now left-padded
+    assert not both["attention_mask"][0].all()
     with torch.no_grad(), vtprune.pruned(model, "random", keep=4, seed=7) as handle:
         model(**alone)
         first = handle.last_record.images[0].kept

@@ -37,9 +37,10 @@ def bind_arguments(forward: Any, args: tuple, kwargs: dict[str, Any]) -> dict[st
     return {**bound, **extra}
 
 
-def item_seed(base: int, ids: Tensor, modality: str, index: int, layer: int | None = None) -> int:
-    """Seed from the row's own tokens, so a sample gets the same draw whatever batch or beam it is in."""
-    data = ids.cpu().numpy().tobytes() + f"{base}|{modality}|{index}|{layer}".encode()
+def item_seed(base: int, ids: Tensor, modality: str, index: int) -> int:
+    """Seed from the sample's own tokens up to and including the item, so a sample gets the same draw
+    whatever batch or beam it is in, and tokens generated later (a cache-less generate()) cannot change it."""
+    data = ids.cpu().numpy().tobytes() + f"{base}|{modality}|{index}".encode()
     return zlib.crc32(data)
 
 
@@ -83,8 +84,8 @@ class InputStage:
         if any(kwargs.get(key) is not None for key in PIXEL_INPUTS):
             kwargs = self.adapter.encode(kwargs)
         encoder_outputs = kwargs.get("mm_encoder_outputs") or {}
-        items = self._locate(input_ids, encoder_outputs)
         valid = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        items = self._locate(input_ids, valid, encoder_outputs)
         if not items:  # text-only batch: nothing to prune, nothing to remember
             self.handle.begin_record(None, valid)
             return kwargs
@@ -111,7 +112,7 @@ class InputStage:
             setattr(kwargs["past_key_values"], STATE_ATTR, state)
         return kwargs
 
-    def _locate(self, input_ids: Tensor, encoder_outputs: dict[str, Any]) -> list[VisualItem]:
+    def _locate(self, input_ids: Tensor, valid: Tensor, encoder_outputs: dict[str, Any]) -> list[VisualItem]:
         items = []
         newline = self.adapter.newline_embedding()
         for modality, token_id in self.adapter.token_ids().items():
@@ -132,6 +133,8 @@ class InputStage:
                 row = int(rows[start]) if size else 0
                 columns = cols[start : start + size]
                 start += size
+                end = int(columns[-1]) + 1 if size else 0
+                prefix = input_ids[row, :end][valid[row, :end]]  # padding must not change the draw
                 index = per_row_count.get(row, 0)
                 per_row_count[row] = index + 1
                 is_newline = None
@@ -142,7 +145,7 @@ class InputStage:
                         row=row,
                         modality=modality,
                         columns=columns,
-                        seed=item_seed(self.handle.seed, input_ids[row], modality, index),
+                        seed=item_seed(self.handle.seed, prefix, modality, index),
                         newline=is_newline,
                         record=ImageRecord(row=row, modality=modality, index=index, num_tokens=size),
                     )
