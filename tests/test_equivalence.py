@@ -229,7 +229,7 @@ EVERY_STRATEGY = {
     "zoo": "zoo:50%(directions:4)",
     "random_deep": "random_deep:50%",
 }
-UNAVAILABLE = {("zoo", "llava_next"), ("zoo", "llava_onevision"), ("zoo", "qwen2_5_vl")}
+UNAVAILABLE = {("zoo", "llava_onevision")}  # its test batch has a video: frames are pooled after the projector
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
@@ -239,7 +239,7 @@ def test_every_strategy_on_every_class(models, make_inputs, kind, name):
     inputs = make_inputs(model, kind, 3)
     schedule = EVERY_STRATEGY[name]
     if (name, kind) in UNAVAILABLE:
-        with vtprune.pruned(model, schedule), pytest.raises(ValueError, match="recovers"):
+        with vtprune.pruned(model, schedule), pytest.raises(ValueError, match="not a projector output"):
             model(**inputs)
         return
     keep_all = schedule.split("+")[0].replace("50%", "100%").replace("(tau:1.0)", "")

@@ -24,7 +24,7 @@ def probe(name: str, seen: list):
 
 @pytest.mark.parametrize(
     "kind, pre_width",
-    [("llava", 16), ("llava_next", None), ("qwen2_vl", 4 * 16), ("qwen2_5_vl", None), ("qwen3_vl", 4 * 16)],
+    [("llava", 16), ("llava_next", 16), ("qwen2_vl", 4 * 16), ("qwen2_5_vl", 4 * 16), ("qwen3_vl", 4 * 16)],
 )
 def test_question_embeddings_and_pre_projector_features(models, make_inputs, kind, pre_width):
     seen = []
@@ -50,16 +50,21 @@ def test_question_embeddings_and_pre_projector_features(models, make_inputs, kin
     assert torch.equal(from_forward[0][0], expected)
 
 
-def test_llava_pre_features_are_what_the_projector_reads(models, make_inputs):
-    model = models("llava")
-    inputs = make_inputs(model, "llava", 1)
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl"])
+def test_pre_features_are_what_the_projector_read(models, make_inputs, kind):
+    """Through the model's own projector (a float32 copy), the pre-features give back the tokens the
+    LLM receives — after AnyRes packing and Qwen2.5-VL's window reordering alike."""
+    model = models(kind)
+    inputs = make_inputs(model, kind, 3)
     seen = []
-    with torch.no_grad(), vtprune.pruned(model, probe("test_input_probe_llava", seen), keep=1):
+    adapter = vtprune.adapters.adapter_for(model)
+    with torch.no_grad(), vtprune.pruned(model, probe("test_input_probe_projector", seen), keep=1):
         model(**inputs)
-        pre = seen[0][1]
-        projected = model.model.multi_modal_projector(pre[None])[0]
-        expected = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
-    torch.testing.assert_close(projected, expected.float())
+        encoded = adapter.encode(dict(inputs))["mm_encoder_outputs"]["image"].pooler_output
+        newline = adapter.newline_embedding()
+        for (_, pre, _), tokens in zip(seen, encoded):
+            real = torch.ones(len(tokens), dtype=torch.bool) if newline is None else ~(tokens == newline).all(-1)
+            torch.testing.assert_close(adapter.projector()(pre)[real], tokens.float()[real], atol=1e-5, rtol=1e-5)
 
 
 def test_stop_words_and_instructions_are_dropped_with_a_tokenizer():

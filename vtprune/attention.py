@@ -53,6 +53,7 @@ def _scores(
     return (queries @ keys.transpose(-1, -2)) * attn.scaling
 
 
+@torch.no_grad()  # selection is never part of a training graph
 def last_token_attention(
     attn: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor], valid: Tensor
 ) -> Tensor:
@@ -68,6 +69,7 @@ def last_token_attention(
     return scores.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
+@torch.no_grad()  # selection is never part of a training graph
 def cross_modal_shares(
     attn: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor], valid: Tensor, visual: Tensor
 ) -> Tensor:
@@ -115,6 +117,7 @@ class _Rows:
         return nn.functional.linear(x, self.weight, self.bias)
 
 
+@torch.no_grad()  # selection is never part of a training graph
 def cls_attention(attn: nn.Module, hidden_states: Tensor) -> Tensor:
     """(B, S-1) attention of the [CLS] token (position 0) to the patch tokens in a ViT layer, heads averaged."""
     batch, length, _ = hidden_states.shape

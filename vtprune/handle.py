@@ -15,6 +15,7 @@ from .attention import cls_attention
 from .decoder_stage import DecoderStages
 from .errors import AlreadyPrunedError, VTPruneError
 from .input_stage import InputStage
+from .projector_inputs import ProjectorInputs
 from .record import PruneRecord
 from .schedule import Schedule
 from .selection import NEWLINE_POLICIES
@@ -57,6 +58,8 @@ class PruneHandle:
         self.last_record: PruneRecord | None = None
         #: State of the forward in progress (read by the decoder-layer hooks).
         self.active: PruneState | None = None
+        #: What the projector read for each token it made (strategies that read pre_features).
+        self.projector_inputs = ProjectorInputs(adapter.projector_rows)
         #: (images, patches) [CLS] attention of the last vision-tower pass (strategies that read cls_attention).
         self.vision_cls_attention: torch.Tensor | None = None
         self._undo: list[Callable[[], None]] = []
@@ -75,6 +78,9 @@ class PruneHandle:
             cls_layer = self.adapter.cls_attention_layer()
             if input_stage is not None and "cls_attention" in input_stage.strategy.needs and cls_layer is not None:
                 self.add_hook(cls_layer.register_forward_hook(self._capture_cls_attention, with_kwargs=True))
+            if input_stage is not None and "pre_features" in input_stage.strategy.needs:
+                projector = self.adapter.projector_module()
+                self.add_hook(projector.register_forward_hook(self.projector_inputs.hook, with_kwargs=True))
             if self.schedule.decoder_stages:
                 DecoderStages(self).install()
         except BaseException:

@@ -157,10 +157,6 @@ class InputStage:
         positions = self.adapter.original_positions(kwargs, input_ids)
         grids = self.adapter.grids(state.items, positions)
         needs = self.stage.strategy.needs
-        pre_features = {
-            modality: self.adapter.pre_features(modality, output) if "pre_features" in needs else None
-            for modality, output in encoder_outputs.items()
-        }
         question = {}
         if "text_embeds" in needs:
             embed = self.adapter.model.get_input_embeddings()
@@ -178,11 +174,13 @@ class InputStage:
                 grid=grid,
                 newline=item.newline,
                 text_embeds=question.get(item.row),
-                pre_features=None if pre_features[item.modality] is None else pre_features[item.modality][index],
+                pre_features=None,
                 cls_attention=None if cls_rows is None or item.modality != "image" else cls_rows[index],
                 projector=projector,
             )
             features = encoder_outputs[item.modality].pooler_output[index]
+            if "pre_features" in needs:
+                inputs.pre_features = self.handle.projector_inputs.lookup(features, item.newline)
             with self.handle.timing("selection_seconds"):
                 if isinstance(self.stage.strategy, MergingStrategy):
                     kept, weights = merge_tokens(self.stage.strategy, self.stage.budget, features, inputs)
@@ -196,6 +194,7 @@ class InputStage:
             dropped = torch.ones(item.columns.numel(), dtype=torch.bool, device=input_ids.device)
             dropped[kept.to(input_ids.device)] = False
             keep[item.row, item.columns[dropped]] = False
+        self.handle.projector_inputs.clear()  # the next images bring their own
         if bool((keep == state.valid).all()):
             self._record(state)
             return kwargs

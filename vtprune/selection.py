@@ -38,6 +38,7 @@ class TokenInputs:
     cross_shares: Tensor | None = None
 
 
+@torch.no_grad()  # selection is never part of a training graph
 def select_tokens(
     strategy: Strategy, budget: Budget | None, features: Tensor, inputs: TokenInputs, newlines: str = "candidate"
 ) -> Tensor:
@@ -65,6 +66,7 @@ def select_tokens(
     return candidates[chosen.to(candidates.device)]
 
 
+@torch.no_grad()  # selection is never part of a training graph
 def merge_tokens(
     strategy: MergingStrategy, budget: Budget, features: Tensor, inputs: TokenInputs
 ) -> tuple[Tensor, Tensor | None]:

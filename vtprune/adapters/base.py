@@ -70,16 +70,22 @@ class ModelAdapter:
                 ids.update(value if isinstance(value, (list, tuple)) else [value])
         return {int(i) for i in ids if i is not None}
 
-    def projector(self) -> Callable[[Tensor], Tensor] | None:
-        """A float32 copy of the projector, as a function of ``pre_features`` rows (None if not recovered)."""
-        return None
+    def projector_module(self) -> nn.Module:
+        """The module that maps vision-tower features to the LLM's visual tokens (projector / merger)."""
+        raise NotImplementedError
+
+    #: Vision-tower rows the projector reads per output token (Qwen's merger: a 2x2 block).
+    projector_rows: ClassVar[int] = 1
+
+    def projector(self) -> Callable[[Tensor], Tensor]:
+        """A float32 copy of the projector, as a function of ``pre_features`` rows (one row per token)."""
+        module = float32_copy(self.projector_module())
+        rows = self.projector_rows
+        # A pre_features row holds the projector's input rows for one token side by side.
+        return lambda x: module(x.reshape(-1, x.shape[-1] // rows))
 
     def cls_attention_layer(self) -> nn.Module | None:
         """The vision-tower attention module whose [CLS] row ranks patches (None: no [CLS] token)."""
-        return None
-
-    def pre_features(self, modality: str, output: ModelOutput) -> list[Tensor] | None:
-        """Per item, the vision features the projector consumed for each token (None where not recoverable)."""
         return None
 
     def encode(self, kwargs: dict[str, Any]) -> dict[str, Any]:

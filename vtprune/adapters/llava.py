@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor, nn
-from transformers.modeling_outputs import ModelOutput
 
-from .base import Grid, ModelAdapter, float32_copy
+from .base import Grid, ModelAdapter
 
 if TYPE_CHECKING:
     from ..state import VisualItem
@@ -32,10 +30,8 @@ class LlavaAdapter(ModelAdapter):
         sizes = [item.columns.numel() for item in items]
         return [(1, math.isqrt(n), math.isqrt(n)) if math.isqrt(n) ** 2 == n else None for n in sizes]
 
-    def projector(self) -> Callable[[Tensor], Tensor] | None:
-        if type(self.model).__name__ != "LlavaForConditionalGeneration":
-            return None
-        return float32_copy(self.inner.multi_modal_projector)
+    def projector_module(self) -> nn.Module:
+        return self.inner.multi_modal_projector
 
     def cls_attention_layer(self) -> nn.Module | None:
         # The layer whose output the projector reads (hidden_states[k] is the output of layers[k] for k < 0).
@@ -48,20 +44,6 @@ class LlavaAdapter(ModelAdapter):
         if encoder is None or getattr(self.model.config.vision_config, "model_type", "") != "clip_vision_model":
             return None
         return encoder.layers[layer].self_attn
-
-    def pre_features(self, modality: str, output: ModelOutput) -> list[Tensor] | None:
-        # LLaVA-1.5: the vision layer(s) the projector read, without CLS under the "default" strategy.
-        # AnyRes models pack per-tile features differently from their projected tokens: not recovered.
-        config = self.model.config
-        if type(self.model).__name__ != "LlavaForConditionalGeneration" or output.get("hidden_states") is None:
-            return None
-        layers = config.vision_feature_layer
-        features = torch.cat([output.hidden_states[i] for i in ([layers] if isinstance(layers, int) else layers)], -1)
-        if config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]
-        if [len(f) for f in features] != [len(p) for p in output.pooler_output]:
-            return None
-        return list(features)
 
     def newline_embedding(self) -> Tensor | None:
         return getattr(self.inner, "image_newline", None)

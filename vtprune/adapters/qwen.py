@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
 from ..layout import take
-from .base import Grid, ModelAdapter, float32_copy, reduce_tokens
+from .base import Grid, ModelAdapter, reduce_tokens
 
 if TYPE_CHECKING:
     from ..state import VisualItem
@@ -58,24 +58,12 @@ class QwenVLAdapter(ModelAdapter):
             grids.append((t, h, w) if rest == 0 and t * h * w == columns.numel() else None)
         return grids
 
-    def pre_features(self, modality: str, output: ModelOutput) -> list[Tensor] | None:
-        # The merger reads each 2x2 block of vision-tower tokens as one row: consecutive rows of
-        # last_hidden_state. Qwen2.5-VL keeps those rows in its window order, so they are not recovered.
-        if type(self.model).__name__ == "Qwen2_5_VLForConditionalGeneration" or output.last_hidden_state is None:
-            return None
-        sizes = [len(f) for f in output.pooler_output]
-        hidden = output.last_hidden_state
-        if hidden.shape[0] % sum(sizes):
-            return None
-        return list(hidden.reshape(sum(sizes), -1).split(sizes))
+    def projector_module(self) -> nn.Module:
+        return self.inner.visual.merger
 
-    def projector(self) -> Callable[[Tensor], Tensor] | None:
-        if type(self.model).__name__ == "Qwen2_5_VLForConditionalGeneration":
-            return None  # its pre-merger rows are not recovered (see pre_features)
-        merger = float32_copy(self.inner.visual.merger)
-        block = self.inner.config.vision_config.spatial_merge_size**2
-        # pre_features rows hold a 2x2 block of tower tokens side by side; the merger takes them one per row.
-        return lambda rows: merger(rows.reshape(-1, rows.shape[-1] // block))
+    @property
+    def projector_rows(self) -> int:  # the merger reads each spatial_merge_size^2 block as one token
+        return self.inner.config.vision_config.spatial_merge_size**2
 
     def shorten_outputs(self, output: ModelOutput, kept: list[Tensor], weights: list[Tensor | None]) -> ModelOutput:
         shortened = super().shorten_outputs(output, kept, weights)

@@ -45,8 +45,8 @@ class ZOOPrune(GreedyStrategy):
         """(N,) finite-difference sensitivity of each token, before normalisation."""
         if ctx.pre_features is None or ctx.projector is None:
             raise ValueError(
-                "zoo needs the pre-projector features and the projector, which vtprune recovers for "
-                "LLaVA-1.5, Qwen2-VL and Qwen3-VL (not for AnyRes packing or Qwen2.5-VL's window order)"
+                "zoo needs each token's pre-projector features, and some tokens of this image are not a projector "
+                "output as such (LLaVA-OneVision's interpolated large images and pooled video frames)"
             )
         x = ctx.pre_features.float()
         generator = ctx.generator()
