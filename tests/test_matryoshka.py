@@ -6,7 +6,7 @@ import torch
 import vtprune
 from vtprune.pooling import pool_grid
 from vtprune.strategies import Matryoshka
-from vtprune.strategies.base import TokenContext
+from vtprune.strategies.base import Segment, TokenContext
 from vtprune.synthetic import IMAGE, RowSpec, build_inputs
 
 
@@ -77,8 +77,51 @@ def test_budgets_round_to_m3_scales_and_full_budget_is_identity(models):
             assert torch.equal(model(**inputs).logits, expected)
 
 
+def test_anyres_pools_each_crop_and_keeps_one_newline_per_pooled_row():
+    features = torch.randn(16 + 3 * 6, 3)  # a 4 x 4 base tile, then 3 rows of 5 tokens each ending in a newline
+    segments = (Segment(0, (1, 4, 4)), Segment(16, (1, 3, 5), row_newlines=True))
+    places, weights = Matryoshka().merge(TokenContext(features=features, keep=4, segments=segments))
+    # base pooled 2 x 2 windows; high-res rows {0, 1} and {2} x cols {0-1, 2-3, 4}, each pooled row ending in
+    # the newline of its last source row (27 ends row 1, 33 ends row 2); the newline of row 0 (21) is gone.
+    assert places.tolist() == [0, 2, 8, 10, 16, 18, 20, 27, 28, 30, 32, 33]
+    pooled = weights @ features
+    torch.testing.assert_close(pooled[4], features[[16, 17, 22, 23]].mean(0))
+    torch.testing.assert_close(pooled[7], features[27])  # a newline passes through unchanged
+    torch.testing.assert_close(weights.sum(1), torch.ones(len(places)))
+
+
 @pytest.mark.parametrize("kind", ["llava_next", "llava_onevision"])
-def test_anyres_has_no_grid_to_pool(models, make_inputs, kind):
+def test_anyres_models_get_the_segments_from_their_newlines(models, make_inputs, kind):
     model = models(kind)
-    with vtprune.pruned(model, "matryoshka:4"), pytest.raises(ValueError, match="AnyRes"):
-        model(**make_inputs(model, kind, 1))
+    inputs = make_inputs(model, kind, 3)
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=2)
+        with vtprune.pruned(model, "matryoshka:100%"):
+            assert torch.equal(model.generate(**inputs, max_new_tokens=2), expected)
+        with vtprune.pruned(model, "matryoshka:4") as handle:
+            model.generate(**inputs, max_new_tokens=2)
+    for image in handle.last_record.images:
+        assert image.kept.numel() < image.num_tokens
+
+
+def test_anyres_segments_match_the_models_packing(models, make_inputs):
+    model = models("llava_next")
+    inputs = make_inputs(model, "llava_next", 3)  # row 1 has a wide image: base tile + 2 tiles side by side
+    seen = []
+
+    @vtprune.register_strategy("test_segments_probe", overwrite=True)
+    class Probe(vtprune.Strategy):
+        def select(self, ctx):
+            seen.append((ctx.segments, ctx.num_tokens))
+            return torch.arange(ctx.keep)
+
+    with torch.no_grad(), vtprune.pruned(model, "test_segments_probe", keep=1):
+        model(**inputs)
+    for segments, n in seen:
+        base, high = segments
+        assert base == Segment(0, (1, 4, 4)) and high.start == 16 and high.row_newlines
+        _, rows, width = high.grid
+        assert n == 16 + rows * (width + 1)
+    # The wide image (row 1's first) unpads to a wider high-res grid than the square ones.
+    widths = [segments[1].grid[2] for segments, _ in seen]
+    assert widths[1] > widths[0] == widths[2]

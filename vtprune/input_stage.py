@@ -172,6 +172,7 @@ class InputStage:
             inputs = TokenInputs(
                 seed=item.seed,
                 grid=grid,
+                segments=self.adapter.segments(item),
                 newline=item.newline,
                 text_embeds=question.get(item.row),
                 pre_features=None,

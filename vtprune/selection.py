@@ -15,7 +15,7 @@ from torch import Tensor
 from .adapters.base import Grid
 from .errors import VTPruneError
 from .schedule import Budget
-from .strategies.base import MergingStrategy, Strategy, TokenContext
+from .strategies.base import MergingStrategy, Segment, Strategy, TokenContext
 
 #: What to do with LLaVA-NeXT / OneVision row-separator ("newline") tokens.
 NEWLINE_POLICIES = ("candidate", "drop")
@@ -27,6 +27,7 @@ class TokenInputs:
 
     seed: int = 0
     grid: Grid = None
+    segments: tuple[Segment, ...] | None = None
     layer: int | None = None
     attention: Tensor | None = None
     newline: Tensor | None = None
@@ -59,9 +60,7 @@ def select_tokens(
         return candidates
     if "attention" in strategy.needs and inputs.attention is None:
         raise VTPruneError(f"strategy {strategy.name!r} needs attention scores; run it inside the decoder")
-    # A grid describes all N tokens; once some are excluded it no longer does.
-    grid = inputs.grid if available == n else None
-    chosen = strategy.select(token_context(features, keep, inputs, candidates, grid))
+    chosen = strategy.select(token_context(features, keep, inputs, candidates))
     _check(strategy.name, chosen, keep if strategy.needs_budget else None, available)
     return candidates[chosen.to(candidates.device)]
 
@@ -84,10 +83,10 @@ def merge_tokens(
     return places.to(features.device), weights.float()
 
 
-def token_context(
-    features: Tensor, keep: int, inputs: TokenInputs, candidates: Tensor | None = None, grid: Grid = None
-) -> TokenContext:
+def token_context(features: Tensor, keep: int, inputs: TokenInputs, candidates: Tensor | None = None) -> TokenContext:
     """The strategy's view of one image: float32 tensors, restricted to ``candidates`` (default: all)."""
+    # A grid describes all N tokens; once some are excluded it no longer does.
+    whole = candidates is None or candidates.numel() == features.shape[0]
 
     def per_token(x: Tensor | None) -> Tensor | None:
         return None if x is None else (x if candidates is None else x[candidates]).float()
@@ -96,7 +95,8 @@ def token_context(
         features=per_token(features),
         keep=keep,
         seed=inputs.seed,
-        grid=inputs.grid if candidates is None else grid,
+        grid=inputs.grid if whole else None,
+        segments=inputs.segments if whole else None,
         layer=inputs.layer,
         attention=per_token(inputs.attention),
         text_embeds=None if inputs.text_embeds is None else inputs.text_embeds.float(),

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
+from ..strategies.base import Segment
+
 if TYPE_CHECKING:
     from ..state import VisualItem
 
@@ -113,6 +115,10 @@ class ModelAdapter:
         and ``image_grid_thw`` by then), so forward and generate() select alike.
         """
         return [None] * len(items)
+
+    def segments(self, item: VisualItem) -> tuple[Segment, ...] | None:
+        """The grids inside an AnyRes-packed item (None where the item is one grid or none)."""
+        return None
 
     def newline_embedding(self) -> Tensor | None:
         """The learned row-separator token of AnyRes models (LLaVA-NeXT/OneVision), if any."""

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from ..strategies.base import Segment
 from .base import Grid, ModelAdapter
 
 if TYPE_CHECKING:
@@ -44,6 +45,29 @@ class LlavaAdapter(ModelAdapter):
         if encoder is None or getattr(self.model.config.vision_config, "model_type", "") != "clip_vision_model":
             return None
         return encoder.layers[layer].self_attn
+
+    def segments(self, item: VisualItem) -> tuple[Segment, ...] | None:
+        # Read off the newline tokens of the packed item: a base tile of side s (the vision grid),
+        # then, for tiled images, an unpadded h x w grid with a newline after each row; a single
+        # tile or OneVision's pooled video frames end with one newline instead.
+        if item.newline is None or not bool(item.newline.any()):
+            return None
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        n, newlines = item.newline.numel(), item.newline.nonzero()[:, 0].tolist()
+        base = side * side
+        if newlines == [n - 1]:
+            frame = math.ceil(side / 2)  # OneVision pools video frames 2x2
+            if n - 1 == base:
+                return (Segment(0, (1, side, side)),)
+            if (n - 1) % (frame * frame) == 0:
+                return (Segment(0, ((n - 1) // (frame * frame), frame, frame)),)
+            return None
+        width = newlines[0] - base
+        rows = len(newlines)
+        if width < 1 or newlines != [base + (r + 1) * (width + 1) - 1 for r in range(rows)] or n != newlines[-1] + 1:
+            return None
+        return (Segment(0, (1, side, side)), Segment(base, (1, rows, width), row_newlines=True))
 
     def newline_embedding(self) -> Tensor | None:
         return getattr(self.inner, "image_newline", None)

@@ -8,7 +8,7 @@ result. The same ``select`` is what :func:`vtprune.select` calls on plain tensor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -17,6 +17,32 @@ from torch import Tensor
 #: Where a strategy can act: before the language model, or on decoder hidden states at layer K.
 INPUT_STAGE = "input"
 DECODER_STAGE = "decoder"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A raster grid of cells inside one image's token list (AnyRes packs a base tile and a high-res grid)."""
+
+    start: int
+    """Token index of the first cell."""
+    grid: tuple[int, int, int]
+    """(t, h, w) of the cells."""
+    row_newlines: bool = False
+    """A newline token follows every row (LLaVA-NeXT / OneVision's unpadded high-res grid)."""
+
+    @property
+    def row_length(self) -> int:
+        return self.grid[2] + int(self.row_newlines)
+
+    def cells(self) -> Tensor:
+        """Token indices of the cells, in raster order (frame, row, column)."""
+        t, h, w = self.grid
+        frame, row, col = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        return (self.start + (frame * h + row) * self.row_length + col).flatten()
+
+    def newline_after(self, row: int) -> int:
+        """Token index of the newline that ends ``row`` (``row_newlines`` segments)."""
+        return self.start + row * self.row_length + self.grid[2]
 
 
 @dataclass
@@ -35,6 +61,8 @@ class TokenContext:
     """Per-image seed, derived by the engine from the sample's content so batching cannot change it."""
     grid: tuple[int, int, int] | None = None
     """(t, h, w) when the N tokens are one raster-ordered grid (LLaVA, Qwen); None otherwise."""
+    segments: tuple[Segment, ...] | None = None
+    """The grids inside an AnyRes-packed image (base tile, high-res grid with row newlines); None otherwise."""
     layer: int | None = None
     """Decoder layer the selection happens at; None before the LLM."""
     attention: Tensor | None = None
@@ -65,12 +93,6 @@ class TokenContext:
     def generator(self) -> torch.Generator:
         """A CPU generator seeded for this image (CPU so results match across devices)."""
         return torch.Generator().manual_seed(self.seed)
-
-
-#: Context fields a strategy may ask for in ``needs`` (everything past the always-present ones).
-OPTIONAL_INPUTS: frozenset[str] = frozenset(
-    f.name for f in fields(TokenContext) if f.name not in {"features", "keep", "seed", "grid", "layer"}
-)
 
 
 class Strategy:
