@@ -249,3 +249,15 @@ def test_fastv_ties_go_to_the_lower_index() -> None:
 def test_fastv_without_matching_attention_explains_where_it_acts(attention: torch.Tensor | None) -> None:
     with pytest.raises(ValueError, match="inside the decoder"):
         FastV().select(TokenContext(features=torch.zeros(5, 2), keep=2, attention=attention))
+
+
+def test_uniform_spreads_over_anyres_segments_and_skips_newlines() -> None:
+    from vtprune.strategies.base import Segment
+
+    segments = (Segment(0, (1, 4, 4)), Segment(16, (1, 4, 8), row_newlines=True))  # 16 + 4 * 9 tokens
+    ctx = TokenContext(features=torch.randn(52, 4), keep=12, segments=segments)
+    kept = UniformPruning().select(ctx)
+    newlines = {segments[1].newline_after(row) for row in range(4)}
+    assert len(kept) == 12 and not newlines & set(kept.tolist())
+    assert (kept < 16).sum() == 4  # the base tile's share: 12 * 16 / 48
+    assert kept[kept < 16].tolist() == [5, 7, 13, 15]  # its own 2 x 2 lattice

@@ -40,18 +40,42 @@ class UniformPruning(Strategy):
     second row and column. When the lattice has more than ``keep`` points, an evenly spaced subset
     of its points (in raster order) is kept, so exactly ``keep`` tokens come out.
 
-    Fallback: without a grid, or when the grid does not describe the N tokens, the tokens are
-    treated as a 1-D sequence and ``keep`` evenly spaced positions in token order are kept.
+    AnyRes images (``ctx.segments``: a base tile and a high-res grid): the budget is shared between
+    the grids in proportion to their sizes (largest remainders), each gets its own lattice, and
+    newline tokens are not kept. Fallback: without a grid, or when the grid does not describe the N
+    tokens, the tokens are treated as a 1-D sequence and ``keep`` evenly spaced positions in token
+    order are kept.
     """
 
     def select(self, ctx: TokenContext) -> Tensor:
         n, keep = ctx.num_tokens, ctx.keep
+        if ctx.segments is not None:
+            cells = [segment.cells() for segment in ctx.segments]
+            if keep <= sum(len(c) for c in cells):
+                shares = _shares(keep, [len(c) for c in cells])
+                picks = [c[_lattice(segment.grid, k)] for segment, c, k in zip(ctx.segments, cells, shares) if k]
+                return torch.cat(picks).sort().values
         if ctx.grid is None or math.prod(ctx.grid) != n:
             return _evenly_spaced(keep, n)
-        t, h, w = ctx.grid
-        rows, cols = _lattice_shape(math.ceil(keep / t), h, w)
-        ys, xs = _evenly_spaced(rows, h), _evenly_spaced(cols, w)
-        frame_offsets = torch.arange(t, dtype=torch.int64) * (h * w)
-        # Raster order (frame, row, col) keeps the lattice indices ascending.
-        lattice = (frame_offsets[:, None, None] + ys[None, :, None] * w + xs[None, None, :]).flatten()
-        return lattice[_evenly_spaced(keep, lattice.numel())]
+        return _lattice(ctx.grid, keep)
+
+
+def _shares(keep: int, sizes: list[int]) -> list[int]:
+    """``keep`` split in proportion to ``sizes`` by largest remainders (sums to ``keep``, each <= its size)."""
+    total = sum(sizes)
+    exact = [keep * size / total for size in sizes]
+    shares = [math.floor(x) for x in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: shares[i] - exact[i])[: keep - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def _lattice(grid: tuple[int, int, int], keep: int) -> Tensor:
+    """``keep`` indices of an evenly spread lattice over a raster (t, h, w) grid."""
+    t, h, w = grid
+    rows, cols = _lattice_shape(math.ceil(keep / t), h, w)
+    ys, xs = _evenly_spaced(rows, h), _evenly_spaced(cols, w)
+    frame_offsets = torch.arange(t, dtype=torch.int64) * (h * w)
+    # Raster order (frame, row, col) keeps the lattice indices ascending.
+    lattice = (frame_offsets[:, None, None] + ys[None, :, None] * w + xs[None, None, :]).flatten()
+    return lattice[_evenly_spaced(keep, lattice.numel())]
