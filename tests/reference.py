@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from transformers.masking_utils import create_causal_mask
 
+from vtprune.compat import CACHE_KWARG
 from vtprune.record import PruneRecord
 from vtprune.synthetic import IMAGE, VIDEO
 
@@ -44,7 +45,7 @@ def original_positions(model, inputs: dict) -> Tensor | None:
         image_grid_thw=inputs.get("image_grid_thw"),
         video_grid_thw=inputs.get("video_grid_thw"),
         attention_mask=inputs["attention_mask"],
-        past_key_values=None,
+        **{CACHE_KWARG: None},
         mm_token_type_ids=inputs["mm_token_type_ids"],
     )
 
@@ -62,7 +63,7 @@ def masked_from_layer(model, layer: int, keep: Tensor) -> Iterator[None]:
             config=text_model.config,
             inputs_embeds=hidden_states,
             attention_mask=mask,
-            past_key_values=None,
+            **{CACHE_KWARG: None},
             position_ids=None,
         )
         return args, kwargs

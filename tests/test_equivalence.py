@@ -5,6 +5,7 @@ import torch
 from reference import final_keep, kept_logits, reference
 
 import vtprune
+from vtprune.compat import CACHE_KWARG, output_cache
 from vtprune.synthetic import MODEL_KINDS
 
 GEN = dict(max_new_tokens=4, do_sample=False)
@@ -202,7 +203,7 @@ def test_use_cache_false_and_a_hand_written_decode_loop(models, make_inputs):
         # positions numbered like generate() does, one leaves them to vtprune.
         for pass_positions in (True, False):
             out = model(**inputs, position_ids=(inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0), use_cache=True)
-            cache, mask, ids = out.past_key_values, inputs["attention_mask"], inputs["input_ids"]
+            cache, mask, ids = output_cache(out), inputs["attention_mask"], inputs["input_ids"]
             positions = mask.cumsum(-1)[:, -1:] - 1
             for step in range(GEN["max_new_tokens"]):
                 next_token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -213,7 +214,7 @@ def test_use_cache_false_and_a_hand_written_decode_loop(models, make_inputs):
                     input_ids=next_token,
                     attention_mask=mask,
                     position_ids=positions if pass_positions else None,
-                    past_key_values=cache,
+                    **{CACHE_KWARG: cache},
                 )
             assert torch.equal(ids, cached)
 

@@ -5,6 +5,7 @@ import torch
 from transformers import StaticCache
 
 import vtprune
+from vtprune.compat import CACHE_KWARG, output_cache
 from vtprune import (
     AlreadyPrunedError,
     BudgetError,
@@ -101,7 +102,7 @@ def test_static_cache_is_refused(models, make_inputs):
         model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
     cache = StaticCache(config=model.config.text_config, max_cache_len=64)
     with vtprune.pruned(model, "divprune", keep=4), pytest.raises(UnsupportedCacheError, match="StaticCache"):
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **{CACHE_KWARG: cache})
     assert_unpatched(model)
 
 
@@ -115,7 +116,7 @@ def test_continuing_generation_from_a_pruned_cache_is_refused(models, make_input
             model.generate(
                 input_ids=follow_up,
                 attention_mask=torch.ones_like(follow_up),
-                past_key_values=out.past_key_values,
+                **{CACHE_KWARG: output_cache(out)},
                 max_new_tokens=2,
             )
 
@@ -124,9 +125,9 @@ def test_images_on_top_of_an_existing_cache_are_refused(models, make_inputs):
     model = models("llava")
     inputs = make_inputs(model, "llava", 1)
     with torch.no_grad():
-        prefix = model(input_ids=inputs["input_ids"][:, :2], use_cache=True).past_key_values
+        prefix = output_cache(model(input_ids=inputs["input_ids"][:, :2], use_cache=True))
         with vtprune.pruned(model, "divprune", keep=4), pytest.raises(UnsupportedCacheError, match="existing cache"):
-            model(**inputs, past_key_values=prefix)
+            model(**inputs, **{CACHE_KWARG: prefix})
 
 
 def test_inputs_embeds_are_refused(models, make_inputs):

@@ -14,6 +14,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from .attention import cross_modal_shares, last_token_attention
+from .compat import CACHE_KWARG, get_cache
 from .layout import pack
 from .schedule import Stage
 from .selection import TokenInputs, select_tokens
@@ -131,7 +132,7 @@ class DecoderStages:
                 config=self.adapter.text_config,
                 inputs_embeds=hidden_states,
                 attention_mask=state.valid.long(),
-                past_key_values=kwargs.get("past_key_values"),
+                **{CACHE_KWARG: get_cache(kwargs)},
                 position_ids=None,
                 layer_idx=layer,
             )
@@ -146,7 +147,7 @@ class DecoderStages:
                 config=self.adapter.text_config,
                 inputs_embeds=hidden_states,
                 attention_mask=state.step_masks[governing],
-                past_key_values=kwargs.get("past_key_values"),
+                **{CACHE_KWARG: get_cache(kwargs)},
                 position_ids=None,
                 layer_idx=governing,
             )

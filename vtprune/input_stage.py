@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from .adapters.base import PIXEL_INPUTS
+from .compat import CACHE_KWARG, get_cache
 from .errors import UnsupportedCacheError, VTPruneError
 from .layout import Layout, last_valid, pack
 from .record import ImageRecord
@@ -56,7 +57,7 @@ class InputStage:
 
     def _run(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         kwargs = bind_arguments(module.forward, args, kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(kwargs)
         check_cache(cache)
         state = getattr(cache, STATE_ATTR, None)
         if state is not None:
@@ -100,16 +101,17 @@ class InputStage:
         for index, item in enumerate(items):
             state.item_of_slot[item.row, item.columns] = index
             state.token_of_slot[item.row, item.columns] = torch.arange(item.columns.numel(), device=input_ids.device)
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", self.adapter.text_config.use_cache):
+        cache = get_cache(kwargs)
+        if cache is None and kwargs.get("use_cache", self.adapter.text_config.use_cache):
             # Own the cache so decode steps can find this state; the text model would make one anyway.
-            kwargs["past_key_values"] = DynamicCache(config=self.adapter.text_config)
+            cache = kwargs[CACHE_KWARG] = DynamicCache(config=self.adapter.text_config)
         self.handle.active = state
         self.handle.begin_record(state, state.valid)
         if self.stage is not None:
             kwargs = self._prune(kwargs, state, encoder_outputs)
             self.handle.record_layer(0, state)
-        if kwargs.get("past_key_values") is not None:
-            setattr(kwargs["past_key_values"], STATE_ATTR, state)
+        if cache is not None:
+            setattr(cache, STATE_ATTR, state)
         return kwargs
 
     def _locate(self, input_ids: Tensor, valid: Tensor, encoder_outputs: dict[str, Any]) -> list[VisualItem]:

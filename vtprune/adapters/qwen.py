@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
+from ..compat import CACHE_KWARG
 from ..layout import take
 from .base import Grid, ModelAdapter, reduce_tokens
 
@@ -35,7 +36,7 @@ class QwenVLAdapter(ModelAdapter):
             image_grid_thw=kwargs.get("image_grid_thw"),
             video_grid_thw=kwargs.get("video_grid_thw"),
             attention_mask=kwargs.get("attention_mask"),
-            past_key_values=None,
+            **{CACHE_KWARG: None},
             mm_token_type_ids=kwargs.get("mm_token_type_ids"),
         )
         if positions is None:  # text only: the text model's own default
