@@ -149,3 +149,23 @@ def test_llava_pivot_comes_from_cls_attention_even_with_beams(models, make_input
         assert [im.kept.tolist() for im in beams.for_row(row)] == [im.kept.tolist() for im in first.for_row(row // 2)]
     # The pivot (the first pick) is the [CLS]'s favourite patch, so it is among the kept tokens.
     assert all(int(cls[i].argmax()) in kept for i, kept in enumerate(single))
+
+
+def test_features_read_before_any_vision_attention_fall_back_to_the_isolated_pivot():
+    # A one-layer CLIP tower read at vision_feature_layer=-2 gives the patch embeddings: no [CLS]
+    # attention precedes them, so ToDRE uses its documented no-[CLS] pivot instead of failing.
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4
+    )
+    text = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=2, vision_feature_layer=-2)
+    model = LlavaForConditionalGeneration(config).eval()
+    ids = torch.tensor([[7, 8] + [2] * 16 + [9]])
+    with torch.no_grad(), vtprune.pruned(model, "todre", keep=4) as handle:
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16))
+    assert handle.vision_cls_attention is None
+    assert handle.last_record.images[0].kept.numel() == 4

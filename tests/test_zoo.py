@@ -81,3 +81,18 @@ def test_zoo_says_where_it_cannot_run(models, make_inputs):
     model = models("llava_onevision")  # the batch has a video, whose frames OneVision pools after the projector
     with vtprune.pruned(model, "zoo:50%"), pytest.raises(ValueError, match="not a projector output"):
         model(**make_inputs(model, "llava_onevision", 3))
+
+
+def test_perturbed_passes_bypass_hooks_on_the_projector(models):
+    # vtprune records what the projector reads with a hook on it; zoo's 2·m perturbed passes must not
+    # land there (on a float32 model the selection projector is the model's own module).
+    model = models("llava")
+    adapter = vtprune.adapters.adapter_for(model)
+    calls = []
+    hook = adapter.projector_module().register_forward_hook(lambda *args: calls.append(1))
+    try:
+        width = model.config.vision_config.hidden_size
+        adapter.projector()(torch.randn(3, width))
+    finally:
+        hook.remove()
+    assert calls == []

@@ -83,8 +83,9 @@ class ModelAdapter:
         """A float32 copy of the projector, as a function of ``pre_features`` rows (one row per token)."""
         module = float32_copy(self.projector_module())
         rows = self.projector_rows
-        # A pre_features row holds the projector's input rows for one token side by side.
-        return lambda x: module(x.reshape(-1, x.shape[-1] // rows))
+        # A pre_features row holds the projector's input rows for one token side by side. ``forward``, not
+        # ``__call__``: hooks on the projector (vtprune's own pre-feature recorder) must not see these passes.
+        return lambda x: module.forward(x.reshape(-1, x.shape[-1] // rows))
 
     def cls_attention_layer(self) -> nn.Module | None:
         """The vision-tower attention module whose [CLS] row ranks patches (None: no [CLS] token)."""

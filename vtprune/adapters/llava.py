@@ -44,6 +44,8 @@ class LlavaAdapter(ModelAdapter):
             return None
         if encoder is None or getattr(self.model.config.vision_config, "model_type", "") != "clip_vision_model":
             return None
+        if len(encoder.layers) + layer < 0:  # the projector reads the patch embeddings: no attention before them
+            return None
         return encoder.layers[layer].self_attn
 
     def segments(self, item: VisualItem) -> tuple[Segment, ...] | None:
