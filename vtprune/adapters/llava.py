@@ -49,27 +49,35 @@ class LlavaAdapter(ModelAdapter):
         return encoder.layers[layer].self_attn
 
     def segments(self, item: VisualItem) -> tuple[Segment, ...] | None:
-        # Read off the newline tokens of the packed item: a base tile of side s (the vision grid),
-        # then, for tiled images, an unpadded h x w grid with a newline after each row; a single
-        # tile or OneVision's pooled video frames end with one newline instead.
-        if item.newline is None or not bool(item.newline.any()):
+        if item.newline is None:
             return None
         vision = self.model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        n, newlines = item.newline.numel(), item.newline.nonzero()[:, 0].tolist()
-        base = side * side
-        if newlines == [n - 1]:
-            frame = math.ceil(side / 2)  # OneVision pools video frames 2x2
-            if n - 1 == base:
-                return (Segment(0, (1, side, side)),)
-            if (n - 1) % (frame * frame) == 0:
-                return (Segment(0, ((n - 1) // (frame * frame), frame, frame)),)
-            return None
-        width = newlines[0] - base
-        rows = len(newlines)
-        if width < 1 or newlines != [base + (r + 1) * (width + 1) - 1 for r in range(rows)] or n != newlines[-1] + 1:
-            return None
-        return (Segment(0, (1, side, side)), Segment(base, (1, rows, width), row_newlines=True))
+        return anyres_segments(item.newline, vision.image_size // vision.patch_size)
 
     def newline_embedding(self) -> Tensor | None:
         return getattr(self.inner, "image_newline", None)
+
+
+def anyres_segments(newline: Tensor, side: int) -> tuple[Segment, ...] | None:
+    """The grids of one LLaVA-NeXT / OneVision item, read off its newline tokens (``newline``: (N,) bool).
+
+    A base tile of side ``side`` (the vision grid), then, for tiled images, an unpadded h x w grid with a
+    newline after each row; a single tile or OneVision's pooled video frames end with one newline instead.
+    None when the item has no newline or a packing this does not recognise.
+    """
+    if not bool(newline.any()):
+        return None
+    n, newlines = newline.numel(), newline.nonzero()[:, 0].tolist()
+    base = side * side
+    if newlines == [n - 1]:
+        frame = math.ceil(side / 2)  # OneVision pools video frames 2x2
+        if n - 1 == base:
+            return (Segment(0, (1, side, side)),)
+        if (n - 1) % (frame * frame) == 0:
+            return (Segment(0, ((n - 1) // (frame * frame), frame, frame)),)
+        return None
+    width = newlines[0] - base
+    rows = len(newlines)
+    if width < 1 or newlines != [base + (r + 1) * (width + 1) - 1 for r in range(rows)] or n != newlines[-1] + 1:
+        return None
+    return (Segment(0, (1, side, side)), Segment(base, (1, rows, width), row_newlines=True))

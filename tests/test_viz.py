@@ -1,0 +1,256 @@
+"""vtprune.viz: every token maps to the region it was computed from, for every family; drawings render headless.
+
+Ground truth comes from the model itself: a copy of each tiny model whose vision encoder outputs, for
+every visual token, the mean colour of the pixels that token read (patch embedding = channel mean,
+vision blocks and position embeddings zeroed, projector / merger replaced by "take the colour"). The
+model's own code then orders, unpads, downscales, pools and merges the tokens. The pictures are colour
+gradients (red along x, green along y, blue per image or frame), so a token's colour says where on which
+picture its pixels were: it must lie at the centre of the box ``token_regions`` gives that token.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from transformers import (
+    CLIPImageProcessorPil,
+    LlavaImageProcessorPil,
+    LlavaNextImageProcessorPil,
+    LlavaOnevisionImageProcessorPil,
+    Qwen2VLImageProcessorPil,
+)
+
+import vtprune
+from vtprune import viz
+from vtprune.synthetic import RowSpec, build_inputs, build_model
+
+matplotlib.use("Agg")
+
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def gradient(height: int, width: int, blue: int) -> Image.Image:
+    """Red = 255 x / width, green = 255 y / height at pixel centres: every patch has its own colour."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * (x + 0.5) / width, 255 * (y + 0.5) / height, np.full(x.shape, blue)], -1)
+    return Image.fromarray(rgb.round().astype(np.uint8))
+
+
+class TakeColour(nn.Module):
+    """Stands in for a projector / merger: the mean colour channels of the ``rows`` rows it merges, widened."""
+
+    def __init__(self, width: int, rows: int = 1) -> None:
+        super().__init__()
+        self.width, self.rows = width, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        colour = x[..., :3] if self.rows == 1 else x.reshape(-1, self.rows, x.shape[-1])[..., :3].mean(1)
+        return nn.functional.pad(colour, (0, self.width - 3))
+
+
+def colour_probe(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose visual tokens are the mean (normalised) colour of the pixels each one read."""
+    probe = copy.deepcopy(model)
+    inner, hidden = probe.model, probe.config.text_config.hidden_size
+    if hasattr(inner, "vision_tower"):  # CLIP tower + projector (LLaVA family)
+        tower = inner.vision_tower
+        patch = tower.embeddings.patch_embedding
+        tower.embeddings.class_embedding.data.zero_()
+        tower.embeddings.position_embedding.weight.data.zero_()
+        tower.pre_layrnorm = nn.Identity()
+        blocks = tower.encoder.layers
+        inner.multi_modal_projector = TakeColour(hidden)
+    else:  # Qwen vision transformer + merger
+        visual = inner.visual
+        patch = visual.patch_embed.proj
+        if hasattr(visual, "pos_embed"):
+            visual.pos_embed.weight.data.zero_()
+        blocks = visual.blocks
+        visual.merger = TakeColour(hidden, rows=probe.config.vision_config.spatial_merge_size**2)
+    with torch.no_grad():
+        patch.weight.zero_()
+        for c in range(3):
+            patch.weight[c, c] = 1 / patch.weight[c, c].numel()
+        if patch.bias is not None:
+            patch.bias.zero_()
+        for block in blocks:  # zero every residual branch: each patch keeps its own embedding
+            for name, module in block.named_modules():
+                if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in {
+                    "out_proj",
+                    "fc2",
+                    "proj",
+                    "down_proj",
+                    "linear_fc2",
+                }:
+                    module.weight.zero_()
+                    if module.bias is not None:
+                        module.bias.zero_()
+    return probe
+
+
+def token_colours(probe: nn.Module, inputs: dict, modality: str, image_processor) -> list[torch.Tensor]:
+    """(N, 3) colour in 0..255 of every token of every item, as the probe model produces them."""
+    names = {
+        "image": ("pixel_values", "image_sizes", "batch_num_images", "image_grid_thw"),
+        "video": ("pixel_values_videos", "video_grid_thw"),
+    }[modality]
+    kwargs = {name: inputs[name] for name in names if name in inputs}
+    method = probe.model.get_image_features if modality == "image" else probe.model.get_video_features
+    with torch.no_grad():
+        output = method(**kwargs).pooler_output
+    mean, std = torch.tensor(image_processor.image_mean), torch.tensor(image_processor.image_std)
+    return [(tokens[:, :3].float() * std + mean) * 255 for tokens in output]
+
+
+def assert_regions_match(regions: viz.ItemRegions, colours: torch.Tensor, blues: list[float], min_checked: float = 0.9):
+    """Each token's colour (where its pixels were, and on which picture) is at the centre of its box."""
+    assert colours.shape[0] == regions.num_tokens
+    height, width = regions.size
+    frames = regions.frames()
+    checked = 0
+    for view in regions.views:
+        boxes = view.boxes
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        full = area >= 0.999 * area.max()  # boxes cut by the picture's edge include padding pixels
+        colour = colours[view.tokens].double()
+        at = torch.stack([colour[:, 0] * width / 255, colour[:, 1] * height / 255], -1)
+        centre = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], -1)
+        size = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], -1)
+        error = (at - centre).abs()
+        assert bool((error[full] <= 0.15 * size[full] + 0.6).all()), f"{view.label}: max error {error[full].max()}"
+        blue = torch.tensor([blues[f] for f in frames[view.tokens].tolist()], dtype=torch.float64)
+        assert bool(((colour[:, 2] - blue)[full].abs() < 4).all()), f"{view.label}: tokens from the wrong picture"
+        checked += int(full.sum())
+    assert checked >= min_checked * (regions.num_tokens - regions.newlines.numel())
+
+
+# --- the mapping is exact, per family -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_llava_tokens_map_to_their_patches(models, pad):
+    model = models("llava")
+    settings = dict(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = LlavaImageProcessorPil(do_pad=True, **settings) if pad else CLIPImageProcessorPil(**settings)
+    images = [gradient(32, 48, 60), gradient(16, 16, 180), gradient(40, 24, 120)]
+    inputs = processor(images=images, return_tensors="pt")
+    regions = viz.token_regions(model, inputs, images=images, processor=processor)
+    colours = token_colours(colour_probe(model), inputs, "image", processor)
+    assert [r.size for r in regions] == [(32, 48), (16, 16), (40, 24)]
+    for item, colour, blue in zip(regions, colours, (60, 180, 120)):
+        # Padding to a square shows the whole image (padded tokens have empty boxes); the centre crop cuts it.
+        assert_regions_match(item, colour, [blue], min_checked=0.5 if pad else 0.9)
+    crop_x = regions[0].boxes()[:, 0::2]
+    assert (float(crop_x.min()), float(crop_x.max())) == ((0.0, 48.0) if pad else (8.0, 40.0))
+
+
+def test_llava_next_base_tile_high_res_grid_and_newlines(models):
+    model = models("llava_next")
+    processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 16},
+        crop_size={"height": 16, "width": 16},
+        image_grid_pinpoints=model.config.image_grid_pinpoints,
+    )
+    images = [gradient(16, 32, 60), gradient(32, 24, 180)]  # the second is padded at the sides, then unpadded
+    inputs = processor(images=images, return_tensors="pt")
+    regions = viz.token_regions(model, inputs)
+    colours = token_colours(colour_probe(model), inputs, "image", processor)
+    for item, colour, blue in zip(regions, colours, (60, 180)):
+        assert [v.label for v in item.views] == ["base tile", "high-res"]
+        assert_regions_match(item, colour, [blue])
+        # Newline tokens carry the learned vector, not a colour, and have no box.
+        assert torch.equal(colour[item.newlines], token_newline(model, processor).expand(item.newlines.numel(), 3))
+        assert torch.isnan(item.boxes()[item.newlines]).all()
+    assert regions[0].newlines.numel() == 4 and regions[0].views[1].tokens.numel() == 4 * 8  # 4 rows of 8
+    assert regions[1].newlines.numel() == 8 and regions[1].views[1].tokens.numel() == 8 * 6  # unpadded to 6 wide
+
+
+def test_onevision_tiles_multi_image_rows_and_video(models):
+    model = models("llava_onevision")
+    processor = LlavaOnevisionImageProcessorPil(
+        size={"height": 16, "width": 16}, image_grid_pinpoints=model.config.image_grid_pinpoints
+    )
+    # Row 2 has two images: each is padded to a square (by one cell at each side) and not tiled.
+    images = [[gradient(16, 32, 60)], [gradient(32, 16, 180), gradient(24, 12, 120)]]
+    inputs = processor(images=images, return_tensors="pt")
+    assert inputs["batch_num_images"].tolist() == [1, 2]
+    frames = [gradient(16, 16, 30 + 50 * f) for f in range(4)]
+    inputs["pixel_values_videos"] = processor(images=frames, return_tensors="pt")["pixel_values"][None, :, 0]
+    regions = viz.token_regions(model, inputs, videos=[frames])
+    probe = colour_probe(model)
+    image_colours = token_colours(probe, inputs, "image", processor)
+    assert [len(r.views) for r in regions[:3]] == [2, 1, 1] and regions[3].modality == "video"
+    for item, colour, blue, shown in zip(regions, image_colours, (60, 180, 120), (0.9, 0.5, 0.5)):
+        assert_regions_match(item, colour, [blue], min_checked=shown)
+    (video_colours,) = token_colours(probe, inputs, "video", processor)
+    video = regions[3]
+    assert [v.label for v in video.views] == [f"frame {f}" for f in range(4)] and video.newlines.tolist() == [16]
+    assert_regions_match(video, video_colours, [30 + 50 * f for f in range(4)])  # pooled 2x2: 8 px boxes
+
+
+def test_onevision_downscaled_grid_follows_the_model(models):
+    # anyres_max_9: a grid larger than 9 tiles' worth is bilinearly resized; each token stands for an s x s block.
+    model = copy.deepcopy(models("llava_onevision"))
+    model.config.image_grid_pinpoints = [[64, 64]]
+    processor = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=[[64, 64]])
+    images = [gradient(64, 64, 90)]
+    inputs = processor(images=images, return_tensors="pt")
+    (regions,) = viz.token_regions(model, inputs)
+    (colours,) = token_colours(colour_probe(model), inputs, "image", processor)
+    high_res = regions.views[1]
+    assert high_res.tokens.numel() == 12 * 12  # 16 x 16 cells downscaled by ratio sqrt(256 / 144)
+    widths = high_res.boxes[:, 2] - high_res.boxes[:, 0]
+    assert torch.allclose(widths[1:-1], torch.full_like(widths[1:-1], 64 / 12), atol=1e-6) or widths.min() > 5
+    assert_regions_match(regions, colours, [90])
+
+
+@pytest.mark.parametrize("kind", QWEN)
+def test_qwen_merged_tokens_images_and_video(models, kind):
+    model = models(kind)
+    vision = model.config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    processor = Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        size={"shortest_edge": factor * factor, "longest_edge": 64 * 64 * 16},
+    )
+    images = [gradient(24, 40, 60), gradient(30, 50, 180)]  # the second is smart-resized to 32 x 48
+    inputs = processor(images=images, return_tensors="pt")
+    frames = [gradient(16, 24, 30 + 50 * f) for f in range(4)]
+    inputs.update(qwen_video(frames, processor))
+    regions = viz.token_regions(model, inputs, images=images, videos=[frames])
+    probe = colour_probe(model)
+    for item, colour, blue in zip(regions, token_colours(probe, inputs, "image", processor), (60, 180)):
+        assert_regions_match(item, colour, [blue])
+    assert regions[1].size == (30, 50) and regions[1].num_tokens == 4 * 6
+    (video_colours,) = token_colours(probe, inputs, "video", processor)
+    video = regions[2]
+    assert [v.label for v in video.views] == ["frames 0-1", "frames 2-3"]
+    # A token covers two frames: its blue is their mean.
+    assert_regions_match(video, video_colours, [55, 55, 155, 155])
+
+
+def token_newline(model: nn.Module, image_processor) -> torch.Tensor:
+    """The newline vector's first channels, read as a colour the way ``token_colours`` reads tokens."""
+    mean, std = torch.tensor(image_processor.image_mean), torch.tensor(image_processor.image_std)
+    return (model.model.image_newline[:3].detach().float() * std + mean) * 255
+
+
+def qwen_video(frames: list[Image.Image], processor) -> dict:
+    """``pixel_values_videos`` laid out as Qwen's video processor does (it needs torchvision, not installed here)."""
+    video = torch.stack([torch.from_numpy(np.asarray(f)).permute(2, 0, 1).float() / 255 for f in frames])
+    mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
+    video = (video - mean) / std
+    p, m, t = processor.patch_size, processor.merge_size, processor.temporal_patch_size
+    frames_, channels, height, width = video.shape
+    grid = (frames_ // t, height // p, width // p)
+    patches = video.view(grid[0], t, channels, grid[1] // m, m, p, grid[2] // m, m, p)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(grid[0] * grid[1] * grid[2], -1)
+    return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([grid])}
