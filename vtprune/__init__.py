@@ -1,7 +1,7 @@
 """vtprune: prune the visual tokens of Hugging Face vision-language models with one call."""
 
 from .adapters import supported_models
-from .api import prune, pruned, select, select_nested
+from .api import prune, pruned, scores, select, select_nested
 from .errors import (
     AlreadyPrunedError,
     BudgetError,
@@ -41,6 +41,7 @@ __all__ = [
     "prune",
     "pruned",
     "register_strategy",
+    "scores",
     "select",
     "select_nested",
     "supported_models",

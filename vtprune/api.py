@@ -12,7 +12,7 @@ from .adapters import adapter_for
 from .errors import BudgetError, LayerError
 from .handle import PruneHandle
 from .schedule import Budget, Schedule, Stage, as_schedule
-from .selection import TokenInputs, select_tokens, token_context
+from .selection import TokenInputs, score_tokens, select_tokens, token_context
 from .strategies.base import GreedyStrategy, Strategy
 from .strategies.registry import make_strategy
 
@@ -30,6 +30,7 @@ def prune(
     newlines: str = "candidate",
     renumber: bool = False,
     tokenizer: Any | None = None,
+    record_scores: bool = False,
     **options: Any,
 ) -> PruneHandle:
     """Prune the visual tokens of ``model`` (patched in place) until ``handle.remove()``.
@@ -43,13 +44,25 @@ def prune(
     positions; ``renumber=True`` numbers them contiguously instead, as the LLaVA reference code of the
     papers does (1-D RoPE models only; it applies to the stage before the LLM). ``tokenizer`` (or
     a processor) lets text-aware strategies (``mmtok``) drop stop-words and instruction words from
-    the question; without it every non-special text token of the prompt counts.
+    the question; without it every non-special text token of the prompt counts. ``record_scores=True``
+    also stores, per image and stage, the score each strategy ranked the tokens by
+    (``ImageRecord.scores_by_stage``, for heat maps; greedy strategies then run their order over all tokens
+    once more, so leave it off when timing).
     """
     adapter = adapter_for(model)
     schedule = as_schedule(strategy, layer=layer, keep=keep, keep_ratio=keep_ratio, **options)
     schedule = schedule.resolved(len(adapter.layers))
     _check_sliding_window(adapter.text_config, schedule)
-    handle = PruneHandle(model, adapter, schedule, seed=seed, newlines=newlines, renumber=renumber, tokenizer=tokenizer)
+    handle = PruneHandle(
+        model,
+        adapter,
+        schedule,
+        seed=seed,
+        newlines=newlines,
+        renumber=renumber,
+        tokenizer=tokenizer,
+        record_scores=record_scores,
+    )
     return handle.install()
 
 
@@ -86,6 +99,20 @@ def select(
     if chosen.needs_budget and budget is None:
         raise BudgetError(f"strategy {chosen.name!r} needs a budget: pass keep= or keep_ratio=")
     return select_tokens(chosen, budget, features, inputs, newlines=newlines)
+
+
+def scores(
+    strategy: str | Strategy, features: Tensor, *, newlines: str = "candidate", **inputs_and_options: Any
+) -> Tensor | None:
+    """(N,) the score ``strategy`` ranks one image's tokens ``features`` (N, D) by, for heat maps; None if it has none.
+
+    Higher means kept sooner: DivPrune / ToDRE the cosine distance to the tokens picked before (in the
+    greedy order over all N), MMTok the coverage gain at pick time, ZOO the normalised sensitivity, FastV
+    the attention (``attention=``), other greedy strategies the pick order. NaN for tokens that are not
+    candidates (``newlines="drop"``). Inputs and options as in :func:`select`; no budget is needed.
+    """
+    inputs, options = _split_inputs(inputs_and_options)
+    return score_tokens(make_strategy(strategy, **options), features, inputs, newlines=newlines)
 
 
 def select_nested(

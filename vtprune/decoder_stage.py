@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
@@ -17,7 +18,7 @@ from .attention import cross_modal_shares, last_token_attention
 from .compat import CACHE_KWARG, get_cache
 from .layout import pack
 from .schedule import Stage
-from .selection import TokenInputs, select_tokens
+from .selection import TokenInputs, score_tokens, select_tokens
 from .state import PruneState
 
 if TYPE_CHECKING:
@@ -114,6 +115,13 @@ class DecoderStages:
                 kept = select_tokens(
                     stage.strategy, stage.budget, hidden_states[item.row, slots], inputs, newlines=self.handle.newlines
                 )
+            if self.handle.record_scores:
+                features = hidden_states[item.row, slots]
+                scores = score_tokens(stage.strategy, features, inputs, newlines=self.handle.newlines)
+                if scores is not None:  # from the slots still present to the item's own token order
+                    full = torch.full((item.record.num_tokens,), torch.nan)
+                    full[state.token_of_slot[item.row, slots].cpu()] = scores
+                    item.record.scores_by_stage[f"layer {layer}"] = full
             dropped = slots.new_ones(slots.numel(), dtype=keep.dtype)
             dropped[kept.to(slots.device)] = False
             keep[item.row, slots[dropped]] = False

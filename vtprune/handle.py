@@ -39,6 +39,7 @@ class PruneHandle:
         newlines: str = "candidate",
         renumber: bool = False,
         tokenizer: Any | None = None,
+        record_scores: bool = False,
     ) -> None:
         if newlines not in NEWLINE_POLICIES:
             raise ValueError(f"newlines must be one of {NEWLINE_POLICIES}, got {newlines!r}")
@@ -53,6 +54,8 @@ class PruneHandle:
         self.seed = seed
         self.newlines = newlines
         self.renumber = renumber
+        #: Also record the score each stage's strategy ranked the tokens by (``ImageRecord.scores_by_stage``).
+        self.record_scores = record_scores
         #: Picks question words out of a row's text tokens (for strategies that read ``text_embeds``).
         self.question_tokens = QuestionTokens(adapter.special_token_ids(), tokenizer)
         self.last_record: PruneRecord | None = None

@@ -21,7 +21,7 @@ from .compat import CACHE_KWARG, get_cache
 from .errors import UnsupportedCacheError, VTPruneError
 from .layout import Layout, last_valid, pack
 from .record import ImageRecord
-from .selection import TokenInputs, merge_tokens, select_tokens
+from .selection import TokenInputs, merge_tokens, score_tokens, select_tokens
 from .state import STATE_ATTR, PruneState, VisualItem, ones_mask
 from .strategies.base import INPUT_STAGE, MergingStrategy
 
@@ -192,6 +192,10 @@ class InputStage:
                         self.stage.strategy, self.stage.budget, features, inputs, newlines=self.handle.newlines
                     )
                     weights = None
+            if self.handle.record_scores:  # outside the timing: scores are for looking, not for pruning
+                scores = score_tokens(self.stage.strategy, features, inputs, newlines=self.handle.newlines)
+                if scores is not None:
+                    item.record.scores_by_stage[INPUT_STAGE] = scores
             kept_by_modality[item.modality].append(kept)
             weights_by_modality[item.modality].append(weights)
             dropped = torch.ones(item.columns.numel(), dtype=torch.bool, device=input_ids.device)

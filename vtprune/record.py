@@ -21,6 +21,10 @@ class ImageRecord:
     """Visual tokens the model produced for it."""
     kept_by_stage: dict[str, Tensor] = field(default_factory=dict)
     """Stage name ("input", "layer 2", ...) -> indices still kept after that stage, in the image's own token order."""
+    scores_by_stage: dict[str, Tensor] = field(default_factory=dict)
+    """With ``prune(..., record_scores=True)``: stage name -> (num_tokens,) score the stage's strategy ranked
+    each token by, NaN for tokens it did not see (gone before that stage, or not candidates); stages whose
+    strategy has no score (random, uniform, pooling) are absent."""
 
     @property
     def kept(self) -> Tensor | None:

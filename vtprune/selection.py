@@ -65,6 +65,26 @@ def select_tokens(
     return candidates[chosen.to(candidates.device)]
 
 
+@torch.no_grad()
+def score_tokens(
+    strategy: Strategy, features: Tensor, inputs: TokenInputs, newlines: str = "candidate"
+) -> Tensor | None:
+    """(N,) float32 CPU: the score ``strategy`` ranks each token of one image by, NaN where a token is not a
+    candidate (``newlines="drop"``); None when the strategy has no score (random, uniform, pooling)."""
+    n = features.shape[0]
+    candidates = torch.arange(n, device=features.device)
+    if newlines == "drop" and inputs.newline is not None:
+        candidates = candidates[~inputs.newline.to(features.device)]
+    if candidates.numel() == 0:
+        return None
+    values = strategy.scores(token_context(features, candidates.numel(), inputs, candidates))
+    if values is None:
+        return None
+    scores = torch.full((n,), torch.nan)
+    scores[candidates.cpu()] = values.detach().float().cpu()
+    return scores
+
+
 @torch.no_grad()  # selection is never part of a training graph
 def merge_tokens(
     strategy: MergingStrategy, budget: Budget, features: Tensor, inputs: TokenInputs

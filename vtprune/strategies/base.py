@@ -8,7 +8,7 @@ result. The same ``select`` is what :func:`vtprune.select` calls on plain tensor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ClassVar
 
 import torch
@@ -116,6 +116,14 @@ class Strategy:
         """
         raise NotImplementedError
 
+    def scores(self, ctx: TokenContext) -> Tensor | None:
+        """(N,) the per-token score this strategy ranks by (higher: kept sooner), or None if it has none.
+
+        For heat maps (``vtprune.scores``, ``prune(..., record_scores=True)``); never used to select, so a
+        strategy's choice stays ``select`` alone. ``ctx.keep`` is N: scores cover every token.
+        """
+        return None
+
     def default_layer(self, num_layers: int) -> int | None:
         """Decoder-only strategies: the layer to act at when none is given (None: ``layer`` is required)."""
         return None
@@ -137,6 +145,14 @@ class GreedyStrategy(Strategy):
 
     def select(self, ctx: TokenContext) -> Tensor:
         return self.order(ctx).sort().values
+
+    def scores(self, ctx: TokenContext) -> Tensor | None:
+        """Pick order as a score: 1 for the first pick down to 1/N for the last (of the full order)."""
+        n = ctx.num_tokens
+        order = self.order(replace(ctx, keep=n))
+        score = torch.empty(n, dtype=torch.float32)
+        score[order.cpu()] = 1 - torch.arange(n, dtype=torch.float32) / n
+        return score
 
 
 class MergingStrategy(Strategy):

@@ -43,3 +43,19 @@ def farthest_point_order(dist: Tensor, first: int, count: int) -> Tensor:
         torch.minimum(to_set, dist[j], out=to_set)
         to_set[j] = -torch.inf
     return torch.tensor(picks, dtype=torch.int64)
+
+
+def pick_distances(dist: Tensor, order: Tensor) -> Tensor:
+    """(N,) for a full greedy order, each token's distance to the tokens picked before it (max-min's gain).
+
+    Farthest-point gains never grow along the order; the first pick, which has no predecessor, gets the
+    second's, so the score is non-increasing in pick order.
+    """
+    n = order.numel()
+    ranked = dist[order][:, order]
+    ranked = ranked.masked_fill(torch.ones(n, n, dtype=torch.bool, device=dist.device).triu(), torch.inf)
+    gains = ranked.min(dim=1).values
+    gains[0] = gains[1] if n > 1 else 1.0
+    score = torch.empty(n, dtype=torch.float64, device=dist.device)
+    score[order] = gains
+    return score

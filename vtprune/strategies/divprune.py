@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import GreedyStrategy, TokenContext
-from .diversity import cosine_distances, farthest_point_order, most_isolated
+from .diversity import cosine_distances, farthest_point_order, most_isolated, pick_distances
 from .registry import register_strategy
 
 
@@ -26,3 +26,8 @@ class DivPrune(GreedyStrategy):
     def order(self, ctx: TokenContext) -> Tensor:
         dist = cosine_distances(ctx.features)
         return farthest_point_order(dist, most_isolated(dist), ctx.keep)
+
+    def scores(self, ctx: TokenContext) -> Tensor:
+        """Each token's cosine distance to the tokens picked before it, in the greedy order over all tokens."""
+        dist = cosine_distances(ctx.features)
+        return pick_distances(dist, farthest_point_order(dist, most_isolated(dist), ctx.num_tokens)).float()

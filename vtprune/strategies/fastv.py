@@ -30,3 +30,7 @@ class FastV(Strategy):
             )
         ranked = attention.sort(descending=True, stable=True).indices
         return ranked[: ctx.keep].sort().values
+
+    def scores(self, ctx: TokenContext) -> Tensor | None:
+        """The attention the last prompt token pays each token (what FastV ranks by)."""
+        return None if ctx.attention is None else ctx.attention.clone()

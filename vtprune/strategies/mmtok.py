@@ -93,6 +93,15 @@ class MMTok(GreedyStrategy):
     def order(self, ctx: TokenContext) -> Tensor:
         return coverage_order(self.coverage_weights(ctx), ctx.keep)
 
+    def scores(self, ctx: TokenContext) -> Tensor:
+        """Each token's coverage gain ``f(S + j) - f(S)`` when the greedy over all tokens picked it."""
+        weights = self.coverage_weights(ctx)
+        order = coverage_order(weights, ctx.num_tokens)
+        covered = weights[:, order].cummax(dim=1).values.sum(dim=0)  # f of each prefix of the order
+        score = torch.empty_like(covered)
+        score[order] = torch.diff(covered, prepend=covered.new_zeros(1)).clamp_min(0)  # no negative rounding noise
+        return score
+
     def coverage_weights(self, ctx: TokenContext) -> Tensor:
         """The (R, n) matrix whose rows the greedy covers: ``f(S)`` is the sum of its rows' maxima over S."""
         features, n = ctx.features, ctx.num_tokens

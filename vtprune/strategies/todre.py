@@ -8,11 +8,13 @@ one schedule: ``"todre:25%+todre_relevance"``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
 from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, Strategy, TokenContext
-from .diversity import cosine_distances, cosine_similarities, farthest_point_order, most_isolated
+from .diversity import cosine_distances, cosine_similarities, farthest_point_order, most_isolated, pick_distances
 from .registry import register_strategy
 
 METHODS = ("k-center", "max-sum")
@@ -57,6 +59,13 @@ class ToDRE(GreedyStrategy):
             running += similarity[j]
             running[j] = torch.inf
         return torch.tensor(picks, dtype=torch.int64)
+
+    def scores(self, ctx: TokenContext) -> Tensor:
+        """k-center: each token's cosine distance to the tokens picked before it; max-sum: pick order."""
+        if self.method != "k-center":
+            return super().scores(ctx)
+        order = self.order(replace(ctx, keep=ctx.num_tokens))
+        return pick_distances(cosine_distances(ctx.features), order).float()
 
     def __repr__(self) -> str:
         return f"ToDRE(method={self.method!r})"

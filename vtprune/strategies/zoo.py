@@ -66,10 +66,12 @@ class ZOOPrune(GreedyStrategy):
             total += delta.norm(dim=-1).sum(dim=0)
         return total / self.directions
 
+    def scores(self, ctx: TokenContext) -> Tensor:
+        """The min-max normalised sensitivity ``Ŝ`` (the first factor of the greedy's criterion)."""
+        return _normalised(self.sensitivity(ctx))
+
     def order(self, ctx: TokenContext) -> Tensor:
-        score = self.sensitivity(ctx)
-        spread = score.max() - score.min()
-        score = ((score - score.min()) / spread if spread > 0 else torch.ones_like(score)).double()
+        score = _normalised(self.sensitivity(ctx)).double()
         similarity = cosine_similarities(ctx.features).to(score.device)
         first = int(score.argmax())
         picks = [first]
@@ -85,3 +87,9 @@ class ZOOPrune(GreedyStrategy):
 
     def __repr__(self) -> str:
         return f"ZOOPrune(directions={self.directions}, step={self.step}, rank={self.rank})"
+
+
+def _normalised(score: Tensor) -> Tensor:
+    """Min-max normalisation to [0, 1]; all ones when every token scores the same."""
+    spread = score.max() - score.min()
+    return (score - score.min()) / spread if spread > 0 else torch.ones_like(score)
