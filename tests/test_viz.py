@@ -28,7 +28,7 @@ from transformers import (
 
 import vtprune
 from vtprune import viz
-from vtprune.synthetic import RowSpec, build_inputs, build_model
+from vtprune.synthetic import RowSpec, build_inputs
 
 matplotlib.use("Agg")
 
@@ -245,7 +245,7 @@ def token_newline(model: nn.Module, image_processor) -> torch.Tensor:
 
 def qwen_video(frames: list[Image.Image], processor) -> dict:
     """``pixel_values_videos`` laid out as Qwen's video processor does (it needs torchvision, not installed here)."""
-    video = torch.stack([torch.from_numpy(np.asarray(f)).permute(2, 0, 1).float() / 255 for f in frames])
+    video = torch.stack([torch.from_numpy(np.array(f)).permute(2, 0, 1).float() / 255 for f in frames])
     mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
     video = (video - mean) / std
     p, m, t = processor.patch_size, processor.merge_size, processor.temporal_patch_size
@@ -254,3 +254,223 @@ def qwen_video(frames: list[Image.Image], processor) -> dict:
     patches = video.view(grid[0], t, channels, grid[1] // m, m, p, grid[2] // m, m, p)
     patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(grid[0] * grid[1] * grid[2], -1)
     return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([grid])}
+
+
+# --- per-token scores ------------------------------------------------------------------------------
+
+
+def test_scores_rank_like_the_selection():
+    torch.manual_seed(0)
+    projector = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16))
+    pre = torch.randn(40, 8)
+    with torch.no_grad():
+        features = projector(pre)
+    inputs = dict(text_embeds=torch.randn(5, 16), pre_features=pre, projector=projector)
+    for name in ("divprune", "todre", "mmtok"):
+        # Greedy gains never grow along the pick order, so the k best scores are the k picks.
+        scores = vtprune.scores(name, features, **inputs)
+        kept = vtprune.select(name, features, keep=10, **inputs)
+        assert scores.shape == (40,) and torch.isfinite(scores).all()
+        assert set(scores.topk(10).indices.tolist()) == set(kept.tolist()), name
+    zoo = vtprune.scores("zoo", features, directions=8, **inputs)
+    assert float(zoo.min()) == 0.0 and float(zoo.max()) == 1.0
+    assert int(zoo.argmax()) in vtprune.select("zoo", features, keep=5, directions=8, **inputs).tolist()
+    attention = torch.rand(40)
+    assert torch.equal(vtprune.scores("fastv", features, attention=attention), attention)
+    for name in ("random", "uniform", "none"):
+        assert vtprune.scores(name, features) is None
+    newline = torch.zeros(40, dtype=torch.bool)
+    newline[[9, 19]] = True
+    dropped = vtprune.scores("divprune", features, newline=newline, newlines="drop")
+    assert torch.isnan(dropped[[9, 19]]).all() and torch.isfinite(dropped[~newline]).all()
+
+
+def test_record_scores_leave_the_selection_alone(models, make_inputs):
+    model = models("llava_next")
+    inputs = make_inputs(model, "llava_next", 3)
+    schedule = "divprune:50%+fastv@2:50%"
+    records = []
+    for record_scores in (False, True):
+        with torch.no_grad(), vtprune.pruned(model, schedule, record_scores=record_scores) as handle:
+            model(**inputs)
+        records.append(handle.last_record)
+    plain, scored = records
+    for a, b in zip(plain.images, scored.images):
+        assert a.kept_by_stage.keys() == b.kept_by_stage.keys()
+        assert all(torch.equal(a.kept_by_stage[s], b.kept_by_stage[s]) for s in a.kept_by_stage)
+        assert not a.scores_by_stage and list(b.scores_by_stage) == ["input", "layer 2"]
+        first, second = b.scores_by_stage["input"], b.scores_by_stage["layer 2"]
+        kept = b.kept_by_stage["input"]
+        assert torch.isfinite(first).all() and set(first.topk(kept.numel()).indices.tolist()) == set(kept.tolist())
+        # Inside the decoder the strategy only saw what the input stage kept.
+        assert torch.isfinite(second).nonzero()[:, 0].tolist() == kept.tolist()
+        best = kept[second[kept].topk(b.kept_by_stage["layer 2"].numel()).indices]
+        assert set(best.tolist()) == set(b.kept_by_stage["layer 2"].tolist())
+
+
+# --- drawings ---------------------------------------------------------------------------------------
+
+
+def assert_drawn(panel_image: Image.Image, picture: Image.Image, view: viz.View, kept: torch.Tensor):
+    """Kept boxes show the picture's own pixels; every other pixel is dimmed (hatching only darkens)."""
+    drawn, original = np.asarray(panel_image).astype(int), np.asarray(picture.convert("RGB")).astype(int)
+    assert drawn.shape == original.shape
+    mask = np.zeros(original.shape[:2], dtype=bool)
+    for x0, y0, x1, y1 in view.boxes[torch.isin(view.tokens, kept)].round().long().tolist():
+        mask[y0:y1, x0:x1] = True
+    assert mask.any() and not mask.all()
+    assert (drawn[mask] == original[mask]).all()
+    assert (drawn[~mask] <= np.floor(original[~mask] * viz.draw.DIM) + 1).all()
+    assert (drawn[~mask] < original[~mask]).any()
+
+
+def test_show_kept_anyres_batch(models):
+    model = models("llava_next")
+    processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 16},
+        crop_size={"height": 16, "width": 16},
+        image_grid_pinpoints=model.config.image_grid_pinpoints,
+    )
+    images = [gradient(16, 32, 60), gradient(32, 16, 180)]
+    inputs = build_inputs(model, [RowSpec(images=[(1, 2)]), RowSpec(images=[(2, 1)], text_before=1)])
+    inputs.update(processor(images=images, return_tensors="pt"))  # same shapes: real pixels instead of noise
+    with torch.no_grad(), vtprune.pruned(model, "divprune:25%") as handle:
+        model(**inputs)
+    pairs = viz.match_records(handle.last_record, viz.token_regions(model, inputs), batch_size=2)
+    panels = viz.kept_panels(pairs, images, None)
+    assert [p.title.split("\n")[0] for p in panels] == [
+        "row 0 image 0 · base tile",
+        "row 0 image 0 · high-res",
+        "row 1 image 0 · base tile",
+        "row 1 image 0 · high-res",
+    ]
+    assert "newlines" in panels[1].title and "newlines" not in panels[0].title
+    for (item, regions), views in zip(pairs, (panels[:2], panels[2:])):
+        for view, panel in zip(regions.views, views):
+            assert_drawn(panel.image, images[regions.index], view, item.kept)
+    sheet = viz.show_kept(handle.last_record, inputs, images, model=model)
+    assert sheet.mode == "RGB" and sheet.height > 2 * 192 and sheet.width > 2 * 192
+
+
+def test_show_kept_qwen_image_and_video_with_heat_map(models):
+    model = models("qwen2_vl")
+    vision = model.config.vision_config
+    processor = Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 64, "longest_edge": 4096},
+    )
+    images, frames = [gradient(16, 24, 60)], [gradient(16, 16, 30 + 50 * f) for f in range(4)]
+    inputs = build_inputs(model, [RowSpec(images=[(2, 3)], videos=1)])
+    inputs.update(processor(images=images, return_tensors="pt"))
+    inputs.update(qwen_video(frames, processor))
+    with torch.no_grad(), vtprune.pruned(model, "divprune:50%", record_scores=True) as handle:
+        model(**inputs)
+    pairs = viz.match_records(handle.last_record, viz.token_regions(model, inputs, images=images, videos=[frames]), 1)
+    panels = viz.kept_panels(pairs, images, [frames])
+    assert [p.title.split("\n")[0] for p in panels] == [
+        "row 0 image 0 · image",
+        "row 0 video 0 · frames 0-1",
+        "row 0 video 0 · frames 2-3",
+    ]
+    (image, image_regions), (video, video_regions) = pairs
+    assert_drawn(panels[0].image, images[0], image_regions.views[0], image.kept)
+    for view, panel in zip(video_regions.views, panels[1:]):
+        assert_drawn(panel.image, frames[view.frame], view, video.kept)
+    heat = viz.score_panels(pairs, images, [frames])
+    assert len(heat) == 3 and heat[0].scale is not None
+    # The best-scored token is painted with the top colour of the map.
+    view = image_regions.views[0]
+    scores = image.scores_by_stage["input"][view.tokens]
+    x0, y0, x1, y1 = view.boxes[int(scores.argmax())].round().long().tolist()
+    top = viz.draw.colormap(torch.ones(1))[0]
+    drawn = np.asarray(heat[0].image)[y0:y1, x0:x1].astype(float)
+    expected = 0.3 * np.asarray(images[0])[y0:y1, x0:x1] + 0.7 * top
+    assert np.abs(drawn - expected).max() <= 1
+    sheet = viz.show_scores(handle.last_record, inputs, images, model=model, videos=[frames])
+    assert sheet.height > 192
+
+
+def test_per_layer_columns_and_compare(models):
+    model = models("llava")
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    images = [gradient(16, 16, 60)]
+    inputs = build_inputs(model, [RowSpec(images=[(1, 1)])])
+    inputs.update(processor(images=images, return_tensors="pt"))
+    with torch.no_grad(), vtprune.pruned(model, "divprune:50%+fastv@2:50%") as handle:
+        model(**inputs)
+    pairs = viz.match_records(handle.last_record, viz.token_regions(model, inputs, images=images), 1)
+    panels = viz.kept_panels(pairs, images, None, stages="all")
+    assert [p.title.split("\n")[1] for p in panels] == ["input: kept 8/16", "layer 2: kept 4/16"]
+    for panel, stage in zip(panels, ("input", "layer 2")):
+        assert_drawn(panel.image, images[0], pairs[0][1].views[0], pairs[0][0].kept_by_stage[stage])
+    with pytest.raises(ValueError, match="not in the record"):
+        viz.kept_panels(pairs, images, None, stages=["layer 5"])
+    sheet = viz.compare(model, inputs, images, ["divprune:25%", "uniform:25%", "random:50%"], processor=processor)
+    single = viz.show_kept(handle.last_record, inputs, images, model=model, processor=processor)
+    assert sheet.width > 2.5 * single.width and sheet.height == single.height + 16  # + the schedule line
+    figure = viz.figure(panels, columns=2)
+    assert len([ax for ax in figure.axes if ax.images]) == 2
+    figure.clear()
+
+
+def test_beam_expanded_rows_map_to_their_images(models):
+    model = models("llava")
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    images = [gradient(16, 16, 60), gradient(16, 16, 120), gradient(16, 16, 180)]
+    inputs = build_inputs(model, [RowSpec(images=[(1, 1)]), RowSpec(images=[(1, 1), (1, 1)], text_before=1)])
+    inputs.update(processor(images=images, return_tensors="pt"))
+    with torch.no_grad(), vtprune.pruned(model, "divprune:25%") as handle:
+        model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+    pairs = viz.match_records(handle.last_record, viz.token_regions(model, inputs, images=images), 2)
+    assert [(item.row, regions.index) for item, regions in pairs] == [(0, 0), (1, 0), (2, 1), (2, 2), (3, 1), (3, 2)]
+    with pytest.raises(vtprune.VTPruneError, match="no matching region"):
+        viz.match_records(handle.last_record, viz.token_regions(model, inputs, images=images)[:1], 2)
+
+
+def test_cli_viz_writes_a_png(tmp_path, capsys):
+    from vtprune.cli import main
+    from vtprune.toyvlm.model import build_model as build_toy, build_processor
+
+    processor = build_processor()
+    model = build_toy(processor, sizes={"vision_hidden": 16, "text_hidden": 32, "text_layers": 2, "heads": 2})
+    model.save_pretrained(tmp_path / "toy")
+    processor.save_pretrained(tmp_path / "toy")
+    gradient(96, 128, 90).save(tmp_path / "input.png")
+    main(
+        [
+            "viz",
+            "--model",
+            str(tmp_path / "toy"),
+            "--out",
+            str(tmp_path / "generated.png"),
+            "--schedule",
+            "divprune:25%",
+        ]
+    )
+    main(
+        [
+            "viz",
+            "--model",
+            str(tmp_path / "toy"),
+            "--image",
+            str(tmp_path / "input.png"),
+            "--question",
+            "what colour ?",
+            "--schedule",
+            "divprune:25%+fastv@1:50%",
+            "--out",
+            str(tmp_path / "kept.png"),
+            "--heatmap",
+            str(tmp_path / "heat.png"),
+        ]
+    )
+    output = capsys.readouterr().out
+    assert "36/144" in output and "18/144" in output
+    for name in ("generated.png", "kept.png", "heat.png"):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == "PNG" and picture.width > 192
+    with Image.open(tmp_path / "kept.png") as picture:  # two stages: two columns
+        with Image.open(tmp_path / "generated.png") as single:
+            assert picture.width > 1.5 * single.width
