@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 
-import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -30,7 +29,6 @@ import vtprune
 from vtprune import viz
 from vtprune.synthetic import RowSpec, build_inputs
 
-matplotlib.use("Agg")
 
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -410,6 +408,9 @@ def test_per_layer_columns_and_compare(models):
     sheet = viz.compare(model, inputs, images, ["divprune:25%", "uniform:25%", "random:50%"], processor=processor)
     single = viz.show_kept(handle.last_record, inputs, images, model=model, processor=processor)
     assert sheet.width > 2.5 * single.width and sheet.height == single.height + 16  # + the schedule line
+    import matplotlib  # the viz extra (in the dev install); everything else here needs PIL only
+
+    matplotlib.use("Agg")
     figure = viz.figure(panels, columns=2)
     assert len([ax for ax in figure.axes if ax.images]) == 2
     figure.clear()
