@@ -1,3 +1,4 @@
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -6,6 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+# Everything the tests load is local; never wait on a hub (CI has no network but the package registries).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
 from vtprune.synthetic import MODEL_KINDS, RowSpec, build_inputs, build_model  # noqa: E402

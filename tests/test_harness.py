@@ -1,0 +1,204 @@
+"""The lmms-eval model ``vtprune``, the sweep and its measurements, offline on the shipped toy VLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lmms_eval.evaluator import simple_evaluate
+from lmms_eval.models import get_model
+from lmms_eval.tasks import TaskManager
+
+import vtprune
+from vtprune.harness import DecoderShape, RunFailed, load_preset, preset_names
+from vtprune.harness.command import sweep_schedules
+from vtprune.harness.lmm import VTPruneLMM, schedule_from_args
+from vtprune.harness.sweep import run_sweep
+from vtprune.toyvlm.model import DEFAULT_PATH
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = str(ROOT / "eval" / "tasks")
+LIMIT = 8
+
+
+@pytest.fixture(scope="module")
+def task_manager():
+    return TaskManager(include_path=TASKS, model_name="vtprune")
+
+
+@vtprune.register_strategy("broken_for_tests", overwrite=True)
+class Broken(vtprune.Strategy):
+    """Selects out-of-range indices: the engine must refuse them, and the harness must not hide that."""
+
+    def select(self, ctx):
+        return torch.arange(ctx.keep) + ctx.num_tokens
+
+
+def test_entry_point_resolves_to_the_vtprune_model():
+    assert get_model("vtprune") is VTPruneLMM
+
+
+def test_model_args_build_schedules():
+    assert str(schedule_from_args("divprune", keep=16)) == str(vtprune.parse_schedule("divprune:16"))
+    assert str(schedule_from_args("fastv", keep_ratio=0.5, layer=2)) == str(vtprune.parse_schedule("fastv@2:50%"))
+    assert str(schedule_from_args("mmtok(alpha:0.3)", keep=8)) == str(vtprune.parse_schedule("mmtok:8(alpha:0.3)"))
+    assert str(schedule_from_args("divprune:64+random_deep:50%")) == "divprune:64+random_deep:0.5"
+    assert str(schedule_from_args(preset="fastv_k2_r50")) == str(vtprune.parse_schedule("fastv@2:50%"))
+    with pytest.raises(ValueError, match="sweep of"):
+        schedule_from_args(preset="llava15")
+    with pytest.raises(ValueError, match="not both"):
+        schedule_from_args("divprune", keep=4, preset="fastv_k2_r50")
+
+
+def test_every_preset_parses_and_expands_its_budgets():
+    names = preset_names()
+    assert {"llava15", "llava_next", "qwen2_5_vl", "fastv_k2_r50", "todre", "horizon_llava15"} <= set(names)
+    for name in names:
+        preset = load_preset(name)
+        assert preset.schedules and all("{budget}" not in s for s in preset.schedules)
+    assert "divprune:192" in load_preset("llava15").schedules
+    with pytest.raises(ValueError, match="known presets"):
+        load_preset("no_such_preset")
+
+
+def test_command_line_schedules():
+    assert sweep_schedules(["divprune", "fastv@2", "mmtok(alpha:0.3)"], ["16", "25%"], ["random:4"], None) == [
+        "divprune:16",
+        "divprune:25%",
+        "fastv@2:16",
+        "fastv@2:25%",
+        "mmtok:16(alpha:0.3)",
+        "mmtok:25%(alpha:0.3)",
+        "random:4",
+    ]
+
+
+def test_flops_formula_is_twice_fastv_for_multi_head_two_matrix_layers():
+    n, d, m = 100, 64, 256
+    shape = DecoderShape(hidden=d, heads=4, kv_heads=4, head_dim=16, mlp_width=m, mlp_matrices=2, layers=2)
+    fastv = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    assert shape.layer_flops(n) == 2 * fastv
+    assert shape.prefill_flops([n, n // 2]) == 2 * fastv + shape.layer_flops(n // 2)
+    gqa = DecoderShape(hidden=d, heads=4, kv_heads=1, head_dim=16, mlp_width=m, mlp_matrices=3, layers=1)
+    assert gqa.layer_flops(n) == 2 * n * d * (2 * 64 + 2 * 16) + 4 * n * n * 64 + 6 * n * d * m
+
+
+def test_a_sweep_writes_json_table_and_plot_and_its_baseline_is_the_plain_model(tmp_path, task_manager):
+    output = tmp_path / "sweep"
+    runs = run_sweep(
+        str(DEFAULT_PATH),
+        ["vtprune_shapes"],
+        ["divprune:16", "divprune:4", "random:16", "random:4"],
+        output,
+        include_path=TASKS,
+        limit=LIMIT,
+        progress=False,
+    )
+    assert [run.schedule for run in runs] == ["none", "divprune:16", "divprune:4", "random:16", "random:4"]
+    payload = json.loads((output / "sweep.json").read_text())
+    assert {"torch", "transformers", "lmms_eval", "vtprune"} <= set(payload["versions"])
+    assert payload["settings"]["seed"] == 0
+    baseline, *pruned = payload["runs"]
+    assert baseline["visual_tokens_kept"] == baseline["visual_tokens_before"] == 144
+    assert baseline["retained"] == 100.0
+    for run in pruned:
+        budget = int(run["budget"])
+        assert run["visual_tokens_kept"] == budget
+        assert len(run["samples"]) == LIMIT and all(len(s["kept"][0]) == budget for s in run["samples"])
+        # Pruning before the LLM shortens every layer by the same count, and the cost follows.
+        assert run["tokens_per_layer"] == [t - (144 - budget) for t in baseline["tokens_per_layer"]]
+        assert run["prefill_flops"] < baseline["prefill_flops"]
+        assert run["kv_cache_bytes"] < baseline["kv_cache_bytes"]
+        assert run["retained"] == pytest.approx(100 * run["score"] / baseline["score"])
+    for run in payload["runs"]:
+        assert run["ttft_seconds"] > 0 and run["decode_tokens_per_second"] > 0 and run["failed_generations"] == 0
+        assert set(run["scores"]["vtprune_shapes"]) >= {"accuracy", "colour", "shape", "count", "exists", "position"}
+    table = (output / "sweep.md").read_text()
+    assert table.count("\n") == 2 + len(runs) and "| divprune:4 |" in table
+    assert (output / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The same prompts through lmms-eval's own wrapper, without vtprune, score the same.
+    direct = simple_evaluate(
+        model="llava_hf",
+        model_args=f"pretrained={DEFAULT_PATH},device_map=cpu",
+        tasks=["vtprune_shapes"],
+        task_manager=task_manager,
+        limit=LIMIT,
+        bootstrap_iters=0,
+        device="cpu",
+    )
+    assert direct["results"]["vtprune_shapes"]["accuracy,none"] == baseline["score"]
+
+    # Resuming finds every run done and evaluates nothing again.
+    again = run_sweep(
+        str(DEFAULT_PATH),
+        ["vtprune_shapes"],
+        ["divprune:16", "divprune:4", "random:16", "random:4"],
+        output,
+        include_path=TASKS,
+        limit=LIMIT,
+        progress=False,
+    )
+    assert [run.seconds for run in again] == [run["seconds"] for run in payload["runs"]]
+
+
+def test_a_broken_strategy_fails_the_sweep_loudly(tmp_path):
+    with pytest.raises(RunFailed, match="outside"):
+        run_sweep(
+            str(DEFAULT_PATH),
+            ["vtprune_shapes"],
+            ["broken_for_tests:4"],
+            tmp_path,
+            include_path=TASKS,
+            limit=2,
+            progress=False,
+        )
+
+
+def test_counting_mode_reports_failures_instead_of_stopping(task_manager):
+    lm = VTPruneLMM(str(DEFAULT_PATH), strategy="broken_for_tests", keep=4, on_error="count")
+    try:
+        results = simple_evaluate(
+            model=lm, tasks=["vtprune_shapes"], task_manager=task_manager, limit=3, bootstrap_iters=0
+        )
+        assert len(lm.meter.failures) == 3 and "outside" in lm.meter.failures[0]
+        assert results["results"]["vtprune_shapes"]["accuracy,none"] == 0.0
+    finally:
+        lm.close()
+    assert not hasattr(lm.model, "_vtprune_handle") and "generate" not in lm.model.__dict__
+
+
+BROKEN_PLUGIN = """
+import vtprune, torch
+
+@vtprune.register_strategy("broken_for_tests", overwrite=True)
+class Broken(vtprune.Strategy):
+    def select(self, ctx):
+        return torch.arange(ctx.keep) + ctx.num_tokens
+"""
+
+
+def _lmms_eval(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    # sitecustomize registers the broken strategy in the child process, as a user's plugin would.
+    (tmp_path / "sitecustomize.py").write_text(BROKEN_PLUGIN)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(tmp_path)}
+    command = [sys.executable, "-m", "lmms_eval", "--tasks", "vtprune_shapes", "--include_path", TASKS, *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+
+
+def test_lmms_eval_command_line_runs_vtprune_and_exits_non_zero_when_pruning_fails(tmp_path):
+    model = f"pretrained={DEFAULT_PATH}"
+    ok = _lmms_eval(
+        tmp_path, "--model", "vtprune", "--model_args", f"{model},strategy=divprune,keep=16", "--limit", "4"
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "vtprune_shapes" in ok.stdout and "accuracy" in ok.stdout
+    for args in (f"{model},strategy=broken_for_tests,keep=4", f"{model},strategy=no_such_strategy,keep=4"):
+        failed = _lmms_eval(tmp_path, "--model", "vtprune", "--model_args", args, "--limit", "2")
+        assert failed.returncode != 0, failed.stdout[-2000:]
+        assert "RunFailed" in failed.stderr

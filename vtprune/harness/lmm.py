@@ -1,0 +1,190 @@
+"""``--model vtprune`` for lmms-eval: the backbone's own lmms-eval wrapper, with its model pruned.
+
+The backbone wrapper (lmms-eval's ``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl`` or ``qwen3_vl``) is
+chosen from the checkpoint's ``config.model_type`` and does all prompting, batching and decoding
+exactly as it does without vtprune; this class only prunes the model it loaded, measures every
+``generate()`` and makes failures loud. Arguments vtprune reads are taken out of ``--model_args``;
+everything else goes to the backbone (``device_map``, ``max_pixels``, ``attn_implementation``...).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from lmms_eval.api.model import lmms
+from loguru import logger
+from transformers import AutoConfig
+
+from ..api import prune
+from ..handle import PruneHandle
+from ..schedule import Schedule, as_schedule, make_stage, parse_strategy
+from .meter import GenerationMeter, RunFailed
+from .presets import preset_schedule
+
+#: config.model_type -> lmms-eval simple wrapper (module, class) that loads and prompts that family.
+BACKBONES: dict[str, tuple[str, str]] = {
+    "llava": ("lmms_eval.models.simple.llava_hf", "LlavaHf"),
+    "llava_next": ("lmms_eval.models.simple.llava_hf", "LlavaHf"),
+    "llava_onevision": ("lmms_eval.models.simple.llava_hf", "LlavaHf"),
+    "qwen2_vl": ("lmms_eval.models.simple.qwen2_vl", "Qwen2_VL"),
+    "qwen2_5_vl": ("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VL"),
+    "qwen3_vl": ("lmms_eval.models.simple.qwen3_vl", "Qwen3_VL"),
+}
+ON_ERROR = ("raise", "count")
+
+
+def schedule_from_args(
+    strategy: str = "none",
+    keep: int | None = None,
+    keep_ratio: float | None = None,
+    layer: int | None = None,
+    preset: str | None = None,
+) -> Schedule:
+    """The schedule ``--model_args`` describe: a preset, a schedule string, or one strategy with a budget.
+
+    ``strategy`` may carry options, ``mmtok(alpha:0.3)``, or be a whole schedule string
+    (``divprune:64+random_deep:50%``, no ``keep``/``layer`` then).
+    """
+    if preset is not None:
+        if strategy != "none" or keep is not None or keep_ratio is not None or layer is not None:
+            raise ValueError("give either preset= or strategy=/keep=/keep_ratio=/layer=, not both")
+        return preset_schedule(preset)
+    if keep is None and keep_ratio is None and layer is None:
+        return as_schedule(strategy)
+    return Schedule([make_stage(parse_strategy(strategy), layer=layer, keep=keep, keep_ratio=keep_ratio)])
+
+
+def backbone_class(pretrained: str) -> type[lmms]:
+    """The lmms-eval wrapper for the checkpoint's model family (imported only when needed)."""
+    model_type = AutoConfig.from_pretrained(pretrained).model_type
+    if model_type not in BACKBONES:
+        raise ValueError(
+            f"{pretrained} is a {model_type!r} checkpoint; vtprune's lmms-eval model supports "
+            f"{', '.join(sorted(BACKBONES))}"
+        )
+    module, name = BACKBONES[model_type]
+    return getattr(importlib.import_module(module), name)
+
+
+class VTPruneLMM(lmms):
+    """lmms-eval model ``vtprune``: ``pretrained=DIR,strategy=divprune,keep=64`` (see the module docstring).
+
+    vtprune's own arguments: ``strategy`` (a name, ``name(options)`` or a schedule string), ``keep``,
+    ``keep_ratio``, ``layer``, ``preset`` (a named setting from ``configs/``), ``seed``, ``newlines``,
+    and ``on_error``: ``raise`` (default) stops the run at the first failed ``generate()``; ``count``
+    lets the backbone record an empty answer, counts it in :attr:`meter` and reports it.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        strategy: str = "none",
+        keep: int | None = None,
+        keep_ratio: float | None = None,
+        layer: int | None = None,
+        preset: str | None = None,
+        seed: int = 0,
+        newlines: str = "candidate",
+        on_error: str = "raise",
+        device: str | None = None,
+        **backbone_args: Any,
+    ) -> None:
+        try:
+            if on_error not in ON_ERROR:
+                raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+            schedule = schedule_from_args(strategy, keep, keep_ratio, layer, preset)  # fail before loading weights
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            # llava_hf's default device_map="" fails with transformers 5.x; Qwen's defaults to "cuda".
+            backbone_args.setdefault("device_map", device)
+            self.backbone = backbone_class(pretrained)(pretrained=pretrained, device=device, **backbone_args)
+            super().__init__()
+            self.pretrained = pretrained
+            self.seed, self.newlines, self.on_error = seed, newlines, on_error
+            self.handle: PruneHandle | None = None
+            self.meter: GenerationMeter | None = None
+            self.set_schedule(schedule)
+        except Exception as exc:  # lmms-eval would print it and exit 0: see RunFailed
+            raise RunFailed(f"vtprune could not set up {pretrained}: {type(exc).__name__}: {exc}") from exc
+
+    # --- pruning -------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.backbone.model
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.handle.schedule
+
+    def set_schedule(self, schedule: str | Schedule) -> None:
+        """Prune the loaded model with ``schedule`` from now on (what a sweep does between runs)."""
+        if self.handle is not None:
+            self.handle.remove()
+        self.handle = prune(self.model, schedule, seed=self.seed, newlines=self.newlines, tokenizer=self.tokenizer)
+        if self.meter is None:
+            self.meter = GenerationMeter(
+                self.model, self.handle, tokenizer=self.tokenizer, fail_loudly=self.on_error == "raise"
+            )
+        self.meter.handle = self.handle
+        self.meter.reset()
+
+    def close(self) -> None:
+        """Unwrap the model: remove the meter and the pruning hooks."""
+        if self.meter is not None:
+            self.meter.close()
+        if self.handle is not None:
+            self.handle.remove()
+
+    # --- lmms-eval interface: the backbone does the work --------------------------------------
+
+    @property
+    def task_dict(self) -> dict:
+        return self.backbone.task_dict
+
+    @task_dict.setter
+    def task_dict(self, value: dict) -> None:
+        self.backbone.task_dict = value
+
+    @property
+    def cache_hook(self) -> Any:
+        return self.backbone.cache_hook
+
+    @cache_hook.setter
+    def cache_hook(self, value: Any) -> None:
+        self.backbone.cache_hook = value
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.backbone.tokenizer
+
+    @property
+    def batch_size(self) -> int:
+        return self.backbone.batch_size
+
+    @property
+    def device(self) -> Any:
+        return self.backbone.device
+
+    def _delegate(self, method: str, requests: list) -> list:
+        if self.world_size > 1:  # lmms-eval sets our rank; the backbone's tqdm and logging read its own
+            self.backbone._rank, self.backbone._world_size = self.rank, self.world_size
+        failed_before = len(self.meter.failures)
+        results = getattr(self.backbone, method)(requests)
+        failed = len(self.meter.failures) - failed_before
+        if failed:
+            # Only reachable with on_error="count": "raise" has already stopped the run.
+            logger.error(f"vtprune: {failed} generate() calls failed under {self.schedule}; counted as empty answers")
+        return results
+
+    def generate_until(self, requests: list) -> list:
+        return self._delegate("generate_until", requests)
+
+    def loglikelihood(self, requests: list) -> list:
+        return self._delegate("loglikelihood", requests)
+
+    def generate_until_multi_round(self, requests: list) -> list:
+        return self._delegate("generate_until_multi_round", requests)

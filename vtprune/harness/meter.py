@@ -1,0 +1,201 @@
+"""Per-``generate()`` measurements of one model instance: timings, memory, tokens and what was kept.
+
+Benchmark wrappers call ``model.generate`` in their own code, so the meter observes it from the
+outside: forward hooks time the prefill (the first forward of a call, the one whose cache is
+empty) and the decode steps, and a wrapper on the instance's ``generate`` times the whole call,
+reads the peak GPU memory and takes the prune record of the prefill. Everything is removable;
+no class is patched.
+
+A generation that raises is counted and, by default, re-raised as :class:`RunFailed`, a
+``BaseException``: benchmark wrappers (lmms-eval's among them) catch ``Exception`` around
+``generate()`` and turn it into an empty answer, which would make a pruning bug look like a bad
+score. With ``fail_loudly=False`` the original exception goes on to the caller (the wrapper then
+records its empty answer) and :attr:`GenerationMeter.failures` says how many there were.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compat import get_cache
+from ..handle import PruneHandle
+from ..input_stage import bind_arguments
+from .flops import DecoderShape
+
+
+class RunFailed(BaseException):  # noqa: N818 - named for what happened, like KeyboardInterrupt
+    """A vtprune benchmark run cannot go on (a ``generate()`` raised, or the model could not be set up).
+
+    Deliberately not an ``Exception``: lmms-eval catches ``Exception`` around ``generate()`` (an empty
+    answer) and around the whole evaluation (a traceback, then exit code 0), so only a
+    ``BaseException`` reliably stops the run and makes the process fail.
+    """
+
+
+@dataclass
+class SampleMeasurement:
+    """One batch row of one ``generate()`` call."""
+
+    visual_tokens: dict[str, int]
+    """Visual tokens of the row before pruning ("before") and after each stage."""
+    kept: list[list[int]]
+    """Kept token indices of each image / video of the row, after the last stage."""
+    layer_lengths: list[int]
+    """Tokens that entered each decoder layer (padding excluded)."""
+    prefill_flops: int
+    kv_cache_bytes: int
+    prompt: str = ""
+
+
+@dataclass
+class GenerateMeasurement:
+    """One ``generate()`` call."""
+
+    rows: int
+    ttft_seconds: float
+    """Call start to the end of the prefill forward: image encoding, vtprune's hooks and the prefill."""
+    prefill_seconds: float
+    """The prefill forward alone (the LLM over the pruned sequence, vtprune's hooks included)."""
+    decode_seconds: float
+    decode_tokens: int
+    """Tokens decoded after the prefill, summed over rows (rows x decode steps)."""
+    peak_memory_bytes: int | None
+    """Peak CUDA memory allocated during the call (None on CPU)."""
+    samples: list[SampleMeasurement] = field(default_factory=list)
+
+
+class GenerationMeter:
+    """Measures every ``generate()`` of ``model`` until :meth:`close`; ``handle`` supplies the records."""
+
+    def __init__(
+        self, model: nn.Module, handle: PruneHandle, tokenizer: Any | None = None, fail_loudly: bool = True
+    ) -> None:
+        self.model = model
+        self.fail_loudly = fail_loudly
+        self.handle = handle
+        self.tokenizer = tokenizer
+        self.shape = DecoderShape.of(handle.adapter.text_model)
+        self.calls: list[GenerateMeasurement] = []
+        self.failures: list[str] = []
+        self._call: dict[str, Any] | None = None
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True, prepend=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
+        ]
+        original = model.generate  # the bound method of the class; restored by deleting the attribute
+
+        @functools.wraps(original)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            return self._generate(original, args, kwargs)
+
+        model.generate = generate
+
+    def close(self) -> None:
+        """Remove the hooks and the ``generate`` wrapper."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.model.__dict__.pop("generate", None)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.failures.clear()
+
+    # --- timing --------------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _generate(self, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self._sync()
+        self._call = {"start": time.perf_counter(), "prefill_end": None, "decode_steps": 0, "rows": 0}
+        try:
+            output = original(*args, **kwargs)
+        except Exception as exc:
+            self.failures.append(f"{type(exc).__name__}: {exc}")
+            if not self.fail_loudly:
+                raise
+            raise RunFailed(f"generate() failed under vtprune schedule {self.handle.schedule}: {exc}") from exc
+        finally:
+            call, self._call = self._call, None
+        self._sync()
+        end = time.perf_counter()
+        prefill_end = call["prefill_end"] or end
+        self.calls.append(
+            GenerateMeasurement(
+                rows=call["rows"],
+                ttft_seconds=prefill_end - call["start"],
+                prefill_seconds=call.get("prefill_seconds", 0.0),
+                decode_seconds=end - prefill_end,
+                decode_tokens=call["decode_steps"] * call["rows"],
+                peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                samples=self._samples(call.get("input_ids")),
+            )
+        )
+        return output
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._call is None:
+            return
+        arguments = bind_arguments(module.forward, args, kwargs)
+        cache = get_cache(arguments)
+        self._call["prefilling"] = cache is None or cache.get_seq_length() == 0
+        if self._call["prefilling"]:
+            ids = arguments.get("input_ids")
+            self._call["input_ids"] = ids
+            self._call["rows"] = 0 if ids is None else ids.shape[0]
+            self._sync()
+            self._call["forward_start"] = time.perf_counter()
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        call = self._call
+        if call is None:
+            return
+        if call.get("prefilling"):
+            self._sync()
+            call["prefill_end"] = time.perf_counter()
+            call["prefill_seconds"] = call["prefill_end"] - call["forward_start"]
+            call["prefilling"] = False
+        else:
+            call["decode_steps"] += 1
+
+    # --- records -------------------------------------------------------------------------------
+
+    def _samples(self, input_ids: torch.Tensor | None) -> list[SampleMeasurement]:
+        record = self.handle.last_record
+        if record is None:
+            return []
+        dtype = next(self.model.parameters()).dtype
+        samples = []
+        for row in range(record.layer_lengths.shape[0]):
+            images = record.for_row(row)
+            counts = {"before": sum(image.num_tokens for image in images)}
+            for image in images:
+                for stage, count in image.tokens_after().items():
+                    counts[stage] = counts.get(stage, 0) + count
+            lengths = record.layer_lengths[row].tolist()
+            prompt = ""
+            if self.tokenizer is not None and input_ids is not None:
+                prompt = self.tokenizer.decode(input_ids[row], skip_special_tokens=True)
+            samples.append(
+                SampleMeasurement(
+                    visual_tokens=counts,
+                    kept=[[] if image.kept is None else image.kept.tolist() for image in images],
+                    layer_lengths=lengths,
+                    prefill_flops=self.shape.prefill_flops(lengths),
+                    kv_cache_bytes=self.shape.kv_cache_bytes(lengths, dtype.itemsize),
+                    prompt=prompt,
+                )
+            )
+        return samples

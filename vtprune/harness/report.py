@@ -1,0 +1,67 @@
+"""A sweep's results as a markdown table and a plot (score and retained % against kept tokens)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sweep import Run
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_table(runs: Sequence[Run]) -> str:
+    """One row per run: score, retained %, visual tokens, FLOPs, timings, memory."""
+    header = (
+        "| schedule | score | retained % | visual tokens kept | prefill TFLOPs | TTFT ms | prefill ms "
+        "| decode tok/s | KV cache MiB | peak GPU MiB | failed |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for run in runs:
+        peak = None if run.peak_memory_bytes is None else run.peak_memory_bytes / 2**20
+        lines.append(
+            f"| {run.schedule} | {run.score:.4f} | {_fmt(run.retained, '.1f')} "
+            f"| {run.visual_tokens_kept:.1f} / {run.visual_tokens_before:.1f} | {run.prefill_flops / 1e12:.4f} "
+            f"| {1e3 * run.ttft_seconds:.1f} | {1e3 * run.prefill_seconds:.1f} | {run.decode_tokens_per_second:.1f} "
+            f"| {run.kv_cache_bytes / 2**20:.2f} | {_fmt(peak, '.0f')} | {run.failed_generations} |"
+        )
+    return "\n".join(lines)
+
+
+def write_table(runs: Sequence[Run], path: Path) -> None:
+    path.write_text(markdown_table(runs) + "\n")
+
+
+def write_plot(runs: Sequence[Run], path: Path) -> None:
+    """Score and retained % against visual tokens kept, one line per strategy, the baseline as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; works without a display
+    import matplotlib.pyplot as plt
+
+    figure, (score_axis, retained_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    baseline = next((run for run in runs if run.strategy == "none"), None)
+    by_strategy: dict[str, list[Run]] = {}
+    for run in runs:
+        if run is not baseline:
+            by_strategy.setdefault(run.strategy, []).append(run)
+    for strategy, group in sorted(by_strategy.items()):
+        group = sorted(group, key=lambda run: run.visual_tokens_kept)
+        kept = [run.visual_tokens_kept for run in group]
+        score_axis.plot(kept, [run.score for run in group], marker="o", label=strategy)
+        retained_axis.plot(kept, [run.retained or 0.0 for run in group], marker="o", label=strategy)
+    if baseline is not None:
+        score_axis.axhline(baseline.score, color="black", linestyle="--", label="unpruned")
+        retained_axis.axhline(100.0, color="black", linestyle="--", label="unpruned")
+    for axis, label in ((score_axis, "score"), (retained_axis, "retained % of unpruned")):
+        axis.set_xlabel("visual tokens kept per sample")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    score_axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

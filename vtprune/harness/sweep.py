@@ -1,0 +1,244 @@
+"""``vtprune sweep``: the unpruned baseline and every (strategy, budget) of one model, in one job.
+
+All runs go through the same :class:`~vtprune.harness.lmm.VTPruneLMM` (the baseline is the
+``none`` schedule through the same hooks), so prompts, batching and decoding are identical and
+only the pruning differs. After every run the JSON is rewritten (with the markdown table and the
+plot next to it), so an interrupted sweep resumes where it stopped: runs already in the JSON with
+the same model, tasks and settings are skipped.
+
+Data parallel: start it under ``torchrun --nproc_per_node N -m vtprune.cli sweep ...``; lmms-eval
+splits the documents across ranks and gathers the scores, and the sweep gathers every rank's
+measurements before rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..schedule import parse_schedule
+from .meter import GenerateMeasurement
+from .report import write_plot, write_table
+
+BASELINE = "none"
+RESULTS_FILE = "sweep.json"
+
+
+@dataclass
+class Run:
+    """What one schedule did over the tasks."""
+
+    schedule: str
+    strategy: str
+    """The schedule without its budgets: one line per strategy in the plot."""
+    budget: str | None
+    scores: dict[str, dict[str, float]]
+    """task -> metric -> value, as lmms-eval reports them."""
+    score: float
+    """The headline metric (``metric`` of the first task)."""
+    retained: float | None = None
+    """``score`` as a percentage of the baseline's."""
+    visual_tokens_before: float = 0.0
+    visual_tokens_kept: float = 0.0
+    """Mean visual tokens per sample before pruning, and after the last stage."""
+    tokens_per_layer: list[float] = field(default_factory=list)
+    """Mean tokens per sample entering each decoder layer (padding excluded)."""
+    prefill_flops: float = 0.0
+    """Mean analytic LLM prefill FLOPs per sample (vtprune/harness/flops.py)."""
+    kv_cache_bytes: float = 0.0
+    ttft_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_tokens_per_second: float = 0.0
+    peak_memory_bytes: int | None = None
+    failed_generations: int = 0
+    generate_calls: int = 0
+    seconds: float = 0.0
+    samples: list[dict] = field(default_factory=list)
+    """Per batch row of every generate(): visual tokens per stage, kept indices per image, layer lengths."""
+
+
+def _strategy_and_budget(schedule: str) -> tuple[str, str | None]:
+    stages = parse_schedule(schedule).stages
+    budgets = [str(stage.budget) for stage in stages if stage.budget is not None]
+    names = "+".join(
+        f"{stage.strategy.name}{'@' + str(stage.layer) if stage.layer is not None else ''}" for stage in stages
+    )
+    return names, (budgets[0] if budgets else None)
+
+
+def _headline(results: dict[str, Any], tasks: Sequence[str], metric: str | None) -> tuple[dict, float]:
+    scores: dict[str, dict[str, float]] = {}
+    for task in tasks:
+        values = results["results"][task]
+        scores[task] = {
+            key.split(",")[0]: float(value)
+            for key, value in values.items()
+            if isinstance(value, (int, float)) and "_stderr" not in key and key != "alias"
+        }
+    first = scores[tasks[0]]
+    if metric is None:
+        metric = next(iter(first))
+    if metric not in first:
+        raise ValueError(f"metric {metric!r} not reported by task {tasks[0]!r}; it reports {sorted(first)}")
+    return scores, first[metric]
+
+
+def _measure(run: Run, calls: Sequence[GenerateMeasurement], failures: int) -> None:
+    samples = [sample for call in calls for sample in call.samples]
+    run.generate_calls, run.failed_generations = len(calls), failures
+    if samples:
+        run.visual_tokens_before = statistics.fmean(s.visual_tokens["before"] for s in samples)
+        run.visual_tokens_kept = statistics.fmean(list(s.visual_tokens.values())[-1] for s in samples)
+        layers = len(samples[0].layer_lengths)
+        run.tokens_per_layer = [statistics.fmean(s.layer_lengths[i] for s in samples) for i in range(layers)]
+        run.prefill_flops = statistics.fmean(s.prefill_flops for s in samples)
+        run.kv_cache_bytes = statistics.fmean(s.kv_cache_bytes for s in samples)
+        run.samples = [asdict(s) for s in samples]
+    if calls:
+        run.ttft_seconds = statistics.fmean(c.ttft_seconds for c in calls)
+        run.prefill_seconds = statistics.fmean(c.prefill_seconds for c in calls)
+        decode_seconds = sum(c.decode_seconds for c in calls)
+        run.decode_tokens_per_second = sum(c.decode_tokens for c in calls) / decode_seconds if decode_seconds else 0.0
+        peaks = [c.peak_memory_bytes for c in calls if c.peak_memory_bytes is not None]
+        run.peak_memory_bytes = max(peaks) if peaks else None
+
+
+def _gather(calls: list[GenerateMeasurement], failures: int) -> tuple[list[GenerateMeasurement], int]:
+    """Every rank's measurements, on every rank (identity in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return calls, failures
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (calls, failures))
+    return [call for part, _ in gathered for call in part], sum(count for _, count in gathered)
+
+
+def _versions() -> dict[str, str]:
+    import lmms_eval
+    import transformers
+
+    import vtprune
+
+    return {
+        "vtprune": vtprune.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lmms_eval": getattr(lmms_eval, "__version__", "unknown"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
+def run_sweep(
+    pretrained: str,
+    tasks: Sequence[str],
+    schedules: Sequence[str],
+    output_dir: str | Path,
+    *,
+    include_path: str | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 1,
+    model_args: dict[str, Any] | None = None,
+    metric: str | None = None,
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+) -> list[Run]:
+    """Evaluate the baseline and each schedule on ``tasks``; write ``sweep.json``, ``sweep.md`` and ``sweep.png``.
+
+    ``model_args`` go to :class:`VTPruneLMM` (and through it to the backbone wrapper), ``metric``
+    names the headline metric (default: the first one the first task reports). Returns the runs,
+    baseline first.
+    """
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from .lmm import VTPruneLMM
+
+    output_dir = Path(output_dir)
+    ordered = [BASELINE] + [s for s in dict.fromkeys(schedules) if s != BASELINE]
+    for schedule in ordered:
+        parse_schedule(schedule)  # a typo fails before the model loads
+    settings = {
+        "pretrained": str(pretrained),
+        "tasks": list(tasks),
+        "limit": limit,
+        "batch_size": batch_size,
+        "model_args": model_args or {},
+        "metric": metric,
+        "seed": seed,
+    }
+    done = _load_done(output_dir / RESULTS_FILE, settings) if resume else {}
+    lm = VTPruneLMM(pretrained, seed=seed, batch_size=batch_size, **(model_args or {}))
+    task_manager = TaskManager(include_path=include_path, model_name="vtprune")  # index the tasks once
+    is_writer = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate set RANK on every process
+    runs: list[Run] = []
+    try:
+        for schedule in tqdm(ordered, desc="vtprune sweep", disable=not (progress and is_writer)):
+            if schedule in done:
+                runs.append(done[schedule])
+                continue
+            lm.set_schedule(schedule)
+            start = time.perf_counter()
+            results = simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                task_manager=task_manager,
+                limit=limit,
+                batch_size=batch_size,
+                bootstrap_iters=0,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+            calls, failures = _gather(list(lm.meter.calls), len(lm.meter.failures))
+            if not is_writer:
+                continue
+            strategy, budget = _strategy_and_budget(schedule)
+            scores, score = _headline(results, tasks, metric)
+            run = Run(schedule=schedule, strategy=strategy, budget=budget, scores=scores, score=score)
+            _measure(run, calls, failures)
+            run.seconds = time.perf_counter() - start
+            runs.append(run)
+            _write(output_dir, settings, runs)
+    finally:
+        lm.close()
+    if is_writer:
+        _write(output_dir, settings, runs)
+    return runs
+
+
+def _retained(runs: list[Run]) -> None:
+    baseline = next((run for run in runs if run.schedule == BASELINE), None)
+    for run in runs:
+        run.retained = 100 * run.score / baseline.score if baseline is not None and baseline.score else None
+
+
+def _write(output_dir: Path, settings: dict[str, Any], runs: list[Run]) -> None:
+    _retained(runs)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": settings, "versions": _versions(), "runs": [asdict(run) for run in runs]}
+    (output_dir / RESULTS_FILE).write_text(json.dumps(payload, indent=1))
+    write_table(runs, output_dir / "sweep.md")
+    write_plot(runs, output_dir / "sweep.png")
+
+
+def _load_done(path: Path, settings: dict[str, Any]) -> dict[str, Run]:
+    """Runs of an earlier, interrupted sweep with the same settings (nothing if the settings changed)."""
+    if not path.exists():
+        return {}
+    payload = json.loads(path.read_text())
+    if payload.get("settings") != settings:
+        return {}
+    return {run["schedule"]: Run(**run) for run in payload["runs"]}
