@@ -3,13 +3,14 @@
 A strategy sees a :class:`TokenContext` (the tokens of one image or video at one point of the
 model, plus whatever extra inputs it declared in ``needs``) and returns the sorted indices it
 keeps. It knows nothing about model classes; the engine builds the context and applies the
-result. The same ``select`` is what :func:`vtprune.select` calls on plain tensors.
+result. The engine hands the images of a forward over in groups (``select_batch``), so a
+strategy may share work across images; :func:`vtprune.select` on plain tensors is a group of one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -116,6 +117,15 @@ class Strategy:
         """
         raise NotImplementedError
 
+    def select_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
+        """``select`` for each of several images, which the engine groups so that their ``features`` have the same
+        shape and their ``keep`` is the same (other inputs may differ per image).
+
+        Override it to share work across images (one greedy loop for the group instead of one per image); the
+        result for an image must not depend on the other images of its group.
+        """
+        return [self.select(ctx) for ctx in contexts]
+
     def scores(self, ctx: TokenContext) -> Tensor | None:
         """(N,) the per-token score this strategy ranks by (higher: kept sooner), or None if it has none.
 
@@ -135,16 +145,26 @@ class Strategy:
 class GreedyStrategy(Strategy):
     """A strategy that picks tokens one at a time; the keep set for k is the first k of its order.
 
-    Subclasses implement :meth:`order`. Because every budget's keep set is a prefix of the same
-    order, one call to :meth:`order` with the largest budget serves a whole sweep (nesting).
+    Subclasses implement :meth:`order` (one image) or :meth:`order_batch` (a group of images at
+    once; the built-in ones do, and their ``order`` is a group of one). Because every budget's keep
+    set is a prefix of the same order, one call with the largest budget serves a whole sweep (nesting).
     """
 
     def order(self, ctx: TokenContext) -> Tensor:
         """Return the first ``ctx.keep`` picks, in the order they were picked."""
-        raise NotImplementedError
+        if type(self).order_batch is GreedyStrategy.order_batch:  # each default calls the other
+            raise NotImplementedError(f"{type(self).__name__} must implement order or order_batch")
+        return self.order_batch([ctx])[0]
+
+    def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
+        """:meth:`order` for each image of a group (same features shape, same ``keep``; see ``select_batch``)."""
+        return [self.order(ctx) for ctx in contexts]
 
     def select(self, ctx: TokenContext) -> Tensor:
         return self.order(ctx).sort().values
+
+    def select_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
+        return [order.sort().values for order in self.order_batch(contexts)]
 
     def scores(self, ctx: TokenContext) -> Tensor | None:
         """Pick order as a score: 1 for the first pick down to 1/N for the last (of the full order)."""

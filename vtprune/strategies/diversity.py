@@ -1,9 +1,19 @@
-"""Greedy diversity building blocks shared by DivPrune, ToDRE and the zeroth-order method."""
+"""Greedy diversity building blocks shared by DivPrune, ToDRE and the zeroth-order method.
+
+The greedy loops run a whole group of images at once: matrices are (..., N, N) with any leading
+batch dimensions, per-image picks are (...) index tensors, and each step is a few tensor ops for
+the group (no Python work per token or per image, no host synchronisation). Every op in a loop is
+elementwise, a min/max or an argmax, so a group gets bit for bit the picks each image gets alone.
+"""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
+
+from .base import TokenContext
 
 #: Floor on row norms so zero rows get cosine 0 to everything (distance 1) instead of NaN.
 _NORM_EPS = 1e-12
@@ -22,27 +32,45 @@ def cosine_distances(features: Tensor) -> Tensor:
     return 1.0 - cosine_similarities(features)
 
 
-def most_isolated(dist: Tensor) -> int:
-    """The token whose nearest neighbour is farthest: ``argmax_j min_{i != j} d(i, j)`` (first on ties)."""
+def stacked_similarities(contexts: Sequence[TokenContext]) -> Tensor:
+    """(B, N, N) float64 cosine similarities of each image's features, for a group of images.
+
+    Built image by image: a batched matmul may sum in another order than one image's (small sizes
+    take another kernel), and the greedy meets near-ties, so the group must see exactly the
+    matrices each image gets alone.
+    """
+    return torch.stack([cosine_similarities(ctx.features) for ctx in contexts])
+
+
+def rows(matrix: Tensor, index: Tensor) -> Tensor:
+    """Row ``index[b]`` of each image's matrix: (..., N, N) and (...) -> (..., N)."""
+    return matrix.gather(-2, index[..., None, None].expand(*index.shape, 1, matrix.shape[-1])).squeeze(-2)
+
+
+def most_isolated(dist: Tensor) -> Tensor:
+    """(...) per image the token whose nearest neighbour is farthest, ``argmax_j min_{i != j} d(i, j)``
+    (first on ties)."""
     # The diagonal is "distance to itself", excluded from the nearest-neighbour minimum.
-    return int(dist.clone().fill_diagonal_(float("inf")).min(dim=1).values.argmax())
+    itself = torch.eye(dist.shape[-1], dtype=torch.bool, device=dist.device)
+    return dist.masked_fill(itself, torch.inf).min(dim=-1).values.argmax(dim=-1)
 
 
-def farthest_point_order(dist: Tensor, first: int, count: int) -> Tensor:
-    """Greedy k-center: start at ``first``, then repeatedly the token farthest from the chosen set.
+def farthest_point_order(dist: Tensor, first: Tensor, count: int) -> Tensor:
+    """Greedy k-center per image: start at ``first``, then repeatedly the token farthest from the chosen set.
 
-    A running min-distance vector keeps it O(count·N); chosen tokens are masked with -inf so exact
-    duplicates are never picked twice; ties go to the lower index (``argmax``).
+    ``dist`` (..., N, N), ``first`` (...) -> picks (..., count). A running min-distance vector keeps it
+    O(count·N) per image; chosen tokens are masked with -inf so exact duplicates are never picked twice;
+    ties go to the lower index (``argmax``).
     """
     picks = [first]
-    to_set = dist[first].clone()
-    to_set[first] = -torch.inf
+    to_set = rows(dist, first)
+    to_set.scatter_(-1, first[..., None], -torch.inf)
     for _ in range(count - 1):
-        j = int(to_set.argmax())
+        j = to_set.argmax(dim=-1)
         picks.append(j)
-        torch.minimum(to_set, dist[j], out=to_set)
-        to_set[j] = -torch.inf
-    return torch.tensor(picks, dtype=torch.int64)
+        torch.minimum(to_set, rows(dist, j), out=to_set)
+        to_set.scatter_(-1, j[..., None], -torch.inf)
+    return torch.stack(picks, dim=-1)
 
 
 def pick_distances(dist: Tensor, order: Tensor) -> Tensor:

@@ -9,15 +9,35 @@ one schedule: ``"todre:25%+todre_relevance"``.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, Strategy, TokenContext
-from .diversity import cosine_distances, cosine_similarities, farthest_point_order, most_isolated, pick_distances
+from .diversity import cosine_distances, farthest_point_order, most_isolated, pick_distances, rows, stacked_similarities
 from .registry import register_strategy
 
 METHODS = ("k-center", "max-sum")
+
+
+def max_sum_order(similarity: Tensor, first: Tensor, count: int) -> Tensor:
+    """Greedy max-sum diversity per image: from ``first``, repeatedly the token whose summed similarity
+    to the chosen set is least.
+
+    ``similarity`` (..., N, N), ``first`` (...) -> picks (..., count). A running sum
+    ``s_j = sum_{i in S} cos(V_i, V_j)`` makes it O(count·N) per image; chosen tokens are masked with
+    +inf; ties go to the lower index (``argmin``).
+    """
+    picks = [first]
+    running = rows(similarity, first)
+    running.scatter_(-1, first[..., None], torch.inf)
+    for _ in range(count - 1):
+        j = running.argmin(dim=-1)
+        picks.append(j)
+        running += rows(similarity, j)
+        running.scatter_(-1, j[..., None], torch.inf)
+    return torch.stack(picks, dim=-1)
 
 
 @register_strategy("todre")
@@ -43,22 +63,16 @@ class ToDRE(GreedyStrategy):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
 
-    def order(self, ctx: TokenContext) -> Tensor:
+    def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
+        similarity = stacked_similarities(contexts)
+        dist = 1.0 - similarity
+        first = most_isolated(dist)  # the pivot of images without a [CLS]
+        for image, ctx in enumerate(contexts):
+            if ctx.cls_attention is not None:
+                first[image] = ctx.cls_attention.argmax()
         if self.method == "k-center":
-            dist = cosine_distances(ctx.features)
-            first = most_isolated(dist) if ctx.cls_attention is None else int(ctx.cls_attention.argmax())
-            return farthest_point_order(dist, first, ctx.keep)
-        similarity = cosine_similarities(ctx.features)
-        first = most_isolated(1.0 - similarity) if ctx.cls_attention is None else int(ctx.cls_attention.argmax())
-        picks = [first]
-        running = similarity[first].clone()
-        running[first] = torch.inf
-        for _ in range(ctx.keep - 1):
-            j = int(running.argmin())
-            picks.append(j)
-            running += similarity[j]
-            running[j] = torch.inf
-        return torch.tensor(picks, dtype=torch.int64)
+            return list(farthest_point_order(dist, first, contexts[0].keep))
+        return list(max_sum_order(similarity, first, contexts[0].keep))
 
     def scores(self, ctx: TokenContext) -> Tensor:
         """k-center: each token's cosine distance to the tokens picked before it; max-sum: pick order."""

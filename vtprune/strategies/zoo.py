@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
 from .base import INPUT_STAGE, GreedyStrategy, TokenContext
-from .diversity import cosine_similarities
+from .diversity import rows, stacked_similarities
 from .registry import register_strategy
 
 
@@ -23,7 +25,8 @@ class ZOOPrune(GreedyStrategy):
        bf16 ulp). ``S`` is min-max normalised to ``Ŝ``.
     2. Selection. First ``argmax Ŝ``; then ``argmax_{i not chosen} Ŝ(i)·(1 - max_{j chosen} cos(Z_i, Z_j))``
        with ``Z`` the projected tokens (the paper's product form, which beat a sum). A running
-       maximum keeps the loop O(kN).
+       maximum keeps the loop O(kN), and a group of images runs as one loop (the projector passes
+       stay per image: each draws its own directions).
 
     Cost: ``2·directions`` projector passes over the image's tokens — at the defaults (64) about
     as many FLOPs as a 7B prefill on LLaVA-1.5, so ``eval/bench_selection.py`` reports it; the
@@ -70,23 +73,30 @@ class ZOOPrune(GreedyStrategy):
         """The min-max normalised sensitivity ``Ŝ`` (the first factor of the greedy's criterion)."""
         return _normalised(self.sensitivity(ctx))
 
-    def order(self, ctx: TokenContext) -> Tensor:
-        score = _normalised(self.sensitivity(ctx)).double()
-        similarity = cosine_similarities(ctx.features).to(score.device)
-        first = int(score.argmax())
-        picks = [first]
-        closest = similarity[first].clone()  # max cos to the chosen set
-        chosen = torch.zeros_like(score, dtype=torch.bool)
-        chosen[first] = True
-        for _ in range(ctx.keep - 1):
-            j = int((score * (1 - closest)).masked_fill_(chosen, -torch.inf).argmax())
-            picks.append(j)
-            chosen[j] = True
-            torch.maximum(closest, similarity[j], out=closest)
-        return torch.tensor(picks, dtype=torch.int64)
+    def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
+        score = torch.stack([_normalised(self.sensitivity(ctx)).double() for ctx in contexts])
+        return list(product_order(score, stacked_similarities(contexts).to(score.device), contexts[0].keep))
 
     def __repr__(self) -> str:
         return f"ZOOPrune(directions={self.directions}, step={self.step}, rank={self.rank})"
+
+
+def product_order(score: Tensor, similarity: Tensor, count: int) -> Tensor:
+    """Per image ``argmax score``, then repeatedly ``argmax_{i not chosen} score(i)·(1 - max_{j chosen} cos(i, j))``.
+
+    ``score`` (..., N), ``similarity`` (..., N, N) -> picks (..., count); a running maximum keeps it O(count·N) per
+    image. Ties go to the lower index; chosen tokens are masked.
+    """
+    first = score.argmax(dim=-1)
+    picks = [first]
+    closest = rows(similarity, first)  # max cos to the chosen set
+    chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, first[..., None], True)
+    for _ in range(count - 1):
+        j = (score * (1 - closest)).masked_fill_(chosen, -torch.inf).argmax(dim=-1)
+        picks.append(j)
+        chosen.scatter_(-1, j[..., None], True)
+        torch.maximum(closest, rows(similarity, j), out=closest)
+    return torch.stack(picks, dim=-1)
 
 
 def _normalised(score: Tensor) -> Tensor:
