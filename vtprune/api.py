@@ -98,7 +98,7 @@ def select(
     budget = None if keep is None and keep_ratio is None else Budget(keep=keep, keep_ratio=keep_ratio)
     if chosen.needs_budget and budget is None:
         raise BudgetError(f"strategy {chosen.name!r} needs a budget: pass keep= or keep_ratio=")
-    return select_tokens(chosen, budget, features, inputs, newlines=newlines)
+    return select_tokens(chosen, budget, [(features, inputs)], newlines=newlines)[0]
 
 
 def scores(

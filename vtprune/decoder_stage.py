@@ -1,9 +1,10 @@
 """Stage B: prune visual tokens inside the decoder, from layer K on, during prefill.
 
 The text model hands the same causal mask and the same (cos, sin) tables to every layer, so a
-pre-hook sits on every layer from the first pruning layer on. At a pruning layer it selects per
-image and packs the hidden states, the rotary tables and the mask with one layout; later layers
-get the packed versions. Decode steps give layers >= K a mask sized against cache layer K.
+pre-hook sits on every layer from the first pruning layer on. At a pruning layer it selects for
+all images at once (images with as many tokens left run as one group) and packs the hidden
+states, the rotary tables and the mask with one layout; later layers get the packed versions.
+Decode steps give layers >= K a mask sized against cache layer K.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class DecoderStages:
         keep = state.valid.clone()
         attention = state.attention.pop(layer, None)
         shares = state.cross_shares.pop(layer, None)
+        present, images = [], []  # the items with tokens left at this layer, and what selection sees of each
         for index, item in enumerate(state.items):
             slots = (state.item_of_slot[item.row] == index).nonzero(as_tuple=True)[0]
             if slots.numel() == 0:
@@ -111,12 +113,12 @@ class DecoderStages:
                 cross_shares=None if shares is None else shares[item.row],
                 newline=None if item.newline is None else item.newline[state.token_of_slot[item.row, slots]],
             )
-            with self.handle.timing("selection_seconds"):
-                kept = select_tokens(
-                    stage.strategy, stage.budget, hidden_states[item.row, slots], inputs, newlines=self.handle.newlines
-                )
+            present.append((item, slots))
+            images.append((hidden_states[item.row, slots], inputs))
+        with self.handle.timing("selection_seconds"):
+            kept_per_item = select_tokens(stage.strategy, stage.budget, images, newlines=self.handle.newlines)
+        for (item, slots), (features, inputs), kept in zip(present, images, kept_per_item):
             if self.handle.record_scores:
-                features = hidden_states[item.row, slots]
                 scores = score_tokens(stage.strategy, features, inputs, newlines=self.handle.newlines)
                 if scores is not None:  # from the slots still present to the item's own token order
                     full = torch.full((item.record.num_tokens,), torch.nan)

@@ -1,15 +1,16 @@
 """Stage A: a forward pre-hook on the ``XxxForConditionalGeneration`` that prunes before the LLM.
 
-At prefill it selects per image, shortens the encoder outputs, and packs every sequence tensor
-with one :class:`Layout`, so kept tokens keep their original (1-D or M-RoPE) positions and
-old padding is reclaimed. At each decode step it maps generate()'s original-length mask into
-the pruned layout.
+At prefill it selects for all images at once (images of the same size run as one group),
+shortens the encoder outputs, and packs every sequence tensor with one :class:`Layout`, so kept
+tokens keep their original (1-D or M-RoPE) positions and old padding is reclaimed. At each
+decode step it maps generate()'s original-length mask into the pruned layout.
 """
 
 from __future__ import annotations
 
 import inspect
 import zlib
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -166,11 +167,11 @@ class InputStage:
                 question[row] = embed(self.handle.question_tokens.select(input_ids[row][state.valid[row]]))
         cls_rows = self._cls_rows(encoder_outputs) if "cls_attention" in needs else None
         projector = self.adapter.projector() if "projector" in needs else None
-        kept_by_modality: dict[str, list[Tensor]] = {modality: [] for modality in encoder_outputs}
-        weights_by_modality: dict[str, list[Tensor | None]] = {modality: [] for modality in encoder_outputs}
-        keep = state.valid.clone()
+        images = []  # per item: its features and the inputs selection sees
+        counts: Counter[str] = Counter()
         for item, grid in zip(state.items, grids):
-            index = len(kept_by_modality[item.modality])
+            index = counts[item.modality]  # the item's place among its modality's encoder outputs
+            counts[item.modality] += 1
             inputs = TokenInputs(
                 seed=item.seed,
                 grid=grid,
@@ -184,16 +185,21 @@ class InputStage:
             features = encoder_outputs[item.modality].pooler_output[index]
             if "pre_features" in needs:
                 inputs.pre_features = self.handle.projector_inputs.lookup(features, item.newline)
-            with self.handle.timing("selection_seconds"):
-                if isinstance(self.stage.strategy, MergingStrategy):
-                    kept, weights = merge_tokens(self.stage.strategy, self.stage.budget, features, inputs)
-                else:
-                    kept = select_tokens(
-                        self.stage.strategy, self.stage.budget, features, inputs, newlines=self.handle.newlines
-                    )
-                    weights = None
+            images.append((features, inputs))
+        strategy, budget = self.stage.strategy, self.stage.budget
+        with self.handle.timing("selection_seconds"):
+            if isinstance(strategy, MergingStrategy):
+                chosen = [merge_tokens(strategy, budget, features, inputs) for features, inputs in images]
+            else:
+                chosen = [
+                    (kept, None) for kept in select_tokens(strategy, budget, images, newlines=self.handle.newlines)
+                ]
+        kept_by_modality: dict[str, list[Tensor]] = {modality: [] for modality in encoder_outputs}
+        weights_by_modality: dict[str, list[Tensor | None]] = {modality: [] for modality in encoder_outputs}
+        keep = state.valid.clone()
+        for item, (features, inputs), (kept, weights) in zip(state.items, images, chosen):
             if self.handle.record_scores:  # outside the timing: scores are for looking, not for pruning
-                scores = score_tokens(self.stage.strategy, features, inputs, newlines=self.handle.newlines)
+                scores = score_tokens(strategy, features, inputs, newlines=self.handle.newlines)
                 if scores is not None:
                     item.record.scores_by_stage[INPUT_STAGE] = scores
             kept_by_modality[item.modality].append(kept)

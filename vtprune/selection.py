@@ -1,13 +1,13 @@
-"""One image's selection: budget, candidates and checks around a strategy's ``select``.
+"""Selection for the images of a forward: budget, candidates and checks around a strategy's ``select_batch``.
 
-The hooks and :func:`vtprune.select` both call :func:`select_tokens`, so what researchers run on
-plain tensors is exactly what runs inside a model.
+The hooks and :func:`vtprune.select` (a batch of one image) both call :func:`select_tokens`, so
+what researchers run on plain tensors is exactly what runs inside a model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -41,28 +41,47 @@ class TokenInputs:
 
 @torch.no_grad()  # selection is never part of a training graph
 def select_tokens(
-    strategy: Strategy, budget: Budget | None, features: Tensor, inputs: TokenInputs, newlines: str = "candidate"
-) -> Tensor:
-    """Sorted indices into ``features`` (N, D) that ``strategy`` keeps for one image under ``budget``.
+    strategy: Strategy,
+    budget: Budget | None,
+    images: Sequence[tuple[Tensor, TokenInputs]],
+    newlines: str = "candidate",
+) -> list[Tensor]:
+    """For each image, given as its features (N, D) and inputs, the sorted indices ``strategy`` keeps under ``budget``.
 
-    Newline tokens are ordinary candidates by default, as in DivPrune's reference; with
-    ``newlines="drop"`` they are never kept and the budget counts the other tokens only (as MMTok).
+    Images whose candidates have the same count, width and budget go to the strategy as one group
+    (``Strategy.select_batch``: the greedy strategies run one loop for the group, not one per image);
+    every result is checked on its own. Newline tokens are ordinary candidates by default, as in
+    DivPrune's reference; with ``newlines="drop"`` they are never kept and the budget counts the
+    other tokens only (as MMTok).
     """
-    n = features.shape[0]
-    candidates = torch.arange(n, device=features.device)
-    if newlines == "drop" and inputs.newline is not None:
-        candidates = candidates[~inputs.newline.to(features.device)]
-    available = candidates.numel()
-    if available == 0:
-        return candidates
-    keep = available if budget is None else budget.tokens(available)
-    if keep == available and strategy.needs_budget:
-        return candidates
-    if "attention" in strategy.needs and inputs.attention is None:
-        raise VTPruneError(f"strategy {strategy.name!r} needs attention scores; run it inside the decoder")
-    chosen = strategy.select(token_context(features, keep, inputs, candidates))
-    _check(strategy.name, chosen, keep if strategy.needs_budget else None, available)
-    return candidates[chosen.to(candidates.device)]
+    kept: dict[int, Tensor] = {}
+    pending: dict[int, tuple[Tensor, TokenContext]] = {}  # image -> (candidates, what the strategy sees)
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for image, (features, inputs) in enumerate(images):
+        candidates = _candidates(features, inputs, newlines)
+        available = candidates.numel()
+        if available == 0:
+            kept[image] = candidates
+            continue
+        keep = available if budget is None else budget.tokens(available)
+        if keep == available and strategy.needs_budget:
+            kept[image] = candidates
+            continue
+        if "attention" in strategy.needs and inputs.attention is None:
+            raise VTPruneError(f"strategy {strategy.name!r} needs attention scores; run it inside the decoder")
+        pending[image] = candidates, token_context(features, keep, inputs, candidates)
+        groups.setdefault((available, features.shape[1], keep), []).append(image)
+    for members in groups.values():
+        chosen = strategy.select_batch([pending[image][1] for image in members])
+        if len(chosen) != len(members):
+            raise VTPruneError(
+                f"strategy {strategy.name!r} returned {len(chosen)} selections for {len(members)} images"
+            )
+        for image, indices in zip(members, chosen):
+            candidates, ctx = pending[image]
+            _check(strategy.name, indices, ctx.keep if strategy.needs_budget else None, ctx.num_tokens)
+            kept[image] = candidates[indices.to(candidates.device)]
+    return [kept[image] for image in range(len(images))]
 
 
 @torch.no_grad()
@@ -72,9 +91,7 @@ def score_tokens(
     """(N,) float32 CPU: the score ``strategy`` ranks each token of one image by, NaN where a token is not a
     candidate (``newlines="drop"``); None when the strategy has no score (random, uniform, pooling)."""
     n = features.shape[0]
-    candidates = torch.arange(n, device=features.device)
-    if newlines == "drop" and inputs.newline is not None:
-        candidates = candidates[~inputs.newline.to(features.device)]
+    candidates = _candidates(features, inputs, newlines)
     if candidates.numel() == 0:
         return None
     values = strategy.scores(token_context(features, candidates.numel(), inputs, candidates))
@@ -125,6 +142,14 @@ def token_context(features: Tensor, keep: int, inputs: TokenInputs, candidates: 
         cls_attention=per_token(inputs.cls_attention),
         cross_shares=inputs.cross_shares,
     )
+
+
+def _candidates(features: Tensor, inputs: TokenInputs, newlines: str) -> Tensor:
+    """Indices of the tokens that may be kept: all, or all but the newline tokens (``newlines="drop"``)."""
+    candidates = torch.arange(features.shape[0], device=features.device)
+    if newlines == "drop" and inputs.newline is not None:
+        candidates = candidates[~inputs.newline.to(features.device)]
+    return candidates
 
 
 def _check(name: str, chosen: Tensor, keep: int | None, available: int) -> None:

@@ -1,0 +1,181 @@
+"""Greedy selection runs batched over the images of a forward, with exactly the picks each image gets alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vtprune
+from vtprune.errors import VTPruneError
+from vtprune.schedule import Budget
+from vtprune.selection import TokenInputs, select_tokens
+from vtprune.strategies import DivPrune, GreedyStrategy, Strategy
+from vtprune.strategies.base import TokenContext
+from vtprune.strategies.registry import make_strategy
+
+# (name, options) of every built-in greedy strategy and method/variant.
+GREEDY = [
+    ("divprune", {}),
+    ("todre", {}),
+    ("todre", {"method": "max-sum"}),
+    ("mmtok", {}),
+    ("mmtok", {"variant": "vision"}),
+    ("mmtok", {"variant": "text"}),
+    ("zoo", {"directions": 3}),
+]
+
+# Small sizes and few examples: the machine is shared and a wrong group is cheap to find.
+fast = settings(max_examples=30, deadline=None)
+
+_PROJECTION = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+
+
+def projector(rows: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(rows @ _PROJECTION)
+
+
+def tokens(gen: torch.Generator, n: int, d: int, kind: str) -> torch.Tensor:
+    """Gaussian rows, clusters with exact duplicates, or small integers (many exact ties)."""
+    if kind == "gaussian":
+        return torch.randn(n, d, generator=gen)
+    if kind == "duplicates":
+        centres = torch.randn(max(1, n // 4), d, generator=gen)
+        return centres[torch.randint(len(centres), (n,), generator=gen)]
+    return torch.randint(-2, 3, (n, d), generator=gen).float()
+
+
+@st.composite
+def groups(draw: st.DrawFn) -> list[TokenContext]:
+    """Images with the same token count, width (6, the projector's output) and budget whose other inputs differ:
+    question lengths (some equal, some none or empty), [CLS] pivots or none, pre-projector features or none, seeds."""
+    n, images = draw(st.integers(1, 80)), draw(st.integers(1, 5))
+    keep = draw(st.integers(1, n))
+    kind = draw(st.sampled_from(["gaussian", "duplicates", "integers"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    contexts = []
+    for _ in range(images):
+        words = draw(st.sampled_from([None, 0, 2, 3]))
+        pre = tokens(gen, n, 5, kind)
+        contexts.append(
+            TokenContext(
+                features=projector(pre) if kind == "gaussian" else tokens(gen, n, 6, kind),
+                keep=keep,
+                seed=draw(st.integers(0, 2**31 - 1)),
+                text_embeds=None if words is None else tokens(gen, words, 6, kind),
+                pre_features=pre if draw(st.booleans()) else None,
+                cls_attention=torch.rand(n, generator=gen) if draw(st.booleans()) else None,
+                projector=projector,
+            )
+        )
+    return contexts
+
+
+@pytest.mark.parametrize(("name", "options"), GREEDY, ids=[f"{n}{o}" for n, o in GREEDY])
+@fast
+@given(contexts=groups())
+def test_a_group_picks_what_each_image_picks_alone(name: str, options: dict, contexts: list[TokenContext]) -> None:
+    strategy = make_strategy(name, **options)
+    if name == "zoo":  # it needs every image's pre-projector features
+        contexts = [ctx if ctx.pre_features is not None else _with_pre_features(ctx) for ctx in contexts]
+    together = strategy.order_batch(contexts)
+    assert len(together) == len(contexts)
+    for ctx, order in zip(contexts, together):
+        alone = strategy.order(ctx)
+        assert order.dtype == torch.int64 and torch.equal(order, alone)
+        assert len(set(order.tolist())) == ctx.keep
+    assert all(torch.equal(a, b.sort().values) for a, b in zip(strategy.select_batch(contexts), together))
+
+
+def _with_pre_features(ctx: TokenContext) -> TokenContext:
+    pre = torch.randn(ctx.num_tokens, 5, generator=torch.Generator().manual_seed(ctx.seed))
+    return TokenContext(features=projector(pre), keep=ctx.keep, seed=ctx.seed, pre_features=pre, projector=projector)
+
+
+@pytest.mark.parametrize("name", ["divprune", "mmtok"])
+@fast
+@given(data=st.data())
+def test_the_engine_groups_images_of_a_forward_and_selects_each_as_alone(name: str, data: st.DataObject) -> None:
+    # Images of several sizes, some with newline tokens dropped, one too small to prune: each gets the same
+    # kept indices from select_tokens over the whole list as from select_tokens over itself.
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    budget = Budget(keep_ratio=data.draw(st.sampled_from([0.25, 0.5, 0.9])))
+    images = []
+    for _ in range(data.draw(st.integers(1, 6))):
+        n = data.draw(st.sampled_from([1, 9, 12]))
+        newline = torch.rand(n, generator=gen) < 0.2 if data.draw(st.booleans()) else None
+        words = data.draw(st.sampled_from([0, 3]))
+        inputs = TokenInputs(newline=newline, text_embeds=torch.randn(words, 4, generator=gen))
+        images.append((torch.randn(n, 4, generator=gen), inputs))
+    strategy = make_strategy(name)
+    together = select_tokens(strategy, budget, images, newlines="drop")
+    for image, kept in zip(images, together):
+        assert torch.equal(kept, select_tokens(strategy, budget, [image], newlines="drop")[0])
+
+
+class Counting(DivPrune):
+    """DivPrune that records the size of every group it is given."""
+
+    def __init__(self) -> None:
+        self.groups: list[int] = []
+
+    def order_batch(self, contexts):
+        self.groups.append(len(contexts))
+        return super().order_batch(contexts)
+
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_hooks_select_same_sized_images_as_one_group(models, make_inputs, layer):
+    model = models("llava")  # three images of one size in three rows (one row text-only)
+    inputs = make_inputs(model, "llava", 3)
+    counting = Counting()
+    with torch.no_grad():
+        with vtprune.pruned(model, counting, keep=3, layer=layer) as handle:
+            model(**inputs)
+        with vtprune.pruned(model, "divprune", keep=3, layer=layer) as plain:
+            model(**inputs)
+    assert counting.groups == [3]
+    assert [image.kept.tolist() for image in handle.last_record.images] == [
+        image.kept.tolist() for image in plain.last_record.images
+    ]
+    assert handle.last_record.selection_seconds > 0
+
+
+def test_user_greedy_strategies_implement_order_or_order_batch():
+    class LastFirst(GreedyStrategy):
+        def order(self, ctx):
+            return torch.arange(ctx.num_tokens - 1, ctx.num_tokens - 1 - ctx.keep, -1)
+
+    ctx = TokenContext(features=torch.randn(6, 2), keep=2)
+    assert [o.tolist() for o in LastFirst().order_batch([ctx, ctx])] == [[5, 4], [5, 4]]
+    assert [s.tolist() for s in LastFirst().select_batch([ctx])] == [[4, 5]]
+    with pytest.raises(NotImplementedError, match="order or order_batch"):
+        GreedyStrategy().order(ctx)
+
+
+def test_a_strategy_that_drops_images_from_a_group_is_refused():
+    class Forgetful(Strategy):
+        def select_batch(self, contexts):
+            return [torch.arange(ctx.keep) for ctx in contexts[1:]]
+
+    images = [(torch.randn(5, 2), TokenInputs()) for _ in range(2)]
+    with pytest.raises(VTPruneError, match="1 selections for 2 images"):
+        select_tokens(Forgetful(), Budget(keep=2), images)
+
+
+def test_mmtok_questions_of_other_lengths_leave_an_images_picks_alone():
+    # Padding the shorter question's coverage matrix with zero rows would cover nothing, yet change the order
+    # in which torch sums a column's gain; duplicate tokens (exact ties, broken by that rounding) then pick
+    # otherwise in this case. Images are grouped by question length instead.
+    gen = torch.Generator().manual_seed(13)
+    contexts = []
+    for words in (3, 17):
+        centres = torch.randn(25, 32, generator=gen)
+        features = centres[torch.randint(25, (100,), generator=gen)]
+        text = torch.randn(words, 32, generator=gen)
+        contexts.append(
+            TokenContext(features=features, keep=25, text_embeds=text, pre_features=features[:, :16].contiguous())
+        )
+    mmtok = make_strategy("mmtok")
+    assert [order.tolist() for order in mmtok.order_batch(contexts)] == [mmtok.order(ctx).tolist() for ctx in contexts]
