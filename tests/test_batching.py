@@ -142,6 +142,15 @@ def test_hooks_select_same_sized_images_as_one_group(models, make_inputs, layer)
     assert handle.last_record.selection_seconds > 0
 
 
+def test_groups_are_runs_of_consecutive_same_sized_images_so_strategies_see_batch_order():
+    counting = Counting()
+    sizes = [8, 8, 12, 8, 2, 8]  # the 2-token image is kept whole (budget 2) and never reaches the strategy
+    images = [(torch.randn(n, 3), TokenInputs()) for n in sizes]
+    kept = select_tokens(counting, Budget(keep=2), images)
+    assert counting.groups == [2, 1, 2]
+    assert [k.tolist() for k in kept] == [select_tokens(DivPrune(), Budget(keep=2), [im])[0].tolist() for im in images]
+
+
 def test_user_greedy_strategies_implement_order_or_order_batch():
     class LastFirst(GreedyStrategy):
         def order(self, ctx):

@@ -48,15 +48,16 @@ def select_tokens(
 ) -> list[Tensor]:
     """For each image, given as its features (N, D) and inputs, the sorted indices ``strategy`` keeps under ``budget``.
 
-    Images whose candidates have the same count, width and budget go to the strategy as one group
-    (``Strategy.select_batch``: the greedy strategies run one loop for the group, not one per image);
-    every result is checked on its own. Newline tokens are ordinary candidates by default, as in
+    Consecutive images whose candidates have the same count, width and budget go to the strategy as
+    one group (``Strategy.select_batch``: the greedy strategies run one loop for the group, not one
+    per image), so a strategy still sees the images in batch order; every result is checked on its own. Newline tokens are ordinary candidates by default, as in
     DivPrune's reference; with ``newlines="drop"`` they are never kept and the budget counts the
     other tokens only (as MMTok).
     """
     kept: dict[int, Tensor] = {}
     pending: dict[int, tuple[Tensor, TokenContext]] = {}  # image -> (candidates, what the strategy sees)
-    groups: dict[tuple[int, int, int], list[int]] = {}
+    groups: list[list[int]] = []
+    last = None  # the (count, width, keep) of the group being filled
     for image, (features, inputs) in enumerate(images):
         candidates = _candidates(features, inputs, newlines)
         available = candidates.numel()
@@ -70,8 +71,12 @@ def select_tokens(
         if "attention" in strategy.needs and inputs.attention is None:
             raise VTPruneError(f"strategy {strategy.name!r} needs attention scores; run it inside the decoder")
         pending[image] = candidates, token_context(features, keep, inputs, candidates)
-        groups.setdefault((available, features.shape[1], keep), []).append(image)
-    for members in groups.values():
+        key = (available, features.shape[1], keep)
+        if key != last:
+            groups.append([])
+            last = key
+        groups[-1].append(image)
+    for members in groups:
         chosen = strategy.select_batch([pending[image][1] for image in members])
         if len(chosen) != len(members):
             raise VTPruneError(

@@ -118,8 +118,8 @@ class Strategy:
         raise NotImplementedError
 
     def select_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
-        """``select`` for each of several images, which the engine groups so that their ``features`` have the same
-        shape and their ``keep`` is the same (other inputs may differ per image).
+        """``select`` for each of several images, in batch order: the engine groups consecutive images whose
+        ``features`` have the same shape and whose ``keep`` is the same (other inputs may differ per image).
 
         Override it to share work across images (one greedy loop for the group instead of one per image); the
         result for an image must not depend on the other images of its group.
