@@ -1,4 +1,4 @@
-"""``vtprune`` command line: ``vtprune demo``, ``vtprune viz``, ``vtprune strategies``."""
+"""``vtprune`` command line: ``vtprune demo``, ``vtprune viz``, ``vtprune sweep``, ``vtprune strategies``."""
 
 from __future__ import annotations
 
@@ -10,61 +10,52 @@ import torch
 
 import vtprune
 
-
-def _demo_toy(model, processor, schedule: str, count: int, seed: int) -> None:
-    """Ask the shipped toy VLM questions about generated images, unpruned and pruned."""
-    from .toyvlm.data import make_split
-    from .toyvlm.model import answer
-
-    samples = make_split(seed, count)
-    images, questions = [s.image for s in samples], [s.question for s in samples]
-    start = time.perf_counter()
-    unpruned = answer(model, processor, images, questions)
-    unpruned_seconds = time.perf_counter() - start
-    with vtprune.pruned(model, schedule) as handle:
-        start = time.perf_counter()
-        pruned = answer(model, processor, images, questions)
-        pruned_seconds = time.perf_counter() - start
-    record = handle.last_record
-    for sample, plain, cut, image in zip(samples, unpruned, pruned, record.images):
-        print(
-            f"{sample.question:<40} truth={sample.answer:<8} unpruned={plain:<8} {schedule}={cut:<8} "
-            f"kept {image.kept.numel()}/{image.num_tokens} tokens"
-        )
-    hits = lambda answers: sum(a == s.answer for a, s in zip(answers, samples))  # noqa: E731
-    totals = record.visual_tokens()
-    print(f"\naccuracy: unpruned {hits(unpruned)}/{count}, {schedule} {hits(pruned)}/{count}")
-    print(f"visual tokens per image: {totals['before'] // count} -> {list(totals.values())[-1] // count}")
-    print(f"wall time (generate, batch {count}): unpruned {unpruned_seconds:.2f} s, pruned {pruned_seconds:.2f} s")
-
-
-def _demo_random(schedule: str) -> None:
-    """Fallback when no trained checkpoint is installed: a random-weight LLaVA built from a config."""
-    from .synthetic import RowSpec, build_inputs, build_model
-
-    model = build_model("llava")
-    inputs = build_inputs(model, [RowSpec(images=[(1, 1)]), RowSpec(images=[(1, 1), (1, 1)], text_before=1)])
-    with torch.no_grad(), vtprune.pruned(model, schedule) as handle:
-        tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    print("no trained demo model found: random-weight LLaVA built from a config (answers are token ids)")
-    for row, ids in enumerate(tokens[:, inputs["input_ids"].shape[1] :].tolist()):
-        kept = [f"{image.kept.numel()}/{image.num_tokens}" for image in handle.last_record.for_row(row)]
-        print(f"row {row}: answer token ids {ids}, visual tokens kept per image {kept}")
+from .harness.command import add_sweep_command
+from .toyvlm.data import TEST_SEED
 
 
 def demo(args: argparse.Namespace) -> None:
-    schedule = args.schedule
-    print(f"vtprune demo: schedule {schedule!r}\n")
-    try:
-        from .toyvlm.model import load_toy_model
+    """Ask the shipped toy VLM questions about generated scenes, unpruned and under each schedule; draw the first."""
+    from . import viz as visualise
+    from .toyvlm.data import make_split
+    from .toyvlm.model import answer, load_toy_model, prompt_inputs
 
-        model, processor = load_toy_model(args.model)
-    except (ImportError, FileNotFoundError):
-        if args.model is not None:
-            raise
-        _demo_random(schedule)
-        return
-    _demo_toy(model, processor, schedule, args.count, args.seed)
+    model, processor = load_toy_model(args.model)
+    samples = make_split(args.seed, args.count)
+    images, questions = [s.image for s in samples], [s.question for s in samples]
+    runs: dict[str, tuple[list[str], float, int]] = {}  # name -> answers, seconds, visual tokens per image
+    for schedule in ["none", *args.schedule]:
+        with vtprune.pruned(model, schedule, tokenizer=processor) as handle:
+            start = time.perf_counter()
+            answers = answer(model, processor, images, questions)
+            seconds = time.perf_counter() - start
+        kept = list(handle.last_record.visual_tokens().values())[-1] // args.count
+        runs["unpruned" if schedule == "none" else schedule] = answers, seconds, kept
+    print(f"vtprune demo: the shipped toy LLaVA on {args.count} held-out questions (batched generate())\n")
+    print(f"{'question':<38} {'truth':<9}" + "".join(f"{name:<14}" for name in runs))
+    for index, sample in enumerate(samples):
+        cells = "".join(f"{answers[index]:<14}" for answers, _, _ in runs.values())
+        print(f"{sample.question:<38} {sample.answer:<9}{cells}")
+    print()
+    for name, (answers, seconds, kept) in runs.items():
+        print(
+            f"{name:<14} accuracy {_hits(answers, samples)}/{args.count}  visual tokens per image {kept:>3} of "
+            f"{runs['unpruned'][2]}  generate {seconds:.2f} s"
+        )
+    if args.out and args.schedule:
+        shown = slice(0, min(4, args.count))
+        inputs = prompt_inputs(processor, images[shown], questions[shown])
+        with torch.no_grad(), vtprune.pruned(model, args.schedule[0], tokenizer=processor) as handle:
+            model(**inputs)  # the prefill generate() runs, for the picture
+        picture = visualise.show_kept(
+            handle.last_record, inputs, images[shown], model=model, processor=processor, columns=shown.stop
+        )
+        picture.save(args.out)
+        print(f"\nkept tokens of the first {shown.stop} scenes under {args.schedule[0]} drawn in {args.out}")
+
+
+def _hits(answers: Sequence[str], samples: Sequence) -> int:
+    return sum(a == s.answer for a, s in zip(answers, samples))
 
 
 def viz(args: argparse.Namespace) -> None:
@@ -85,7 +76,10 @@ def viz(args: argparse.Namespace) -> None:
     else:
         image, question = Image.open(args.image).convert("RGB"), args.question or "what is in the image ?"
     inputs = processor(images=[image], text=[build_prompt(question)], return_tensors="pt")
-    with torch.no_grad(), vtprune.pruned(model, args.schedule, record_scores=args.heatmap is not None) as handle:
+    with (
+        torch.no_grad(),
+        vtprune.pruned(model, args.schedule, tokenizer=processor, record_scores=args.heatmap is not None) as handle,
+    ):
         model(**inputs)  # the prefill: what generate() would prune
     record = handle.last_record
     visualise.show_kept(record, inputs, [image], model=model, processor=processor, stages="all").save(args.out)
@@ -102,11 +96,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="answer questions about images, unpruned and pruned")
     demo_parser.add_argument(
-        "--schedule", default="divprune:25%", help="strategy and budget, e.g. 'divprune:16', 'fastv@2:25%%'"
+        "--schedule",
+        nargs="+",
+        default=["divprune:8", "random:8"],
+        help="schedules to compare with the unpruned model, e.g. 'divprune:16' 'fastv@2:25%%'",
     )
     demo_parser.add_argument("--model", default=None, help="folder of a saved toy VLM (default: the shipped one)")
     demo_parser.add_argument("--count", type=int, default=8, help="questions to ask")
-    demo_parser.add_argument("--seed", type=int, default=1234)
+    demo_parser.add_argument("--seed", type=int, default=TEST_SEED, help="split seed (default: the test split)")
+    demo_parser.add_argument("--out", default="vtprune_demo.png", help="PNG of the kept tokens ('' for none)")
     demo_parser.set_defaults(run=demo)
     viz_parser = commands.add_parser("viz", help="draw the visual tokens a schedule keeps on an image (PNG)")
     viz_parser.add_argument("--image", default=None, help="image file (default: a generated scene)")
@@ -115,8 +113,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     viz_parser.add_argument("--out", default="kept.png", help="PNG to write")
     viz_parser.add_argument("--heatmap", default=None, help="also write a heat map of the first stage's scores here")
     viz_parser.add_argument("--model", default=None, help="folder of a saved toy VLM (default: the shipped one)")
-    viz_parser.add_argument("--seed", type=int, default=1234, help="seed of the generated scene")
+    viz_parser.add_argument("--seed", type=int, default=TEST_SEED, help="split seed of the generated scene")
     viz_parser.set_defaults(run=viz)
+    add_sweep_command(commands)
     list_parser = commands.add_parser("strategies", help="list the registered strategies")
     list_parser.set_defaults(run=lambda args: print("\n".join(vtprune.list_strategies())))
     args = parser.parse_args(argv)

@@ -31,17 +31,21 @@ def show_kept(
     videos: Sequence[Any] | None = None,
     processor: Any | None = None,
     stages: str | Sequence[str] = LAST,
+    columns: int | None = None,
 ) -> Image.Image:
     """The kept tokens of every item of ``record`` drawn on the pictures given to the processor.
 
     ``inputs`` are the processed inputs of the run that made the record, ``images`` / ``videos`` what was
     given to the processor (PIL or H x W x C arrays; a video as frames). ``stages``: ``"last"``, ``"all"``
     (one column per stage, e.g. "input", "layer 2": the per-layer view of decoder pruning) or a list of
-    stage names. Kept regions are unchanged pixels; dropped ones are dimmed and hatched.
+    stage names. Kept regions are unchanged pixels; dropped ones are dimmed and hatched. Panels are laid
+    out one stage per column unless ``columns`` says otherwise.
     """
     pairs = _pairs(record, inputs, images, videos, model, processor)
     panels = kept_panels(pairs, images, videos, stages=stages)
-    return grid(panels, columns=len(_stage_names(pairs[0][0], stages)) if pairs else None)
+    if columns is None and pairs:
+        columns = len(_stage_names(pairs[0][0], stages))
+    return grid(panels, columns=columns)
 
 
 def kept_panels(

@@ -1,0 +1,50 @@
+"""Accuracy versus visual tokens of the shipped toy VLM, for every registered strategy (CPU, minutes).
+
+Example: python eval/bench_accuracy.py --samples 300 --threads 2
+Prints a markdown table: accuracy per question type and overall at each budget, with the unpruned
+row, the oracle rows (object tokens only / background tokens only) and seconds per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+from vtprune.toyvlm import load_toy_model, make_split
+from vtprune.toyvlm.benchmark import DEFAULT_BUDGETS, format_table, run_benchmark
+from vtprune.toyvlm.data import TEST_SEED
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="folder of a saved toy VLM (default: the shipped one)")
+    parser.add_argument("--samples", type=int, default=300, help="held-out questions (test split)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(DEFAULT_BUDGETS), help="tokens kept per image")
+    parser.add_argument("--strategies", nargs="+", default=None, help="default: every registered strategy")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, processor = load_toy_model(args.model)
+    samples = make_split(TEST_SEED, args.samples)
+    rows = run_benchmark(
+        model,
+        processor,
+        samples,
+        strategies=args.strategies,
+        budgets=args.budgets,
+        batch_size=args.batch_size,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(
+        f"# toy VLM accuracy vs visual tokens: {args.samples} test questions (seed {TEST_SEED}), "
+        f"{platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}"
+    )
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

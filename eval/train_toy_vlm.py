@@ -1,0 +1,42 @@
+"""Train the toy LLaVA (see vtprune.toyvlm.train for the recipe and the measured figures).
+
+Example: python eval/train_toy_vlm.py --out vtprune/assets/toy_llava --steps 5000 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from vtprune.toyvlm.train import train
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder to save_pretrained the best checkpoint into")
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    best = train(
+        args.out,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        eval_every=args.eval_every,
+        log=lambda line: print(line, flush=True),
+    )
+    print("best held-out (validation) accuracy:", best, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The toy VLM: deterministic data, the shipped checkpoint, and a smoke run of the training script."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+import vtprune
+from vtprune.cli import main
+from vtprune.toyvlm import DEFAULT_PATH, QUESTION_TYPES, answer, build_prompt, evaluate, make_split, object_patch_mask
+from vtprune.toyvlm.benchmark import format_table, run_benchmark, schedules_for
+from vtprune.toyvlm.data import CELL, GRID, TEST_SEED, from_record
+from vtprune.toyvlm.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generator_is_deterministic_and_balanced():
+    a, b = make_split(7, 25), make_split(7, 25)
+    assert [(s.question, s.answer, s.objects) for s in a] == [(s.question, s.answer, s.objects) for s in b]
+    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(a, b))
+    assert [s.qtype for s in a[:5]] == list(QUESTION_TYPES)
+    assert [s.question for s in make_split(8, 25)] != [s.question for s in a]
+
+
+def test_object_patch_mask_covers_objects_only():
+    for s in make_split(3, 50):
+        mask = object_patch_mask(s)
+        assert len(mask) == GRID * GRID == 144
+        assert sum(mask) == len(s.objects)  # each object lies inside one cell, which is one patch
+        pixels = s.image.load()
+        for index, kept in enumerate(mask):
+            row, col = divmod(index, GRID)
+            block = {
+                pixels[x, y] for x in range(col * CELL, (col + 1) * CELL) for y in range(row * CELL, (row + 1) * CELL)
+            }
+            assert (block == {(255, 255, 255)}) != kept
+
+
+def test_the_lmms_eval_task_data_is_the_test_split():
+    lines = (ROOT / "eval" / "tasks" / "vtprune_shapes" / "shapes_test.jsonl").read_text().splitlines()
+    fresh = make_split(TEST_SEED, len(lines))
+    for line, sample in zip(lines, fresh, strict=True):
+        stored = from_record(json.loads(line))
+        assert (stored.question, stored.answer, stored.qtype, stored.objects) == (
+            sample.question,
+            sample.answer,
+            sample.qtype,
+            sample.objects,
+        )
+        assert stored.image.tobytes() == sample.image.tobytes()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The checkpoint in the package, loaded the way a hub checkpoint is."""
+    model = LlavaForConditionalGeneration.from_pretrained(DEFAULT_PATH).eval()
+    return model, AutoProcessor.from_pretrained(DEFAULT_PATH)
+
+
+def test_shipped_checkpoint_answers_held_out_questions(shipped):
+    model, processor = shipped
+    samples = make_split(TEST_SEED, 50)
+    inputs = processor(images=[samples[0].image], text=[build_prompt(samples[0].question)], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 144
+    predicted = answer(model, processor, [s.image for s in samples], [s.question for s in samples])
+    accuracy = sum(p == s.answer for p, s in zip(predicted, samples)) / len(samples)
+    assert accuracy >= 0.9, list(zip(predicted, [s.answer for s in samples]))
+    # evaluate() (one forward, first token) agrees with generate()
+    assert evaluate(model, processor, samples)["overall"] == pytest.approx(accuracy)
+
+
+def test_the_chat_template_puts_the_question_before_the_image_however_it_comes(shipped):
+    _, processor = shipped
+    question = "what colour is the circle ?"
+    as_string = [{"role": "user", "content": f"<image>\n{question}"}]  # lmms-eval's llava_hf prepends the image
+    as_parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    for messages in (as_string, as_parts):
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert processor.tokenizer.tokenize(text) == processor.tokenizer.tokenize(build_prompt(question))
+
+
+def test_token_selection_decides_the_answer(shipped):
+    # The oracle check: the object tokens carry the answers, the background does not.
+    model, processor = shipped
+    samples = make_split(TEST_SEED, 100)
+    objects_only = evaluate(model, processor, samples, keep_fn=object_patch_mask)["overall"]
+    background_only = evaluate(model, processor, samples, keep_fn=lambda s: [not k for k in object_patch_mask(s)])
+    assert objects_only >= 0.9
+    assert background_only["overall"] < 0.5
+
+
+def test_pruned_generate_on_the_shipped_checkpoint_keeps_what_matters(shipped):
+    model, processor = shipped
+    samples = make_split(TEST_SEED, 50)
+    images, questions = [s.image for s in samples], [s.question for s in samples]
+    hits = {}
+    for schedule in ("fastv@2:8", "random:8"):
+        with vtprune.pruned(model, schedule) as handle:
+            predicted = answer(model, processor, images, questions)
+        assert all(image.kept.numel() == 8 for image in handle.last_record.images)
+        hits[schedule] = sum(p == s.answer for p, s in zip(predicted, samples)) / len(samples)
+    assert hits["fastv@2:8"] >= 0.9 > 0.6 > hits["random:8"]
+
+
+def test_the_benchmark_table_has_the_oracles_and_every_strategy(shipped):
+    model, processor = shipped
+    samples = make_split(TEST_SEED, 20)
+    rows = run_benchmark(model, processor, samples, strategies=["divprune", "fastv", "todre_relevance"], budgets=[7])
+    names = [row.name for row in rows]
+    assert names == [
+        "unpruned",
+        "oracle: object tokens only",
+        "oracle: background tokens only",
+        "divprune:7",
+        "fastv@2:7",
+        "todre_relevance",
+        "todre:7+todre_relevance",
+    ]
+    assert rows[3].kept == 7 and rows[0].kept == 144
+    table = format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "| fastv@2:7 | 7.0 |" in table
+    assert set(schedules_for("none", [7], 4)) == {(None, "none")}
+
+
+def test_demo_command_prints_answers_and_draws_the_kept_tokens(tmp_path, capsys):
+    picture = tmp_path / "demo.png"
+    main(["demo", "--count", "4", "--schedule", "divprune:8", "random:8", "--out", str(picture)])
+    out = capsys.readouterr().out
+    assert "divprune:8" in out and "random:8" in out and "accuracy" in out and "of 144" in out
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_short_training_run_saves_a_loadable_folder(tmp_path):
+    tiny = {"vision_hidden": 16, "vision_layers": 1, "text_hidden": 32, "text_layers": 1, "heads": 2}
+    scores = train(tmp_path, steps=2, batch_size=4, warmup=1, sizes=tiny, eval_every=2, eval_samples=5, log=str)
+    assert set(scores) == {*QUESTION_TYPES, "overall"}
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    sample = make_split(0, 1)[0]
+    assert len(answer(model, processor, [sample.image], [sample.question])) == 1

@@ -1,0 +1,135 @@
+"""Accuracy versus visual tokens on the toy VLM: every registered strategy at several budgets, on CPU.
+
+On this task the answer lives in a few object patches and most tokens are plain background, so
+*which* tokens survive decides the score: the two oracle rows (object tokens only, background only)
+bound what a strategy can reach at each budget. Everything is deterministic given the split seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+import vtprune
+from vtprune.strategies import INPUT_STAGE, strategy_class
+from vtprune.toyvlm.data import QUESTION_TYPES, Sample, object_patch_mask
+from vtprune.toyvlm.model import accuracy, predict
+
+#: Visual tokens kept per image (of the toy model's 144): 100 %, 50 %, 25 %, 11 %, 5 %.
+DEFAULT_BUDGETS = (144, 72, 36, 16, 7)
+#: Layer for decoder-only strategies that have no default (FastV's K = 2).
+DECODER_LAYER = 2
+
+
+@dataclass
+class Row:
+    """One line of the table: a schedule (or an oracle), its accuracy and its cost."""
+
+    name: str
+    budget: int | None
+    kept: float
+    """Mean visual tokens per image after the last stage."""
+    accuracy: dict[str, float]
+    seconds_per_sample: float
+
+
+def schedules_for(name: str, budgets: Sequence[int], num_layers: int) -> list[tuple[int | None, str]]:
+    """(budget, schedule string) pairs that run strategy ``name`` at each budget where it acts alone.
+
+    A decoder stage that needs a layer and has no default gets :data:`DECODER_LAYER`; a strategy that
+    decides its own count (``none``, ``todre_relevance``) runs once, without a budget; ToDRE's relevance
+    stage is also shown behind its own diversity stage, as the paper runs it.
+    """
+    cls = strategy_class(name)
+    instance = cls()
+    if INPUT_STAGE in cls.stages:
+        place = ""
+    else:
+        place = "" if instance.default_layer(num_layers) is not None else f"@{DECODER_LAYER}"
+    if not cls.needs_budget:
+        runs: list[tuple[int | None, str]] = [(None, f"{name}{place}")]
+        if name == "todre_relevance":
+            runs += [(k, f"todre:{k}+{name}") for k in budgets]
+        return runs
+    return [(k, f"{name}{place}:{k}") for k in budgets]
+
+
+def _all_tokens(sample: Sample) -> list[bool]:
+    return [True] * len(object_patch_mask(sample))
+
+
+def _background_tokens(sample: Sample) -> list[bool]:
+    return [not k for k in object_patch_mask(sample)]
+
+
+def _batches(samples: Sequence[Sample], size: int) -> list[Sequence[Sample]]:
+    return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
+def _oracle(
+    name: str, keep_fn: Callable[[Sample], list[bool]], model, processor, samples: Sequence[Sample], batch_size: int
+) -> Row:
+    start = time.perf_counter()
+    predictions = [p for chunk in _batches(samples, batch_size) for p in predict(model, processor, chunk, keep_fn)]
+    seconds = (time.perf_counter() - start) / len(samples)
+    kept = sum(sum(keep_fn(s)) for s in samples) / len(samples)
+    return Row(name, None, kept, accuracy(samples, predictions), seconds)
+
+
+def _pruned(schedule: str, budget: int | None, model, processor, samples: Sequence[Sample], batch_size: int) -> Row:
+    predictions: list[str] = []
+    kept = 0
+    start = time.perf_counter()
+    with vtprune.pruned(model, schedule, tokenizer=processor) as handle:
+        for chunk in _batches(samples, batch_size):
+            predictions += predict(model, processor, chunk)
+            kept += list(handle.last_record.visual_tokens().values())[-1]  # the record is per forward
+    seconds = (time.perf_counter() - start) / len(samples)
+    return Row(schedule, budget, kept / len(samples), accuracy(samples, predictions), seconds)
+
+
+def run_benchmark(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    samples: Sequence[Sample],
+    strategies: Sequence[str] | None = None,
+    budgets: Sequence[int] = DEFAULT_BUDGETS,
+    batch_size: int = 50,
+    progress: Callable[[str], None] = lambda line: None,
+) -> list[Row]:
+    """Accuracy per question type of the unpruned model, the oracles, and every strategy at every budget.
+
+    ``strategies`` defaults to every registered one. Accuracy is read from the first answer token of
+    one batched forward per ``batch_size`` samples (answers are one word); pruning runs through the
+    same hooks as ``generate()``. Each row's ``kept`` is the mean visual tokens per image after the
+    last stage.
+    """
+    names = [n for n in (strategies or vtprune.list_strategies()) if n != "none"]
+    num_layers = model.config.text_config.num_hidden_layers
+    rows = [
+        _oracle("unpruned", _all_tokens, model, processor, samples, batch_size),
+        _oracle("oracle: object tokens only", object_patch_mask, model, processor, samples, batch_size),
+        _oracle("oracle: background tokens only", _background_tokens, model, processor, samples, batch_size),
+    ]
+    progress(f"unpruned: overall {rows[0].accuracy['overall']:.3f}")
+    for name in names:
+        for budget, schedule in schedules_for(name, budgets, num_layers):
+            row = _pruned(schedule, budget, model, processor, samples, batch_size)
+            rows.append(row)
+            progress(f"{schedule}: overall {row.accuracy['overall']:.3f}, {row.kept:.1f} tokens kept")
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Markdown table: schedule, kept tokens, accuracy per question type and overall, seconds per sample."""
+    types = [t for t in QUESTION_TYPES if t in rows[0].accuracy]
+    header = ["schedule", "kept/image", *types, "overall", "s/sample"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.name, f"{row.kept:.1f}", *(f"{100 * row.accuracy[t]:.1f}" for t in types)]
+        cells += [f"**{100 * row.accuracy['overall']:.1f}**", f"{row.seconds_per_sample:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
