@@ -39,6 +39,16 @@ class Broken(vtprune.Strategy):
         return torch.arange(ctx.keep) + ctx.num_tokens
 
 
+def toy_sweep(schedules: list[str], output: Path, limit: int = LIMIT):
+    """A sweep of the shipped toy VLM on the offline task."""
+    return run_sweep(
+        str(DEFAULT_PATH), ["vtprune_shapes"], schedules, output, include_path=TASKS, limit=limit, progress=False
+    )
+
+
+SWEEP = ["divprune:16", "divprune:4", "random:16", "random:4"]
+
+
 def test_entry_point_resolves_to_the_vtprune_model():
     assert get_model("vtprune") is VTPruneLMM
 
@@ -90,18 +100,10 @@ def test_flops_formula_is_twice_fastv_for_multi_head_two_matrix_layers():
 
 def test_a_sweep_writes_json_table_and_plot_and_its_baseline_is_the_plain_model(tmp_path, task_manager):
     output = tmp_path / "sweep"
-    runs = run_sweep(
-        str(DEFAULT_PATH),
-        ["vtprune_shapes"],
-        ["divprune:16", "divprune:4", "random:16", "random:4"],
-        output,
-        include_path=TASKS,
-        limit=LIMIT,
-        progress=False,
-    )
+    runs = toy_sweep(SWEEP, output)
     assert [run.schedule for run in runs] == ["none", "divprune:16", "divprune:4", "random:16", "random:4"]
     payload = json.loads((output / "sweep.json").read_text())
-    assert {"torch", "transformers", "lmms_eval", "vtprune"} <= set(payload["versions"])
+    assert {"torch", "transformers", "lmms-eval", "vtprune"} <= set(payload["versions"])
     assert payload["settings"]["seed"] == 0
     baseline, *pruned = payload["runs"]
     assert baseline["visual_tokens_kept"] == baseline["visual_tokens_before"] == 144
@@ -135,29 +137,13 @@ def test_a_sweep_writes_json_table_and_plot_and_its_baseline_is_the_plain_model(
     assert direct["results"]["vtprune_shapes"]["accuracy,none"] == baseline["score"]
 
     # Resuming finds every run done and evaluates nothing again.
-    again = run_sweep(
-        str(DEFAULT_PATH),
-        ["vtprune_shapes"],
-        ["divprune:16", "divprune:4", "random:16", "random:4"],
-        output,
-        include_path=TASKS,
-        limit=LIMIT,
-        progress=False,
-    )
+    again = toy_sweep(SWEEP, output)
     assert [run.seconds for run in again] == [run["seconds"] for run in payload["runs"]]
 
 
 def test_a_broken_strategy_fails_the_sweep_loudly(tmp_path):
     with pytest.raises(RunFailed, match="outside"):
-        run_sweep(
-            str(DEFAULT_PATH),
-            ["vtprune_shapes"],
-            ["broken_for_tests:4"],
-            tmp_path,
-            include_path=TASKS,
-            limit=2,
-            progress=False,
-        )
+        toy_sweep(["broken_for_tests:4"], tmp_path, limit=2)
 
 
 def test_counting_mode_reports_failures_instead_of_stopping(task_manager):
@@ -202,3 +188,24 @@ def test_lmms_eval_command_line_runs_vtprune_and_exits_non_zero_when_pruning_fai
         failed = _lmms_eval(tmp_path, "--model", "vtprune", "--model_args", args, "--limit", "2")
         assert failed.returncode != 0, failed.stdout[-2000:]
         assert "RunFailed" in failed.stderr
+
+
+def test_a_data_parallel_sweep_gathers_every_rank(tmp_path):
+    # Two CPU ranks under torchrun (gloo): lmms-eval splits the documents, the sweep gathers every rank's
+    # measurements, and rank 0 writes what one process would have written.
+    schedules = ["divprune:4"]
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vtprune.cli", "sweep"),
+        *("--include-path", TASKS, "--schedules", *schedules, "--limit", str(LIMIT), "--output", str(tmp_path / "dp")),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parallel = json.loads((tmp_path / "dp" / "sweep.json").read_text())["runs"]
+    single = toy_sweep(schedules, tmp_path / "one")
+    for one, both in zip(single, parallel, strict=True):
+        assert both["schedule"] == one.schedule
+        assert both["scores"] == one.scores
+        assert len(both["samples"]) == len(one.samples) == LIMIT
+        assert both["visual_tokens_kept"] == pytest.approx(one.visual_tokens_kept)
+        assert both["prefill_flops"] == pytest.approx(one.prefill_flops)

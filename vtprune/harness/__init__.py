@@ -5,7 +5,7 @@ a baseline and many schedules in one job; :class:`GenerationMeter` measures any 
 """
 
 from .flops import DecoderShape
-from .meter import GenerateMeasurement, RunFailed, GenerationMeter, SampleMeasurement
+from .meter import GenerateMeasurement, GenerationMeter, RunFailed, SampleMeasurement
 from .presets import Preset, load_preset, preset_names
 
 __all__ = [

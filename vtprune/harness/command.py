@@ -51,7 +51,10 @@ def _with_budget(strategy: str, budget: str) -> str:
 
 
 def run_sweep_command(args: argparse.Namespace) -> None:
-    from lmms_eval.utils import simple_parse_args_string
+    try:
+        from lmms_eval.utils import simple_parse_args_string
+    except ImportError:
+        raise SystemExit("vtprune sweep runs lmms-eval: pip install 'vtprune[eval]'") from None
 
     from .report import markdown_table
     from .sweep import run_sweep

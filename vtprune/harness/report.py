@@ -17,7 +17,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def markdown_table(runs: Sequence[Run]) -> str:
     """One row per run: score, retained %, visual tokens, FLOPs, timings, memory."""
     header = (
-        "| schedule | score | retained % | visual tokens kept | prefill TFLOPs | TTFT ms | prefill ms "
+        "| schedule | score | retained % | visual tokens kept | prefill GFLOPs | TTFT ms | prefill ms "
         "| decode tok/s | KV cache MiB | peak GPU MiB | failed |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -25,7 +25,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
         peak = None if run.peak_memory_bytes is None else run.peak_memory_bytes / 2**20
         lines.append(
             f"| {run.schedule} | {run.score:.4f} | {_fmt(run.retained, '.1f')} "
-            f"| {run.visual_tokens_kept:.1f} / {run.visual_tokens_before:.1f} | {run.prefill_flops / 1e12:.4f} "
+            f"| {run.visual_tokens_kept:.1f} / {run.visual_tokens_before:.1f} | {run.prefill_flops / 1e9:.4g} "
             f"| {1e3 * run.ttft_seconds:.1f} | {1e3 * run.prefill_seconds:.1f} | {run.decode_tokens_per_second:.1f} "
             f"| {run.kv_cache_bytes / 2**20:.2f} | {_fmt(peak, '.0f')} | {run.failed_generations} |"
         )
@@ -38,12 +38,10 @@ def write_table(runs: Sequence[Run], path: Path) -> None:
 
 def write_plot(runs: Sequence[Run], path: Path) -> None:
     """Score and retained % against visual tokens kept, one line per strategy, the baseline as a line."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
-    matplotlib.use("Agg")  # files only; works without a display
-    import matplotlib.pyplot as plt
-
-    figure, (score_axis, retained_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    score_axis, retained_axis = figure.subplots(1, 2)
     baseline = next((run for run in runs if run.strategy == "none"), None)
     by_strategy: dict[str, list[Run]] = {}
     for run in runs:
@@ -64,4 +62,3 @@ def write_plot(runs: Sequence[Run], path: Path) -> None:
     score_axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)

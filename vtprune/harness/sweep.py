@@ -123,16 +123,10 @@ def _gather(calls: list[GenerateMeasurement], failures: int) -> tuple[list[Gener
 
 
 def _versions() -> dict[str, str]:
-    import lmms_eval
-    import transformers
-
-    import vtprune
+    from importlib.metadata import version
 
     return {
-        "vtprune": vtprune.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lmms_eval": getattr(lmms_eval, "__version__", "unknown"),
+        **{name: version(name) for name in ("vtprune", "torch", "transformers", "lmms-eval")},
         "python": platform.python_version(),
         "machine": platform.machine(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -181,7 +175,8 @@ def run_sweep(
     done = _load_done(output_dir / RESULTS_FILE, settings) if resume else {}
     lm = VTPruneLMM(pretrained, seed=seed, batch_size=batch_size, **(model_args or {}))
     task_manager = TaskManager(include_path=include_path, model_name="vtprune")  # index the tasks once
-    is_writer = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate set RANK on every process
+    is_writer = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate set RANK and WORLD_SIZE
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     runs: list[Run] = []
     try:
         for schedule in tqdm(ordered, desc="vtprune sweep", disable=not (progress and is_writer)):
@@ -201,6 +196,8 @@ def run_sweep(
                 numpy_random_seed=seed,
                 torch_random_seed=seed,
                 fewshot_random_seed=seed,
+                # Under torchrun: lmms-eval's torch.distributed path (gloo on CPU, where accelerate sees one process).
+                distributed_executor_backend="torchrun" if world_size > 1 else "accelerate",
             )
             calls, failures = _gather(list(lm.meter.calls), len(lm.meter.failures))
             if not is_writer:
