@@ -1,9 +1,9 @@
 """LLM prefill time, unpruned vs pruned, side by side in one run, for every supported model class.
 
-For each class a random-weight model of a realistic mid size (hidden 256, 8 layers; 576 visual
-tokens per LLaVA / Qwen image, AnyRes adds tiles) runs the prefill that generate() runs: images
-are encoded once beforehand (as generate() does), so the timed part is the LLM plus vtprune's
-hooks. Runs are interleaved and the minimum of ``--repeats`` is kept, which suppresses noise from
+For each class a random-weight model (by default hidden 256, 8 layers; ``--hidden`` / ``--layers``
+for bigger ones; 576 visual tokens per LLaVA / Qwen image, AnyRes adds tiles) runs the prefill that
+generate() runs: images are encoded once beforehand (as generate() does), so the timed part is the
+LLM plus vtprune's hooks. Runs are interleaved and the minimum of ``--repeats`` is kept, which suppresses noise from
 other processes on a shared machine.
 
 Printed per (class, schedule): measured speedup, the token-count bound (unpruned tokens summed over
@@ -11,6 +11,7 @@ layers / pruned tokens summed over layers, i.e. the speedup if time were linear 
 ratio, and the time spent in vtprune's hooks and in selection as a share of the unpruned prefill.
 
     python eval/bench_prefill.py                      # all classes, default schedules
+    python eval/bench_prefill.py --hidden 1024 --layers 8 --repeats 3  # closer to a real model's costs
     python eval/bench_prefill.py --kinds llava --repeats 7 --device cuda --dtype bfloat16
 """
 
@@ -20,6 +21,7 @@ import argparse
 import platform
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -59,7 +61,8 @@ def timed_prefill(model: torch.nn.Module, inputs: dict, device: torch.device) ->
 
 def bench_kind(kind: str, schedules: list[str], args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
-    model = build_model(kind, MID).to(device=device, dtype=args.dtype)
+    size = replace(MID, hidden=args.hidden, layers=args.layers, heads=args.hidden // 32, kv_heads=args.hidden // 64)
+    model = build_model(kind, size).to(device=device, dtype=args.dtype)
     inputs = build_inputs(model, image_rows(kind, args.batch))
     inputs = {k: v.to(device) if not v.is_floating_point() else v.to(device, args.dtype) for k, v in inputs.items()}
     inputs = prefill_inputs(model, inputs)
@@ -103,6 +106,8 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(MODEL_KINDS), choices=MODEL_KINDS)
     parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--hidden", type=int, default=MID.hidden, help="text hidden size (heads of 32 dims, GQA 2:1)")
+    parser.add_argument("--layers", type=int, default=MID.layers, help="decoder layers")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -115,7 +120,10 @@ def main() -> None:
         if args.device.startswith("cuda")
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
-    print(f"# prefill benchmark: {machine}, {args.dtype}, batch {args.batch}, min of {args.repeats} interleaved runs")
+    print(
+        f"# prefill benchmark: {machine}, {args.dtype}, batch {args.batch}, hidden {args.hidden}, {args.layers} layers, "
+        f"min of {args.repeats} interleaved runs"
+    )
     header = [
         "class",
         "schedule",

@@ -5,7 +5,6 @@ import torch
 from transformers import StaticCache
 
 import vtprune
-from vtprune.compat import CACHE_KWARG, output_cache
 from vtprune import (
     AlreadyPrunedError,
     BudgetError,
@@ -14,6 +13,7 @@ from vtprune import (
     UnsupportedCacheError,
     UnsupportedModelError,
 )
+from vtprune.compat import CACHE_KWARG, output_cache
 from vtprune.schedule import BudgetWarning
 
 

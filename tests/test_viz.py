@@ -29,7 +29,6 @@ import vtprune
 from vtprune import viz
 from vtprune.synthetic import RowSpec, build_inputs
 
-
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
@@ -432,7 +431,8 @@ def test_beam_expanded_rows_map_to_their_images(models):
 
 def test_cli_viz_writes_a_png(tmp_path, capsys):
     from vtprune.cli import main
-    from vtprune.toyvlm.model import build_model as build_toy, build_processor
+    from vtprune.toyvlm.model import build_model as build_toy
+    from vtprune.toyvlm.model import build_processor
 
     processor = build_processor()
     model = build_toy(processor, sizes={"vision_hidden": 16, "text_hidden": 32, "text_layers": 2, "heads": 2})
