@@ -1,6 +1,7 @@
-"""Accuracy versus visual tokens of the shipped toy VLM, for every registered strategy (CPU, minutes).
+"""Accuracy versus visual tokens of a shipped toy VLM, for every registered strategy (CPU, minutes).
 
-Example: python eval/bench_accuracy.py --samples 300 --threads 2
+Examples: python eval/bench_accuracy.py --samples 300 --threads 2
+          python eval/bench_accuracy.py --model vtprune/assets/toy_qwen2_vl --samples 300 --threads 2
 Prints a markdown table: accuracy per question type and overall at each budget, with the unpruned
 row, the oracle rows (object tokens only / background tokens only) and seconds per sample.
 """
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(
-        f"# toy VLM accuracy vs visual tokens: {args.samples} test questions (seed {TEST_SEED}), "
+        f"# toy VLM ({type(model).__name__}) accuracy vs visual tokens: {args.samples} test questions (seed {TEST_SEED}), "
         f"{platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}"
     )
     print(format_table(rows))

@@ -1,6 +1,7 @@
-"""Train the toy LLaVA (see vtprune.toyvlm.train for the recipe and the measured figures).
+"""Train a toy VLM (see vtprune.toyvlm.train for the recipe and the measured figures).
 
-Example: python eval/train_toy_vlm.py --out vtprune/assets/toy_llava --steps 5000 --threads 2
+Examples: python eval/train_toy_vlm.py --out vtprune/assets/toy_llava --steps 5000 --threads 2
+          python eval/train_toy_vlm.py --family qwen2_vl --out vtprune/assets/toy_qwen2_vl --threads 2
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import sys
 
 import torch
 
+from vtprune.toyvlm.model import FAMILIES
 from vtprune.toyvlm.train import train
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=FAMILIES, default="llava", help="architecture of the toy VLM")
     parser.add_argument("--out", required=True, help="folder to save_pretrained the best checkpoint into")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
@@ -32,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         warmup=args.warmup,
+        family=args.family,
         eval_every=args.eval_every,
         log=lambda line: print(line, flush=True),
     )

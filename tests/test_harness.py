@@ -19,7 +19,7 @@ from vtprune.harness import DecoderShape, RunFailed, load_preset, preset_names
 from vtprune.harness.command import sweep_schedules
 from vtprune.harness.lmm import VTPruneLMM, schedule_from_args
 from vtprune.harness.sweep import run_sweep
-from vtprune.toyvlm.model import DEFAULT_PATH
+from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = str(ROOT / "eval" / "tasks")
@@ -209,3 +209,33 @@ def test_a_data_parallel_sweep_gathers_every_rank(tmp_path):
         assert len(both["samples"]) == len(one.samples) == LIMIT
         assert both["visual_tokens_kept"] == pytest.approx(one.visual_tokens_kept)
         assert both["prefill_flops"] == pytest.approx(one.prefill_flops)
+
+
+def test_a_qwen_sweep_runs_batched_through_lmms_eval_qwen2_vl_wrapper(tmp_path, task_manager):
+    # The toy Qwen2-VL through lmms-eval's own qwen2_vl wrapper (chosen from its config), two samples per
+    # generate(): the baseline scores what the wrapper scores alone, and pruning keeps the budget per image.
+    runs = run_sweep(
+        str(QWEN2_VL_PATH),
+        ["vtprune_shapes"],
+        ["mmtok:16"],
+        tmp_path,
+        include_path=TASKS,
+        limit=LIMIT,
+        batch_size=2,
+        progress=False,
+    )
+    baseline, pruned = runs
+    assert baseline.visual_tokens_before == baseline.visual_tokens_kept == 144
+    assert pruned.visual_tokens_kept == 16 and all(len(s["kept"][0]) == 16 for s in pruned.samples)
+    assert pruned.generate_calls == LIMIT // 2 and len(pruned.samples) == LIMIT
+    direct = simple_evaluate(
+        model="qwen2_vl",
+        model_args=f"pretrained={QWEN2_VL_PATH},device_map=cpu",
+        tasks=["vtprune_shapes"],
+        task_manager=task_manager,
+        limit=LIMIT,
+        batch_size=2,
+        bootstrap_iters=0,
+        device="cpu",
+    )
+    assert direct["results"]["vtprune_shapes"]["accuracy,none"] == baseline.score >= 0.75

@@ -6,13 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
 
 import vtprune
 from vtprune.cli import main
 from vtprune.toyvlm import DEFAULT_PATH, QUESTION_TYPES, answer, build_prompt, evaluate, make_split, object_patch_mask
 from vtprune.toyvlm.benchmark import format_table, run_benchmark, schedules_for
 from vtprune.toyvlm.data import CELL, GRID, TEST_SEED, from_record
+from vtprune.toyvlm.model import QWEN2_VL_PATH, image_placeholder
 from vtprune.toyvlm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,17 +60,25 @@ def test_the_lmms_eval_task_data_is_the_test_split():
         assert stored.image.tobytes() == sample.image.tobytes()
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    """The checkpoint in the package, loaded the way a hub checkpoint is."""
-    model = LlavaForConditionalGeneration.from_pretrained(DEFAULT_PATH).eval()
-    return model, AutoProcessor.from_pretrained(DEFAULT_PATH)
+SHIPPED = {
+    "llava": (LlavaForConditionalGeneration, DEFAULT_PATH),
+    "qwen2_vl": (Qwen2VLForConditionalGeneration, QWEN2_VL_PATH),
+}
+
+
+@pytest.fixture(scope="module", params=list(SHIPPED))
+def shipped(request):
+    """A checkpoint in the package (each family), loaded the way a hub checkpoint is."""
+    model_class, path = SHIPPED[request.param]
+    return model_class.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
 def test_shipped_checkpoint_answers_held_out_questions(shipped):
     model, processor = shipped
     samples = make_split(TEST_SEED, 50)
-    inputs = processor(images=[samples[0].image], text=[build_prompt(samples[0].question)], return_tensors="pt")
+    inputs = processor(
+        images=[samples[0].image], text=[build_prompt(samples[0].question, processor)], return_tensors="pt"
+    )
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 144
     predicted = answer(model, processor, [s.image for s in samples], [s.question for s in samples])
     accuracy = sum(p == s.answer for p, s in zip(predicted, samples)) / len(samples)
@@ -76,11 +90,14 @@ def test_shipped_checkpoint_answers_held_out_questions(shipped):
 def test_the_chat_template_puts_the_question_before_the_image_however_it_comes(shipped):
     _, processor = shipped
     question = "what colour is the circle ?"
-    as_string = [{"role": "user", "content": f"<image>\n{question}"}]  # lmms-eval's llava_hf prepends the image
+    # lmms-eval's llava_hf prepends the image to a string
+    as_string = [{"role": "user", "content": f"{image_placeholder(processor)}\n{question}"}]
     as_parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    for messages in (as_string, as_parts):
+    # lmms-eval's Qwen wrappers open with a system prompt, which the toy models never saw
+    with_system = [{"role": "system", "content": "You are a helpful assistant."}, *as_parts]
+    for messages in (as_string, as_parts, with_system):
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert processor.tokenizer.tokenize(text) == processor.tokenizer.tokenize(build_prompt(question))
+        assert processor.tokenizer.tokenize(text) == processor.tokenizer.tokenize(build_prompt(question, processor))
 
 
 def test_token_selection_decides_the_answer(shipped):
@@ -134,11 +151,15 @@ def test_demo_command_prints_answers_and_draws_the_kept_tokens(tmp_path, capsys)
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_short_training_run_saves_a_loadable_folder(tmp_path):
-    tiny = {"vision_hidden": 16, "vision_layers": 1, "text_hidden": 32, "text_layers": 1, "heads": 2}
-    scores = train(tmp_path, steps=2, batch_size=4, warmup=1, sizes=tiny, eval_every=2, eval_samples=5, log=str)
+@pytest.mark.parametrize("family", list(SHIPPED))
+def test_short_training_run_saves_a_loadable_folder(tmp_path, family):
+    tiny = {"vision_hidden": 16, "text_hidden": 32, "text_layers": 1, "heads": 2}
+    scores = train(
+        tmp_path, steps=2, batch_size=4, warmup=1, sizes=tiny, family=family, eval_every=2, eval_samples=5, log=str
+    )
     assert set(scores) == {*QUESTION_TYPES, "overall"}
-    model = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert isinstance(model, SHIPPED[family][0])
     processor = AutoProcessor.from_pretrained(tmp_path)
     sample = make_split(0, 1)[0]
     assert len(answer(model, processor, [sample.image], [sample.question])) == 1

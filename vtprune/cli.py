@@ -31,7 +31,8 @@ def demo(args: argparse.Namespace) -> None:
             seconds = time.perf_counter() - start
         kept = list(handle.last_record.visual_tokens().values())[-1] // args.count
         runs["unpruned" if schedule == "none" else schedule] = answers, seconds, kept
-    print(f"vtprune demo: the shipped toy LLaVA on {args.count} held-out questions (batched generate())\n")
+    name = "the shipped toy LLaVA" if args.model is None else f"the toy {model.config.model_type} in {args.model}"
+    print(f"vtprune demo: {name} on {args.count} held-out questions (batched generate())\n")
     print(f"{'question':<38} {'truth':<9}" + "".join(f"{name:<14}" for name in runs))
     for index, sample in enumerate(samples):
         cells = "".join(f"{answers[index]:<14}" for answers, _, _ in runs.values())
@@ -75,7 +76,7 @@ def viz(args: argparse.Namespace) -> None:
         image, question = sample.image, args.question or sample.question
     else:
         image, question = Image.open(args.image).convert("RGB"), args.question or "what is in the image ?"
-    inputs = processor(images=[image], text=[build_prompt(question)], return_tensors="pt")
+    inputs = processor(images=[image], text=[build_prompt(question, processor)], return_tensors="pt")
     with (
         torch.no_grad(),
         vtprune.pruned(model, args.schedule, tokenizer=processor, record_scores=args.heatmap is not None) as handle,

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import PreTrainedModel, ProcessorMixin
 
 import vtprune
 from vtprune.strategies import INPUT_STAGE, strategy_class
@@ -92,8 +92,8 @@ def _pruned(schedule: str, budget: int | None, model, processor, samples: Sequen
 
 
 def run_benchmark(
-    model: LlavaForConditionalGeneration,
-    processor: LlavaProcessor,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
     samples: Sequence[Sample],
     strategies: Sequence[str] | None = None,
     budgets: Sequence[int] = DEFAULT_BUDGETS,

@@ -1,9 +1,11 @@
-"""The toy VLM: a real ``LlavaForConditionalGeneration`` built from small configs, plus its processor.
+"""The toy VLMs: real ``LlavaForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration`` built from small
+configs, plus their processors.
 
-Everything is a stock transformers class (CLIP vision tower, LLaVA projector, Llama text model, a word-level
-``PreTrainedTokenizerFast``, ``CLIPImageProcessorPil``, ``LlavaProcessor``), so the saved folder loads with
-``LlavaForConditionalGeneration.from_pretrained`` / ``AutoProcessor.from_pretrained`` exactly like a hub checkpoint
-and runs through the same code paths as LLaVA-1.5.
+Everything is a stock transformers class (LLaVA: CLIP vision tower, LLaVA projector, Llama text model,
+``CLIPImageProcessorPil``, ``LlavaProcessor``; Qwen2-VL: its vision transformer and 2 x 2 merger, Qwen2 text model
+with M-RoPE, ``Qwen2VLImageProcessor``, ``Qwen2VLProcessor``; both with a word-level ``PreTrainedTokenizerFast``),
+so a saved folder loads with ``from_pretrained`` / ``AutoProcessor.from_pretrained`` exactly like a hub checkpoint
+and runs through the same code paths as LLaVA-1.5 and Qwen2-VL.
 
 Prompt format (ours to choose): ``"{question} <image> answer :"`` -- the question comes *before* the image so that,
 under causal attention, every image token can already attend to the question and mark whether it is relevant; the
@@ -14,7 +16,9 @@ which for a one-layer tower is the patch projection + position embedding, before
 tower's one encoder layer is computed but unused, kept because the stock CLIP class needs at least one). A visual token therefore carries only its own 16 x 16 patch, so
 dropping a token removes exactly that patch's information: with a deeper feature layer, global attention in the
 vision tower would copy object information into background tokens and the oracle check (object tokens only vs
-background only) would no longer measure token selection.
+background only) would no longer measure token selection. The Qwen2-VL variant gets the same property from a
+vision transformer of depth 0: its 8 px patches go through the patch embedding only, and the merger turns each
+2 x 2 block (one 16 px cell) into one visual token.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AutoModelForImageTextToText,
     AutoProcessor,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -34,19 +39,37 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
 )
 
+from vtprune.compat import CACHE_KWARG
 from vtprune.toyvlm.data import CELL, IMAGE_SIZE, Sample, vocabulary
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "toy_llava"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_PATH = ASSETS / "toy_llava"
+QWEN2_VL_PATH = ASSETS / "toy_qwen2_vl"
+#: The toy families: ``family=`` of :func:`build_processor` and the trainer.
+FAMILIES = ("llava", "qwen2_vl")
 PATCH_SIZE = CELL  # one grid cell of the task is one patch, i.e. one visual token
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>", IMAGE_TOKEN)
+# Qwen2-VL: 8 px patches merged 2 x 2, so again one visual token per cell; an image is written
+# <|vision_start|><|image_pad|><|vision_end|> and the processor repeats <|image_pad|> per token.
+QWEN_PATCH_SIZE = CELL // 2
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
 # The question always comes before the image (see the module docstring), however the caller orders them:
 # structured content puts text parts first, and "<image>" placeholders inside a string (lmms-eval's
-# llava_hf wrapper prepends them) are moved behind its text.
-CHAT_TEMPLATE = (
+# llava_hf wrapper prepends them) are moved behind its text. System messages (lmms-eval's Qwen wrappers send
+# "You are a helpful assistant.") are dropped: the toy models were trained without one.
+_CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}"
     "{% if m['content'] is string %}"
@@ -56,13 +79,20 @@ CHAT_TEMPLATE = (
     "{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }} {% endfor %}"
     "{% for c in m['content'] if c['type'] == 'image' %}<image> {% endfor %}"
     "{% endif %}"
-    "{% else %}answer : "
+    "{% elif m['role'] == 'assistant' %}answer : "
     "{% if m['content'] is string %}{{ m['content'] }}"
     "{% else %}{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}{% endif %}"
     " </s> {% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}answer :{% endif %}"
 )
+
+
+def chat_template(placeholder: str) -> str:
+    """The chat template for a family whose prompts write an image as ``placeholder``."""
+    return _CHAT_TEMPLATE.replace(IMAGE_TOKEN, placeholder)
+
+
 # Model sizes of the shipped checkpoint (train.py can override them, e.g. for tiny smoke tests).
 DEFAULT_SIZES: dict[str, int] = {
     "vision_hidden": 64,
@@ -71,26 +101,41 @@ DEFAULT_SIZES: dict[str, int] = {
     "text_layers": 4,
     "heads": 4,
 }
+# Qwen2-VL's vision transformer runs at depth 0 (see the module docstring).
+QWEN_DEFAULT_SIZES: dict[str, int] = {**DEFAULT_SIZES, "vision_layers": 0}
 
 
-def build_prompt(question: str) -> str:
+def image_placeholder(processor: ProcessorMixin | None = None) -> str:
+    """How a prompt writes one image for ``processor``'s family (LLaVA's ``<image>`` when none is given)."""
+    return QWEN_IMAGE if isinstance(processor, Qwen2VLProcessor) else IMAGE_TOKEN
+
+
+def build_prompt(question: str, processor: ProcessorMixin | None = None) -> str:
     """The prompt for one question; identical to the processor's chat template for a single user turn."""
-    return f"{question} {IMAGE_TOKEN} answer :"
+    return f"{question} {image_placeholder(processor)} answer :"
 
 
-def build_processor() -> LlavaProcessor:
-    """Word-level tokenizer + CLIP image processor, combined so ``<image>`` expands to one token per patch."""
-    words = list(SPECIAL_TOKENS) + vocabulary() + ["answer", ":"]
+def _word_tokenizer(special_tokens: Sequence[str], extra_special_tokens: dict[str, str]) -> PreTrainedTokenizerFast:
+    words = list(special_tokens) + vocabulary() + ["answer", ":"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
         unk_token="<unk>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=extra_special_tokens,
         padding_side="left",
     )
+
+
+def build_processor(family: str = "llava") -> ProcessorMixin:
+    """Word-level tokenizer + the family's image processor, combined so an image expands to one token per cell."""
+    if family == "qwen2_vl":
+        return _build_qwen2_vl_processor()
+    if family != "llava":
+        raise ValueError(f"unknown toy VLM family {family!r}; choose one of {', '.join(FAMILIES)}")
+    tokenizer = _word_tokenizer(SPECIAL_TOKENS, {"image_token": IMAGE_TOKEN})
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -101,13 +146,53 @@ def build_processor() -> LlavaProcessor:
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template(IMAGE_TOKEN),
     )
 
 
-def build_model(processor: LlavaProcessor, sizes: dict[str, int] | None = None) -> LlavaForConditionalGeneration:
-    """A randomly initialised toy LLaVA whose vocabulary and image geometry match ``processor``."""
-    s = {**DEFAULT_SIZES, **(sizes or {})}
+def _build_qwen2_vl_processor() -> Qwen2VLProcessor:
+    names = ("vision_start_token", "image_token", "vision_end_token", "video_token")
+    tokenizer = _word_tokenizer(QWEN_SPECIAL_TOKENS, dict(zip(names, QWEN_SPECIAL_TOKENS[3:], strict=True)))
+    geometry = {"patch_size": QWEN_PATCH_SIZE, "merge_size": 2, "temporal_patch_size": 2}
+    # Pixel limits keep a task image at its 192 x 192 (12 x 12 tokens) and shrink larger pictures to that area.
+    pixels = {"min_pixels": (2 * CELL) ** 2, "max_pixels": IMAGE_SIZE**2}
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**geometry, **pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**geometry, **pixels),
+        chat_template=chat_template(QWEN_IMAGE),
+    )
+
+
+def build_model(processor: ProcessorMixin, sizes: dict[str, int] | None = None) -> PreTrainedModel:
+    """A randomly initialised toy VLM of ``processor``'s family, whose vocabulary and image geometry match it."""
+    if isinstance(processor, Qwen2VLProcessor):
+        model = _build_qwen2_vl(processor, {**QWEN_DEFAULT_SIZES, **(sizes or {})})
+    else:
+        model = _build_llava(processor, {**DEFAULT_SIZES, **(sizes or {})})
+    tokenizer = processor.tokenizer
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def _text_sizes(tokenizer: PreTrainedTokenizerFast, s: dict[str, int]) -> dict:
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": s["text_hidden"],
+        "intermediate_size": 3 * s["text_hidden"],
+        "num_hidden_layers": s["text_layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["heads"],
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None,
+    }
+
+
+def _build_llava(processor: LlavaProcessor, s: dict[str, int]) -> LlavaForConditionalGeneration:
     tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(
         hidden_size=s["vision_hidden"],
@@ -117,18 +202,7 @@ def build_model(processor: LlavaProcessor, sizes: dict[str, int] | None = None) 
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=s["text_hidden"],
-        intermediate_size=3 * s["text_hidden"],
-        num_hidden_layers=s["text_layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["heads"],
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    text = LlamaConfig(**_text_sizes(tokenizer, s))
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -136,31 +210,58 @@ def build_model(processor: LlavaProcessor, sizes: dict[str, int] | None = None) 
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,  # as LLaVA-1.5; with one layer: its input, see the module docstring
     )
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = None
-    return model
+    return LlavaForConditionalGeneration(config)
 
 
-def load_toy_model(path: str | Path | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """(model, processor) from a saved folder, by default the checkpoint shipped inside the package."""
+def _build_qwen2_vl(processor: Qwen2VLProcessor, s: dict[str, int]) -> Qwen2VLForConditionalGeneration:
+    tokenizer = processor.tokenizer
+    head_dim = s["text_hidden"] // s["heads"]
+    # M-RoPE splits a head's rotary half-dimensions over (t, h, w), in Qwen2-VL's 1:1.5:1.5 proportion.
+    mrope = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]
+    vision = {
+        "depth": s["vision_layers"],
+        "embed_dim": s["vision_hidden"],
+        "hidden_size": s["text_hidden"],
+        "num_heads": s["heads"],
+        "patch_size": QWEN_PATCH_SIZE,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    text = {
+        **_text_sizes(tokenizer, s),
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+    }
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def load_toy_model(path: str | Path | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """(model, processor) from a saved folder of either family, by default the toy LLaVA shipped in the package."""
     folder = Path(path) if path is not None else DEFAULT_PATH
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"no toy VLM checkpoint in {folder}; train one with eval/train_toy_vlm.py")
-    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
     model.eval()
     return model, AutoProcessor.from_pretrained(folder)
 
 
-def prompt_inputs(processor: LlavaProcessor, images: Sequence[Image.Image], questions: Sequence[str]) -> dict:
+def prompt_inputs(processor: ProcessorMixin, images: Sequence[Image.Image], questions: Sequence[str]) -> dict:
     """Processor inputs for one question per image, left-padded for batched ``generate()``."""
-    return processor(images=list(images), text=[build_prompt(q) for q in questions], return_tensors="pt", padding=True)
+    texts = [build_prompt(q, processor) for q in questions]
+    return processor(images=list(images), text=texts, return_tensors="pt", padding=True)
 
 
 def answer(
-    model: LlavaForConditionalGeneration,
-    processor: LlavaProcessor,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
     images: Sequence[Image.Image],
     questions: Sequence[str],
     max_new_tokens: int = 3,
@@ -173,22 +274,35 @@ def answer(
     return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
 
 
-def encode_batch(processor: LlavaProcessor, samples: Sequence[Sample], with_answers: bool = False) -> dict:
-    """Processor inputs for ``samples`` plus ``position_ids`` that ignore the left padding.
+def encode_batch(
+    model: PreTrainedModel, processor: ProcessorMixin, samples: Sequence[Sample], with_answers: bool = False
+) -> dict:
+    """Processor inputs for ``samples`` plus the ``position_ids`` that ``generate()`` would use.
 
-    ``generate()`` numbers positions from the 2-D mask (``cumsum - 1``); passing the same numbering to plain
-    forwards keeps training, evaluation and generation consistent. With ``with_answers`` every row ends with its
-    one-word answer and ``</s>`` (teacher forcing).
+    ``generate()`` numbers positions from the 2-D mask (LLaVA: ``cumsum - 1``, Qwen: M-RoPE over the unpadded
+    tokens); fixing them here keeps training, evaluation and generation consistent, and lets callers then hide
+    tokens in the mask without moving the others. With ``with_answers`` every row ends with its one-word answer
+    and ``</s>`` (teacher forcing).
     """
-    texts = [build_prompt(s.question) + (f" {s.answer} </s>" if with_answers else "") for s in samples]
+    texts = [build_prompt(s.question, processor) + (f" {s.answer} </s>" if with_answers else "") for s in samples]
     batch = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
-    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    if isinstance(model, Qwen2VLForConditionalGeneration):
+        batch["position_ids"] = model.model.compute_3d_position_ids(
+            input_ids=batch["input_ids"],
+            inputs_embeds=None,
+            image_grid_thw=batch["image_grid_thw"],
+            attention_mask=batch["attention_mask"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            **{CACHE_KWARG: None},
+        )
+    else:
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return batch
 
 
 def predict(
-    model: LlavaForConditionalGeneration,
-    processor: LlavaProcessor,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
     samples: Sequence[Sample],
     keep_fn: Callable[[Sample], Sequence[bool]] | None = None,
 ) -> list[str]:
@@ -197,7 +311,7 @@ def predict(
     ``keep_fn(sample)`` may return a row-major patch mask; dropped image tokens are zeroed in the 2-D attention
     mask while every token keeps its original position, which is equivalent to pruning them before the LLM.
     """
-    batch = encode_batch(processor, samples)
+    batch = encode_batch(model, processor, samples)
     if keep_fn is not None:
         image_pos = batch["input_ids"] == model.config.image_token_id
         keep = torch.tensor([list(keep_fn(s)) for s in samples], dtype=batch["attention_mask"].dtype)
@@ -218,8 +332,8 @@ def accuracy(samples: Sequence[Sample], predictions: Sequence[str]) -> dict[str,
 
 
 def evaluate(
-    model: LlavaForConditionalGeneration,
-    processor: LlavaProcessor,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
     samples: Sequence[Sample],
     keep_fn: Callable[[Sample], Sequence[bool]] | None = None,
     batch_size: int = 50,
