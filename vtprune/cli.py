@@ -29,7 +29,7 @@ def demo(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             answers = answer(model, processor, images, questions)
             seconds = time.perf_counter() - start
-        kept = list(handle.last_record.visual_tokens().values())[-1] // args.count
+        kept = handle.last_record.visual_tokens_left() // args.count
         runs["unpruned" if schedule == "none" else schedule] = answers, seconds, kept
     name = "the shipped toy LLaVA" if args.model is None else f"the toy {model.config.model_type} in {args.model}"
     print(f"vtprune demo: {name} on {args.count} held-out questions (batched generate())\n")

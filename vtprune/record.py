@@ -60,3 +60,7 @@ class PruneRecord:
             for stage, count in image.tokens_after().items():
                 totals[stage] = totals.get(stage, 0) + count
         return totals
+
+    def visual_tokens_left(self) -> int:
+        """Visual tokens of the whole batch after the last stage (all of them when no stage pruned)."""
+        return list(self.visual_tokens().values())[-1]

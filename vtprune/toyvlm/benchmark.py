@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 import vtprune
 from vtprune.strategies import INPUT_STAGE, strategy_class
 from vtprune.toyvlm.data import QUESTION_TYPES, Sample, object_patch_mask
-from vtprune.toyvlm.model import accuracy, predict
+from vtprune.toyvlm.model import accuracy, evaluate, predict
 
 #: Visual tokens kept per image (of the toy model's 144): 100 %, 50 %, 25 %, 11 %, 5 %.
 DEFAULT_BUDGETS = (144, 72, 36, 16, 7)
@@ -73,10 +73,10 @@ def _oracle(
     name: str, keep_fn: Callable[[Sample], list[bool]], model, processor, samples: Sequence[Sample], batch_size: int
 ) -> Row:
     start = time.perf_counter()
-    predictions = [p for chunk in _batches(samples, batch_size) for p in predict(model, processor, chunk, keep_fn)]
+    scores = evaluate(model, processor, samples, keep_fn, batch_size)
     seconds = (time.perf_counter() - start) / len(samples)
     kept = sum(sum(keep_fn(s)) for s in samples) / len(samples)
-    return Row(name, None, kept, accuracy(samples, predictions), seconds)
+    return Row(name, None, kept, scores, seconds)
 
 
 def _pruned(schedule: str, budget: int | None, model, processor, samples: Sequence[Sample], batch_size: int) -> Row:
@@ -86,7 +86,7 @@ def _pruned(schedule: str, budget: int | None, model, processor, samples: Sequen
     with vtprune.pruned(model, schedule, tokenizer=processor) as handle:
         for chunk in _batches(samples, batch_size):
             predictions += predict(model, processor, chunk)
-            kept += list(handle.last_record.visual_tokens().values())[-1]  # the record is per forward
+            kept += handle.last_record.visual_tokens_left()  # the record is per forward
     seconds = (time.perf_counter() - start) / len(samples)
     return Row(schedule, budget, kept / len(samples), accuracy(samples, predictions), seconds)
 

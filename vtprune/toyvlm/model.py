@@ -49,7 +49,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from vtprune.compat import CACHE_KWARG
+from vtprune.adapters import adapter_for
 from vtprune.toyvlm.data import CELL, IMAGE_SIZE, Sample, vocabulary
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -286,15 +286,8 @@ def encode_batch(
     """
     texts = [build_prompt(s.question, processor) + (f" {s.answer} </s>" if with_answers else "") for s in samples]
     batch = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
-    if isinstance(model, Qwen2VLForConditionalGeneration):
-        batch["position_ids"] = model.model.compute_3d_position_ids(
-            input_ids=batch["input_ids"],
-            inputs_embeds=None,
-            image_grid_thw=batch["image_grid_thw"],
-            attention_mask=batch["attention_mask"],
-            mm_token_type_ids=batch["mm_token_type_ids"],
-            **{CACHE_KWARG: None},
-        )
+    if isinstance(model, Qwen2VLForConditionalGeneration):  # M-RoPE, as vtprune's adapter computes it for pruning
+        batch["position_ids"] = adapter_for(model).original_positions(batch, batch["input_ids"])
     else:
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return batch
