@@ -49,6 +49,21 @@ def toy_sweep(schedules: list[str], output: Path, limit: int = LIMIT):
 SWEEP = ["divprune:16", "divprune:4", "random:16", "random:4"]
 
 
+def plain_wrapper_score(backbone: str, pretrained: Path, task_manager, batch_size: int | None = None) -> float:
+    """The task's accuracy through lmms-eval's own ``backbone`` wrapper, without vtprune: what a baseline must match."""
+    results = simple_evaluate(
+        model=backbone,
+        model_args=f"pretrained={pretrained},device_map=cpu",
+        tasks=["vtprune_shapes"],
+        task_manager=task_manager,
+        limit=LIMIT,
+        batch_size=batch_size,
+        bootstrap_iters=0,
+        device="cpu",
+    )
+    return results["results"]["vtprune_shapes"]["accuracy,none"]
+
+
 def test_entry_point_resolves_to_the_vtprune_model():
     assert get_model("vtprune") is VTPruneLMM
 
@@ -125,16 +140,7 @@ def test_a_sweep_writes_json_table_and_plot_and_its_baseline_is_the_plain_model(
     assert (output / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The same prompts through lmms-eval's own wrapper, without vtprune, score the same.
-    direct = simple_evaluate(
-        model="llava_hf",
-        model_args=f"pretrained={DEFAULT_PATH},device_map=cpu",
-        tasks=["vtprune_shapes"],
-        task_manager=task_manager,
-        limit=LIMIT,
-        bootstrap_iters=0,
-        device="cpu",
-    )
-    assert direct["results"]["vtprune_shapes"]["accuracy,none"] == baseline["score"]
+    assert plain_wrapper_score("llava_hf", DEFAULT_PATH, task_manager) == baseline["score"]
 
     # Resuming finds every run done and evaluates nothing again.
     again = toy_sweep(SWEEP, output)
@@ -228,14 +234,4 @@ def test_a_qwen_sweep_runs_batched_through_lmms_eval_qwen2_vl_wrapper(tmp_path, 
     assert baseline.visual_tokens_before == baseline.visual_tokens_kept == 144
     assert pruned.visual_tokens_kept == 16 and all(len(s["kept"][0]) == 16 for s in pruned.samples)
     assert pruned.generate_calls == LIMIT // 2 and len(pruned.samples) == LIMIT
-    direct = simple_evaluate(
-        model="qwen2_vl",
-        model_args=f"pretrained={QWEN2_VL_PATH},device_map=cpu",
-        tasks=["vtprune_shapes"],
-        task_manager=task_manager,
-        limit=LIMIT,
-        batch_size=2,
-        bootstrap_iters=0,
-        device="cpu",
-    )
-    assert direct["results"]["vtprune_shapes"]["accuracy,none"] == baseline.score >= 0.75
+    assert plain_wrapper_score("qwen2_vl", QWEN2_VL_PATH, task_manager, batch_size=2) == baseline.score >= 0.75
