@@ -198,8 +198,8 @@ def test_registered_with_options() -> None:
     [
         (dict(variant="audio"), "variant"),
         (dict(alpha=-0.1), "alpha"),
-        (dict(text_temp=0.0), "temperatures"),
-        (dict(vision_temp=-1.0), "temperatures"),
+        (dict(text_temp=0.0), "text_temp"),
+        (dict(vision_temp=-1.0), "vision_temp"),
     ],
 )
 def test_bad_options_are_refused(options: dict, message: str) -> None:

@@ -12,7 +12,7 @@ from .adapters import adapter_for
 from .errors import BudgetError, LayerError
 from .handle import PruneHandle
 from .schedule import Budget, Schedule, Stage, as_schedule
-from .selection import TokenInputs, score_tokens, select_tokens, token_context
+from .selection import TokenInputs, check_finite, check_inputs, score_tokens, select_tokens, token_context
 from .strategies.base import GreedyStrategy, Strategy
 from .strategies.registry import make_strategy
 
@@ -98,6 +98,7 @@ def select(
     budget = None if keep is None and keep_ratio is None else Budget(keep=keep, keep_ratio=keep_ratio)
     if chosen.needs_budget and budget is None:
         raise BudgetError(f"strategy {chosen.name!r} needs a budget: pass keep= or keep_ratio=")
+    check_inputs(chosen, features, inputs)
     return select_tokens(chosen, budget, [(features, inputs)], newlines=newlines)[0]
 
 
@@ -112,7 +113,9 @@ def scores(
     candidates (``newlines="drop"``). Inputs and options as in :func:`select`; no budget is needed.
     """
     inputs, options = _split_inputs(inputs_and_options)
-    return score_tokens(make_strategy(strategy, **options), features, inputs, newlines=newlines)
+    chosen = make_strategy(strategy, **options)
+    check_inputs(chosen, features, inputs)
+    return score_tokens(chosen, features, inputs, newlines=newlines)
 
 
 def select_nested(
@@ -130,10 +133,13 @@ def select_nested(
         raise TypeError(
             f"strategy {chosen.name!r} is not greedy, so its keep sets are not nested; call select() per budget"
         )
+    check_inputs(chosen, features, inputs)
     n = features.shape[0]
-    if not budgets or any(not 1 <= k <= n for k in budgets):
+    if not budgets or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n for k in budgets):
         raise BudgetError(f"budgets must be token counts in [1, {n}], got {list(budgets)}")
-    order = chosen.order(token_context(features, max(budgets), inputs))
+    context = token_context(features, max(budgets), inputs)
+    check_finite(0, context)
+    order = chosen.order(context)
     return {k: order[:k].sort().values for k in budgets}
 
 

@@ -30,3 +30,23 @@ class AlreadyPrunedError(VTPruneError, RuntimeError):
 
 class LayerError(VTPruneError, ValueError):
     """A decoder layer index is outside the model or not allowed for the strategy."""
+
+
+class ScheduleError(VTPruneError, ValueError):
+    """A schedule string that does not parse, or stages that do not form a schedule."""
+
+
+class OptionError(VTPruneError, ValueError, TypeError):
+    """A strategy option that the strategy does not take, of the wrong type or out of its range."""
+
+
+class InputError(VTPruneError, ValueError):
+    """Tokens or per-image inputs of the wrong shape, missing, or not finite."""
+
+
+class RegistrationError(VTPruneError, ValueError):
+    """A strategy that cannot be registered: a name the schedule grammar cannot parse, a taken name, unknown needs."""
+
+
+class StrategyOutputError(VTPruneError):
+    """A strategy returned something other than what its contract says (user strategies are code vtprune did not write)."""

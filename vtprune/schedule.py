@@ -15,11 +15,14 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from numbers import Integral, Real
 from typing import Any, Sequence
 
-from .errors import BudgetError, LayerError
+from .errors import BudgetError, LayerError, ScheduleError
 from .strategies.base import DECODER_STAGE, INPUT_STAGE, Strategy
-from .strategies.registry import make_strategy
+from .strategies.options import constructor_defaults, declared_options, parse_value
+from .strategies.registry import NAME_PATTERN, make_strategy
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,19 @@ class Budget:
     def __post_init__(self) -> None:
         if (self.keep is None) == (self.keep_ratio is None):
             raise BudgetError("give exactly one of keep= (tokens kept per image) or keep_ratio= (fraction kept)")
-        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
-            raise BudgetError(f"keep must be a positive int (tokens kept per image), got {self.keep!r}")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise BudgetError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        # bools are ints to Python, but keep=True is no token count and keep_ratio=True no fraction.
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, Integral) or self.keep < 1:
+                raise BudgetError(f"keep must be a positive int (tokens kept per image), got {self.keep!r}")
+            object.__setattr__(self, "keep", int(self.keep))
+        if self.keep_ratio is not None:
+            ratio = self.keep_ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 < ratio <= 1:
+                raise BudgetError(
+                    f"keep_ratio must be a number in (0, 1] (the fraction of each image's tokens kept: 0.25 for a "
+                    f"quarter), got {ratio!r}"
+                )
+            object.__setattr__(self, "keep_ratio", float(ratio))
 
     def tokens(self, available: int) -> int:
         """Tokens to keep out of ``available``; a count above ``available`` keeps all (with a warning)."""
@@ -52,7 +64,10 @@ class Budget:
         return self.keep
 
     def __str__(self) -> str:
-        return str(self.keep) if self.keep is not None else f"{self.keep_ratio:g}"
+        if self.keep is not None:
+            return str(self.keep)
+        # The shortest decimal that reads back as the same float, positional (the grammar has no exponents).
+        return format(Decimal(repr(self.keep_ratio)), "f")
 
 
 class BudgetWarning(UserWarning):
@@ -91,12 +106,20 @@ class Stage:
             raise BudgetError(f"strategy {name!r} keeps every token and takes no budget; drop keep/keep_ratio")
 
     def __str__(self) -> str:
+        """The string form, which :func:`parse_schedule` reads back as this stage (options that differ from their
+        defaults included; a user strategy's undeclared options cannot be written)."""
         text = self.strategy.name
         if self.layer is not None:
             text += f"@{self.layer}"
         if self.budget is not None:
             text += f":{self.budget}"
-        return text
+        defaults = constructor_defaults(type(self.strategy))
+        options = [
+            f"{name}:{option.format(getattr(self.strategy, name))}"
+            for name, option in declared_options(type(self.strategy)).items()
+            if getattr(self.strategy, name) != defaults.get(name, option)  # an option without a default: always
+        ]
+        return text + (f"({';'.join(options)})" if options else "")
 
 
 @dataclass
@@ -107,9 +130,9 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if not self.stages:
-            raise ValueError("a schedule needs at least one stage")
+            raise ScheduleError("a schedule needs at least one stage")
         if sum(stage.place == INPUT_STAGE for stage in self.stages) > 1:
-            raise ValueError("a schedule can have only one stage before the LLM; chain decoder stages with layer=K")
+            raise ScheduleError("a schedule can have only one stage before the LLM; chain decoder stages with layer=K")
         layers = [stage.layer for stage in self.stages if stage.layer is not None]
         if len(set(layers)) != len(layers):
             raise LayerError(f"two decoder stages at the same layer: {sorted(layers)}")
@@ -164,29 +187,23 @@ def make_stage(
 
 
 _STAGE_RE = re.compile(
-    r"^(?P<name>[A-Za-z_][\w\-]*)(?:@(?P<layer>\d+))?(?::(?P<budget>[\d.]+%?))?(?:\((?P<options>[^)]*)\))?$"
+    rf"^(?P<name>{NAME_PATTERN})(?:@(?P<layer>\d+))?(?::(?P<budget>[\d.]+%?))?(?:\((?P<options>[^)]*)\))?$",
+    flags=re.ASCII,
 )
-
-
-def _parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in {"true", "false"}:
-        return lowered == "true"
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_budget(text: str) -> Budget:
     """``64`` -> 64 tokens; ``25%`` or ``0.25`` -> a quarter of the tokens."""
+    number = text.removesuffix("%")
+    try:
+        value = float(number) if "." in number or number != text else int(number)
+    except ValueError:
+        raise ScheduleError(
+            f"budget {text!r} is not a token count (64), a percentage (25%) or a fraction (0.25)"
+        ) from None
     if text.endswith("%"):
-        return Budget(keep_ratio=float(text[:-1]) / 100)
-    if "." in text:
-        return Budget(keep_ratio=float(text))
-    return Budget(keep=int(text))
+        return Budget(keep_ratio=value / 100)
+    return Budget(keep_ratio=value) if isinstance(value, float) else Budget(keep=value)
 
 
 def parse_schedule(text: str) -> Schedule:
@@ -195,7 +212,7 @@ def parse_schedule(text: str) -> Schedule:
     for part in text.replace(" ", "").split("+"):
         match = _STAGE_RE.match(part)
         if match is None:
-            raise ValueError(
+            raise ScheduleError(
                 f"cannot parse schedule stage {part!r}; expected name[@layer][:budget][(key:value;...)], "
                 "e.g. 'divprune:64' or 'fastv@2:50%'"
             )
@@ -210,7 +227,7 @@ def parse_strategy(text: str) -> Strategy:
     """``name`` or ``name(key:value;...)`` -> a strategy instance (no place, no budget)."""
     match = _STAGE_RE.match(text.replace(" ", ""))
     if match is None or match["layer"] is not None or match["budget"] is not None:
-        raise ValueError(f"cannot parse strategy {text!r}; expected name or name(key:value;...)")
+        raise ScheduleError(f"cannot parse strategy {text!r}; expected name or name(key:value;...)")
     return make_strategy(match["name"], **_parse_options(match["options"], text))
 
 
@@ -219,8 +236,10 @@ def _parse_options(text: str | None, part: str) -> dict[str, Any]:
     for item in filter(None, (text or "").split(";")):
         key, sep, value = item.partition(":")
         if not sep:
-            raise ValueError(f"option {item!r} in {part!r} must be key:value")
-        options[key] = _parse_value(value)
+            raise ScheduleError(f"option {item!r} in {part!r} must be key:value")
+        if key in options:
+            raise ScheduleError(f"option {key!r} is given twice in {part!r}")
+        options[key] = parse_value(value)
     return options
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .adapters.base import Grid
-from .errors import VTPruneError
+from .errors import InputError, StrategyOutputError, VTPruneError
 from .schedule import Budget
 from .strategies.base import MergingStrategy, Segment, Strategy, TokenContext
 
@@ -37,6 +37,54 @@ class TokenInputs:
     projector: Callable[[Tensor], Tensor] | None = None
     cls_attention: Tensor | None = None
     cross_shares: Tensor | None = None
+
+
+#: What each per-image input is on the plain-tensor path, for N tokens of width D (what error messages say).
+INPUT_SHAPES = {
+    "attention": "a tensor of shape (N,)",
+    "newline": "a bool tensor of shape (N,)",
+    "text_embeds": "a tensor of shape (m, D)",
+    "pre_features": "a tensor of shape (N, Dc)",
+    "projector": "a callable mapping pre_features rows to tokens",
+    "cls_attention": "a tensor of shape (N,)",
+    "cross_shares": "a tensor of shape (2,)",
+    "grid": "a (t, h, w) tuple",
+    "segments": "a tuple of Segment",
+    "layer": "an int",
+}
+
+
+def check_inputs(strategy: Strategy, features: object, inputs: TokenInputs) -> None:
+    """What :func:`vtprune.select` and its siblings get from a user: one image's (N, D) tokens, every input the
+    strategy needs (those with a documented fallback excepted), each with one row per token."""
+    if not isinstance(features, Tensor) or features.ndim != 2:
+        got = f"shape {tuple(features.shape)}" if isinstance(features, Tensor) else type(features).__name__
+        raise InputError(
+            f"features must be one image's tokens as an (N, D) tensor, got {got}; for several images or a batch, "
+            "call once per image"
+        )
+    n, width = features.shape
+    missing = sorted(name for name in strategy.needs - strategy.optional_needs if getattr(inputs, name) is None)
+    if missing:
+        wanted = "; ".join(f"{name}= {INPUT_SHAPES[name]}" for name in missing)
+        raise InputError(
+            f"strategy {strategy.name!r} needs {', '.join(missing)} for these tokens: pass {wanted} "
+            "(inside a model the hooks supply it)"
+        )
+    for name in ("attention", "cls_attention", "newline", "pre_features", "text_embeds", "cross_shares"):
+        value = getattr(inputs, name)
+        if value is None:
+            continue
+        if name == "cross_shares":
+            fits = isinstance(value, Tensor) and tuple(value.shape) == (2,)
+        elif name == "text_embeds":
+            fits = isinstance(value, Tensor) and value.ndim == 2 and value.shape[1] == width
+        else:
+            rank = 2 if name == "pre_features" else 1
+            fits = isinstance(value, Tensor) and value.ndim == rank and value.shape[0] == n
+        if not fits:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise InputError(f"{name} must be {INPUT_SHAPES[name]} for N={n}, D={width}; got {got}")
 
 
 @torch.no_grad()  # selection is never part of a training graph
@@ -71,6 +119,7 @@ def select_tokens(
         if "attention" in strategy.needs and inputs.attention is None:
             raise VTPruneError(f"strategy {strategy.name!r} needs attention scores; run it inside the decoder")
         pending[image] = candidates, token_context(features, keep, inputs, candidates)
+        check_finite(image, pending[image][1])
         key = (available, features.shape[1], keep)
         if key != last:
             groups.append([])
@@ -78,13 +127,17 @@ def select_tokens(
         groups[-1].append(image)
     for members in groups:
         chosen = strategy.select_batch([pending[image][1] for image in members])
-        if len(chosen) != len(members):
-            raise VTPruneError(
-                f"strategy {strategy.name!r} returned {len(chosen)} selections for {len(members)} images"
+        if not isinstance(chosen, (list, tuple)) or len(chosen) != len(members):
+            got = f"{len(chosen)} selections" if isinstance(chosen, (list, tuple)) else type(chosen).__name__
+            raise StrategyOutputError(
+                f"strategy {strategy.name!r}: select_batch must return a list of {len(members)} index tensors "
+                f"(one per image), got {got}"
             )
+        # A merging strategy's count follows its own rounding (matryoshka: the nearest pooling scale).
+        exact = strategy.needs_budget and not isinstance(strategy, MergingStrategy)
         for image, indices in zip(members, chosen):
             candidates, ctx = pending[image]
-            _check(strategy.name, indices, ctx.keep if strategy.needs_budget else None, ctx.num_tokens)
+            _check(strategy.name, indices, ctx.keep if exact else None, ctx.num_tokens)
             kept[image] = candidates[indices.to(candidates.device)]
     return [kept[image] for image in range(len(images))]
 
@@ -99,7 +152,9 @@ def score_tokens(
     candidates = _candidates(features, inputs, newlines)
     if candidates.numel() == 0:
         return None
-    values = strategy.scores(token_context(features, candidates.numel(), inputs, candidates))
+    context = token_context(features, candidates.numel(), inputs, candidates)
+    check_finite(0, context)
+    values = strategy.scores(context)
     if values is None:
         return None
     scores = torch.full((n,), torch.nan)
@@ -118,8 +173,8 @@ def merge_tokens(
         return torch.arange(n, device=features.device), None
     places, weights = strategy.merge(token_context(features, keep, inputs))
     _check(strategy.name, places, None, n)
-    if weights.shape != (places.numel(), n):
-        raise VTPruneError(
+    if not isinstance(weights, Tensor) or weights.shape != (places.numel(), n):
+        raise StrategyOutputError(
             f"strategy {strategy.name!r} gave weights {tuple(weights.shape)} for {places.numel()} places"
         )
     return places.to(features.device), weights.float()
@@ -157,15 +212,26 @@ def _candidates(features: Tensor, inputs: TokenInputs, newlines: str) -> Tensor:
     return candidates
 
 
-def _check(name: str, chosen: Tensor, keep: int | None, available: int) -> None:
+def check_finite(image: int, ctx: TokenContext) -> None:
+    """Refuse NaN / inf where a strategy compares values: every argmax, sort and distance would be meaningless."""
+    for name in ("features", "attention", "cls_attention", "pre_features", "text_embeds", "cross_shares"):
+        value = getattr(ctx, name)
+        if value is not None and not bool(value.isfinite().all()):
+            rows = (~value.isfinite()).reshape(value.shape[0], -1).any(dim=1).nonzero()[:, 0].tolist()
+            raise InputError(
+                f"{name} of image {image} contain NaN or inf (rows {rows[:8]}{' ...' if len(rows) > 8 else ''}); "
+                "vtprune cannot rank non-finite values. Check the input, or a float16 model that overflows"
+            )
+
+
+def _check(name: str, chosen: object, keep: int | None, available: int) -> None:
     """User strategies are code we did not write: refuse malformed output instead of pruning wrongly."""
-    if chosen.ndim != 1 or chosen.dtype not in (torch.int64, torch.int32):
-        raise VTPruneError(
-            f"strategy {name!r} must return a 1-D integer tensor, got {chosen.dtype} {tuple(chosen.shape)}"
-        )
+    if not isinstance(chosen, Tensor) or chosen.ndim != 1 or chosen.dtype not in (torch.int64, torch.int32):
+        got = f"{chosen.dtype} {tuple(chosen.shape)}" if isinstance(chosen, Tensor) else type(chosen).__name__
+        raise StrategyOutputError(f"strategy {name!r} must return a 1-D integer tensor of indices, got {got}")
     if keep is not None and chosen.numel() != keep:
-        raise VTPruneError(f"strategy {name!r} returned {chosen.numel()} indices for a budget of {keep}")
+        raise StrategyOutputError(f"strategy {name!r} returned {chosen.numel()} indices for a budget of {keep}")
     if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= available):
-        raise VTPruneError(f"strategy {name!r} returned indices outside [0, {available})")
+        raise StrategyOutputError(f"strategy {name!r} returned indices outside [0, {available})")
     if chosen.numel() > 1 and not bool((chosen[1:] > chosen[:-1]).all()):
-        raise VTPruneError(f"strategy {name!r} must return unique indices in ascending order")
+        raise StrategyOutputError(f"strategy {name!r} must return unique indices in ascending order")

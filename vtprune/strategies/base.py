@@ -9,11 +9,15 @@ strategy may share work across images; :func:`vtprune.select` on plain tensors i
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from ..errors import InputError
+from .options import constructor_defaults, declared_options
 
 #: Where a strategy can act: before the language model, or on decoder hidden states at layer K.
 INPUT_STAGE = "input"
@@ -82,10 +86,10 @@ class TokenContext:
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2:
-            raise ValueError(f"features must be (N, D) for one image, got shape {tuple(self.features.shape)}")
+            raise InputError(f"features must be (N, D) for one image, got shape {tuple(self.features.shape)}")
         n = self.features.shape[0]
         if not 1 <= self.keep <= n:
-            raise ValueError(f"keep must be in [1, {n}] for {n} tokens, got {self.keep}")
+            raise InputError(f"keep must be in [1, {n}] for {n} tokens, got {self.keep}")
 
     @property
     def num_tokens(self) -> int:
@@ -99,12 +103,18 @@ class TokenContext:
 class Strategy:
     """Base class: subclasses set the class attributes and implement :meth:`select`.
 
-    Options (hyper-parameters) are constructor keywords; per-image inputs live in the context.
+    Options (hyper-parameters) are constructor keywords, each declared as an :class:`~vtprune.strategies.options.Option`
+    class attribute so that its value is checked when the strategy is built; per-image inputs live in the context.
+    A strategy whose options are all declared compares equal to one with the same name and options, and prints
+    them in its stage's string form.
     """
 
-    name: ClassVar[str] = ""
+    name: str = ""
+    """The name the strategy is registered under; an instance built by name carries the name it was built by."""
     needs: ClassVar[frozenset[str]] = frozenset()
     """Optional :class:`TokenContext` fields this strategy reads (e.g. ``{"attention"}``)."""
+    optional_needs: ClassVar[frozenset[str]] = frozenset()
+    """Those of ``needs`` the strategy has a documented fallback for; :func:`vtprune.select` requires the others."""
     stages: ClassVar[frozenset[str]] = frozenset({INPUT_STAGE, DECODER_STAGE})
     """Where the strategy can act."""
     needs_budget: ClassVar[bool] = True
@@ -138,8 +148,27 @@ class Strategy:
         """Decoder-only strategies: the layer to act at when none is given (None: ``layer`` is required)."""
         return None
 
+    def options(self) -> dict[str, Any]:
+        """The declared options' values, by name."""
+        return {name: getattr(self, name) for name in declared_options(type(self))}
+
+    @classmethod
+    def options_describe_it(cls) -> bool:
+        """Whether every constructor keyword is a declared option (so the options say all there is to it)."""
+        return set(constructor_defaults(cls)) <= set(declared_options(cls))
+
+    def __eq__(self, other: object) -> bool:
+        if not self.options_describe_it():
+            return self is other
+        return type(other) is type(self) and other.name == self.name and other.options() == self.options()
+
+    def __hash__(self) -> int:
+        if not self.options_describe_it():
+            return id(self)
+        return hash((type(self), self.name, tuple(self.options().items())))
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in self.options().items())})"
 
 
 class GreedyStrategy(Strategy):

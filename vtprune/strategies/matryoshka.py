@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..pooling import nearest_scale, pool_grid, valid_scales
+from ..errors import InputError
 from .base import MergingStrategy, Segment, TokenContext
+from .options import Option
 from .registry import register_strategy
 
 
@@ -35,15 +37,18 @@ class Matryoshka(MergingStrategy):
     trailing newline) are kept as they are.
     """
 
+    scales = Option(int, at_least=1, many=True, optional=True)
+
     def __init__(self, scales: tuple[int, ...] | None = None) -> None:
-        self.scales = None if scales is None else tuple(scales)
+        self.scales = scales
 
     def merge(self, ctx: TokenContext) -> tuple[Tensor, Tensor]:
         segments = ctx.segments or ((Segment(0, ctx.grid),) if ctx.grid is not None else None)
         if segments is None:
-            raise ValueError(
-                "matryoshka pools a token grid; this image has none (an earlier stage already removed tokens, "
-                "or a packing vtprune does not recognise). Use it before the LLM"
+            raise InputError(
+                "matryoshka pools a token grid and this image has none: pass grid=(t, h, w) to vtprune.select. "
+                "Inside a model the engine supplies it before the LLM, but not after an earlier stage removed "
+                "tokens or for a packing vtprune does not recognise"
             )
         n = ctx.num_tokens
         window = self._window(segments[0].grid, ctx.keep)
@@ -96,6 +101,3 @@ class Matryoshka(MergingStrategy):
         rows, cols = torch.arange(0, h, window[0]), torch.arange(0, w, window[1])
         top_left = (rows[:, None] * w + cols[None, :]).flatten()
         return (torch.arange(t)[:, None] * h * w + top_left[None, :]).flatten(), weights
-
-    def __repr__(self) -> str:
-        return f"Matryoshka(scales={self.scales})"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import GreedyStrategy, TokenContext
+from .options import Option
 from .registry import register_strategy
 
 VARIANTS = ("multimodal", "vision", "text")
@@ -76,16 +77,15 @@ class MMTok(GreedyStrategy):
     """
 
     needs = frozenset({"text_embeds", "pre_features"})
+    optional_needs = frozenset({"text_embeds", "pre_features"})  # the fallbacks above
+    alpha = Option(float, at_least=0)
+    text_temp = Option(float, above=0)
+    vision_temp = Option(float, above=0)
+    variant = Option(str, choices=VARIANTS)
 
     def __init__(
         self, alpha: float = 0.5, text_temp: float = 0.02, vision_temp: float = 0.2, variant: str = "multimodal"
     ) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if text_temp <= 0 or vision_temp <= 0:
-            raise ValueError(f"temperatures must be > 0, got text_temp={text_temp}, vision_temp={vision_temp}")
         self.alpha, self.text_temp, self.vision_temp, self.variant = alpha, text_temp, vision_temp, variant
         # Shadows the class attribute (the multimodal set) so the engine skips inputs this variant ignores.
         self.needs = {
@@ -135,9 +135,3 @@ class MMTok(GreedyStrategy):
             raise ValueError(f"pre_features has {clip.shape[0]} rows for {n} tokens")
         vision_term = _coverage_probabilities(clip, clip, self.vision_temp) / n
         return vision_term if text is None else torch.cat([text_term, self.alpha * vision_term])
-
-    def __repr__(self) -> str:
-        return (
-            f"MMTok(alpha={self.alpha}, text_temp={self.text_temp}, vision_temp={self.vision_temp}, "
-            f"variant={self.variant!r})"
-        )

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, Strategy, TokenContext
 from .diversity import cosine_distances, farthest_point_order, most_isolated, pick_distances, rows, stacked_similarities
+from .options import Option
 from .registry import register_strategy
 
 METHODS = ("k-center", "max-sum")
@@ -56,11 +57,11 @@ class ToDRE(GreedyStrategy):
     """
 
     needs = frozenset({"cls_attention"})
+    optional_needs = frozenset({"cls_attention"})  # the most isolated token is the pivot without it
     stages = frozenset({INPUT_STAGE})
+    method = Option(str, choices=METHODS)
 
     def __init__(self, method: str = "k-center") -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
 
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
@@ -81,9 +82,6 @@ class ToDRE(GreedyStrategy):
         order = self.order(replace(ctx, keep=ctx.num_tokens))
         return pick_distances(cosine_distances(ctx.features), order).float()
 
-    def __repr__(self) -> str:
-        return f"ToDRE(method={self.method!r})"
-
 
 @register_strategy("todre_relevance")
 class ToDRERelevance(Strategy):
@@ -101,6 +99,8 @@ class ToDRERelevance(Strategy):
     needs = frozenset({"cross_shares"})
     stages = frozenset({DECODER_STAGE})
     needs_budget = False
+    tau = Option(float, at_least=0, at_most=1)
+    """0: never drops (no share is below 0); 1: drops unless a share is 1 (the shares are in [0, 1])."""
 
     def __init__(self, tau: float = 0.10) -> None:
         self.tau = tau
@@ -116,6 +116,3 @@ class ToDRERelevance(Strategy):
         if bool((ctx.cross_shares < self.tau).all()):
             return torch.zeros(0, dtype=torch.int64)
         return torch.arange(ctx.num_tokens)
-
-    def __repr__(self) -> str:
-        return f"ToDRERelevance(tau={self.tau})"

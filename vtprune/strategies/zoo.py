@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .base import INPUT_STAGE, GreedyStrategy, TokenContext
 from .diversity import rows, stacked_similarities
+from .options import Option
 from .registry import register_strategy
 
 
@@ -38,10 +39,13 @@ class ZOOPrune(GreedyStrategy):
 
     needs = frozenset({"pre_features", "projector"})
     stages = frozenset({INPUT_STAGE})
+    directions = Option(int, at_least=1)
+    step = Option(float, above=0)
+    rank = Option(int, at_least=1, optional=True)
+    chunk = Option(int, at_least=1)
+    """Directions per batch of projector passes (memory, not results)."""
 
     def __init__(self, directions: int = 64, step: float = 0.01, rank: int | None = None, chunk: int = 16) -> None:
-        if directions < 1 or step <= 0:
-            raise ValueError("directions must be >= 1 and step > 0")
         self.directions, self.step, self.rank, self.chunk = directions, step, rank, chunk
 
     def sensitivity(self, ctx: TokenContext) -> Tensor:
@@ -76,9 +80,6 @@ class ZOOPrune(GreedyStrategy):
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
         score = torch.stack([_normalised(self.sensitivity(ctx)).double() for ctx in contexts])
         return list(product_order(score, stacked_similarities(contexts).to(score.device), contexts[0].keep))
-
-    def __repr__(self) -> str:
-        return f"ZOOPrune(directions={self.directions}, step={self.step}, rank={self.rank})"
 
 
 def product_order(score: Tensor, similarity: Tensor, count: int) -> Tensor:
