@@ -69,3 +69,11 @@ def _quiet_budget_warnings():
 
 
 __all__ = ["MODEL_KINDS"]
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """Strategies a test registers are gone after it (the registry is global; other tests list it)."""
+    from vtprune.strategies import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))

@@ -1,4 +1,4 @@
-"""Contract and algorithm tests for the built-in strategies (none, random, uniform, divprune, fastv)."""
+"""The contract every registered strategy meets, and algorithm tests for none, random, uniform, divprune, fastv."""
 
 from __future__ import annotations
 
@@ -7,16 +7,18 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
+from contexts import assert_valid_selection as assert_valid
+from contexts import full_context, full_inputs
 from hypothesis import strategies as st
 
 from vtprune.errors import UnknownStrategyError
-from vtprune.strategies import DivPrune, FastV, NoPruning, RandomPruning, UniformPruning
+import vtprune
+from vtprune.strategies import DivPrune, FastV, GreedyStrategy, NoPruning, RandomPruning, UniformPruning
 from vtprune.strategies.base import DECODER_STAGE, TokenContext
 from vtprune.strategies.diversity import cosine_distances
 from vtprune.strategies.registry import list_strategies, make_strategy
 
 BUILTINS = ("none", "random", "uniform", "divprune", "fastv")
-BUDGETED = ("random", "uniform", "divprune", "fastv")
 
 # Small sizes and few examples: the machine is shared and every property is cheap to falsify.
 fast = settings(max_examples=40, deadline=None)
@@ -84,14 +86,61 @@ def test_context_rejects_out_of_range_keep(keep: int) -> None:
 # --- the contract, for every budgeted strategy ------------------------------------------------
 
 
-@pytest.mark.parametrize("name", BUDGETED)
-@fast
-@given(ctx=contexts())
-def test_selection_contract_and_determinism(name: str, ctx: TokenContext) -> None:
+# Every registered strategy (a new one is covered without editing this file), with a context that fills every
+# field a strategy may need (tests/contexts.py).
+EVERY = list_strategies()
+# Token counts with grids: 1 x 1, 2 x 3, 4 x 4 (square, for pooling), 5 x 6; every budget from 1 to N for small N.
+CONTRACT_CASES = [
+    (n, keep, seed) for n, seed in ((1, 0), (6, 1), (16, 2), (30, 3)) for keep in sorted({1, min(2, n), n // 2 or 1, n})
+]
+
+
+@pytest.mark.parametrize("name", EVERY)
+def test_every_strategy_meets_the_selection_contract(name: str) -> None:
+    checked = 0
+    for n, keep, seed in CONTRACT_CASES:
+        ctx = full_context(n, keep, seed)
+        strategy = make_strategy(name)
+        kept = strategy.select(ctx)
+        assert_valid(strategy, kept, ctx)
+        assert torch.equal(kept, make_strategy(name).select(ctx)), "not deterministic"
+        # Exactly what vtprune.select gives on the same plain tensors.
+        inputs = full_inputs(n, ctx.features.shape[1], seed)
+        features = inputs.pop("features")
+        budget = {} if not strategy.needs_budget else {"keep": keep}
+        assert torch.equal(vtprune.select(name, features, **budget, **inputs), kept)
+        checked += 1
+    assert checked == len(CONTRACT_CASES)
+
+
+@pytest.mark.parametrize("name", EVERY)
+def test_every_strategy_selects_each_image_of_a_group_as_alone(name: str) -> None:
     strategy = make_strategy(name)
-    kept = strategy.select(ctx)
-    assert_valid_selection(kept, ctx.num_tokens, ctx.keep)
-    assert torch.equal(kept, make_strategy(name).select(ctx))
+    for n, keep in ((6, 2), (16, 5)):
+        group = [full_context(n, keep, seed) for seed in (4, 5, 6)]
+        together = strategy.select_batch(group)
+        assert len(together) == len(group)
+        for ctx, kept in zip(group, together, strict=True):
+            assert torch.equal(kept, strategy.select(ctx))
+
+
+GREEDY_NAMES = [name for name in EVERY if isinstance(make_strategy(name), GreedyStrategy)]
+
+
+def test_the_greedy_list_is_not_empty() -> None:
+    assert {"divprune", "todre", "mmtok", "zoo"} <= set(GREEDY_NAMES)
+
+
+@pytest.mark.parametrize("name", GREEDY_NAMES)
+def test_every_greedy_strategy_nests_its_keep_sets(name: str) -> None:
+    strategy = make_strategy(name)
+    ctx = full_context(30, 30, 7)
+    order = strategy.order(ctx)
+    assert sorted(order.tolist()) == list(range(30))
+    for keep in (1, 4, 17):
+        shorter = strategy.order(full_context(30, keep, 7))
+        assert torch.equal(shorter, order[:keep])
+        assert torch.equal(strategy.select(full_context(30, keep, 7)), shorter.sort().values)
 
 
 @fast

@@ -130,8 +130,8 @@ def select_tokens(
         if not isinstance(chosen, (list, tuple)) or len(chosen) != len(members):
             got = f"{len(chosen)} selections" if isinstance(chosen, (list, tuple)) else type(chosen).__name__
             raise StrategyOutputError(
-                f"strategy {strategy.name!r}: select_batch must return a list of {len(members)} index tensors "
-                f"(one per image), got {got}"
+                f"strategy {strategy.name!r} returned {got} for {len(members)} images; select_batch must return a "
+                "list of index tensors, one per image"
             )
         # A merging strategy's count follows its own rounding (matryoshka: the nearest pooling scale).
         exact = strategy.needs_budget and not isinstance(strategy, MergingStrategy)

@@ -30,7 +30,7 @@ class Option:
     ``int`` and ``float`` options take finite numbers only (``float`` ones take ints too, stored as floats; bools
     are not numbers here). ``at_least`` / ``above`` / ``at_most`` bound them, ``choices`` lists a ``str`` option's
     values, ``optional`` allows ``None`` and ``many`` makes it a non-empty tuple of such values (written
-    ``a/b/c`` in schedule strings).
+    ``a/b/c`` in schedule strings; one value is a tuple of one).
     """
 
     def __init__(
@@ -66,13 +66,14 @@ class Option:
         """``value`` as stored (floats as float, sequences as tuples), or an :class:`OptionError` naming the option."""
         if self.optional and (value is None or (self.kind is not str and value == "none")):
             return None
-        if self.many:
-            items = value.split("/") if isinstance(value, str) else value
-            if isinstance(items, (list, tuple)) and items:
-                return tuple(
-                    self._check_one(parse_value(item) if isinstance(value, str) else item, value) for item in items
-                )
-            raise self._refuse(value)
+        if self.many:  # a sequence, a/b/c from a schedule string, or one value
+            if isinstance(value, str):
+                items = [parse_value(item) for item in value.split("/")]
+            else:
+                items = list(value) if isinstance(value, (list, tuple)) else [value]
+            if not items:
+                raise self._refuse(value)
+            return tuple(self._check_one(item, value) for item in items)
         return self._check_one(value, value)
 
     def _check_one(self, item: Any, value: Any) -> Any:
@@ -121,7 +122,11 @@ class Option:
         if value is None:
             return "none"
         if self.many:
-            return "/".join(self.format(item) for item in value)
+            return "/".join(self._format_one(item) for item in value)
+        return self._format_one(value)
+
+    @staticmethod
+    def _format_one(value: Any) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"
         return repr(value) if isinstance(value, float) else str(value)
