@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
 from contexts import assert_valid_selection as assert_valid
 from contexts import full_context, full_inputs
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vtprune.errors import UnknownStrategyError
 import vtprune
+from vtprune.errors import UnknownStrategyError
 from vtprune.strategies import DivPrune, FastV, GreedyStrategy, NoPruning, RandomPruning, UniformPruning
 from vtprune.strategies.base import DECODER_STAGE, TokenContext
 from vtprune.strategies.diversity import cosine_distances

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..pooling import nearest_scale, pool_grid, valid_scales
 from ..errors import InputError
+from ..pooling import nearest_scale, pool_grid, valid_scales
 from .base import MergingStrategy, Segment, TokenContext
 from .options import Option
 from .registry import register_strategy
