@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import INPUT_STAGE, GreedyStrategy, TokenContext
-from .diversity import rows, stacked_similarities
+from .diversity import memory_groups, rows, stacked_cosines
 from .registry import register_strategy
 
 
@@ -74,8 +74,12 @@ class ZOOPrune(GreedyStrategy):
         return _normalised(self.sensitivity(ctx))
 
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
-        score = torch.stack([_normalised(self.sensitivity(ctx)).double() for ctx in contexts])
-        return list(product_order(score, stacked_similarities(contexts).to(score.device), contexts[0].keep))
+        orders: list[Tensor] = []
+        for group in memory_groups(contexts, torch.float32):
+            score = torch.stack([_normalised(self.sensitivity(ctx)).double() for ctx in group])
+            similarity = stacked_cosines(group, torch.float32, distances=False).to(score.device)
+            orders += product_order(score, similarity, group[0].keep)
+        return orders
 
     def __repr__(self) -> str:
         return f"ZOOPrune(directions={self.directions}, step={self.step}, rank={self.rank})"
