@@ -77,12 +77,17 @@ def stacked_cosines(contexts: Sequence[TokenContext], dtype: torch.dtype, distan
     return out
 
 
-def memory_groups(contexts: Sequence[TokenContext], dtype: torch.dtype) -> list[Sequence[TokenContext]]:
-    """The group cut into runs whose N x N matrices together take no more memory than one image's
-    reference formulation does (a normalised float32 copy of the tokens and its float32 N x N matrix)."""
+def memory_groups(contexts: Sequence[TokenContext], bytes_per_image: int) -> list[Sequence[TokenContext]]:
+    """The group cut into runs whose working matrices (``bytes_per_image`` each) together take no more memory than
+    one image's reference formulation does (a normalised float32 copy of the tokens and a float32 N x N matrix)."""
     n, width = contexts[0].features.shape
-    size = max(1, (n * width + n * n) * 4 // (n * n * dtype.itemsize))
+    size = max(1, (n * width + n * n) * 4 // bytes_per_image)
     return [contexts[start : start + size] for start in range(0, len(contexts), size)]
+
+
+def matrix_bytes(contexts: Sequence[TokenContext], dtype: torch.dtype) -> int:
+    """Bytes of one image's N x N matrix in ``dtype``."""
+    return contexts[0].num_tokens ** 2 * dtype.itemsize
 
 
 def rows(matrix: Tensor, index: Tensor) -> Tensor:

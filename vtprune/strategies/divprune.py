@@ -11,6 +11,7 @@ from .base import GreedyStrategy, TokenContext
 from .diversity import (
     cosine_distances,
     farthest_point_order,
+    matrix_bytes,
     memory_groups,
     most_isolated,
     order_scores,
@@ -52,7 +53,7 @@ class DivPrune(GreedyStrategy):
 
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
         orders: list[Tensor] = []
-        for group in memory_groups(contexts, self.dtype):
+        for group in memory_groups(contexts, matrix_bytes(contexts, self.dtype)):
             dist = stacked_cosines(group, self.dtype, distances=True)
             orders += farthest_point_order(dist, most_isolated(dist), group[0].keep)[0]
         return orders

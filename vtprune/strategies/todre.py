@@ -14,7 +14,15 @@ import torch
 from torch import Tensor
 
 from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, Strategy, TokenContext
-from .diversity import farthest_point_order, memory_groups, most_isolated, order_scores, rows, stacked_cosines
+from .diversity import (
+    farthest_point_order,
+    matrix_bytes,
+    memory_groups,
+    most_isolated,
+    order_scores,
+    rows,
+    stacked_cosines,
+)
 from .registry import register_strategy
 
 METHODS = ("k-center", "max-sum")
@@ -64,7 +72,7 @@ class ToDRE(GreedyStrategy):
 
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
         orders: list[Tensor] = []
-        for group in memory_groups(contexts, torch.float32):
+        for group in memory_groups(contexts, matrix_bytes(contexts, torch.float32)):
             orders += self._greedy(group, group[0].keep)[0]
         return orders
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import INPUT_STAGE, GreedyStrategy, TokenContext
-from .diversity import memory_groups, rows, stacked_cosines
+from .diversity import matrix_bytes, memory_groups, rows, stacked_cosines
 from .registry import register_strategy
 
 
@@ -75,7 +75,7 @@ class ZOOPrune(GreedyStrategy):
 
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
         orders: list[Tensor] = []
-        for group in memory_groups(contexts, torch.float32):
+        for group in memory_groups(contexts, matrix_bytes(contexts, torch.float32)):
             score = torch.stack([_normalised(self.sensitivity(ctx)).double() for ctx in group])
             similarity = stacked_cosines(group, torch.float32, distances=False).to(score.device)
             orders += product_order(score, similarity, group[0].keep)
