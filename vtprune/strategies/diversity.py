@@ -78,8 +78,11 @@ def stacked_cosines(contexts: Sequence[TokenContext], dtype: torch.dtype, distan
 
 
 def memory_groups(contexts: Sequence[TokenContext], bytes_per_image: int) -> list[Sequence[TokenContext]]:
-    """The group cut into runs whose working matrices (``bytes_per_image`` each) together take no more memory than
-    one image's reference formulation does (a normalised float32 copy of the tokens and a float32 N x N matrix)."""
+    """On a CPU, the group cut into runs whose working matrices (``bytes_per_image`` each) together take no more
+    memory than one image's reference formulation does (a normalised float32 copy of the tokens and a float32
+    N x N matrix). On an accelerator the group stays whole: its loop is launch-bound and its memory is large."""
+    if contexts[0].features.device.type != "cpu":
+        return [contexts]
     n, width = contexts[0].features.shape
     size = max(1, (n * width + n * n) * 4 // bytes_per_image)
     return [contexts[start : start + size] for start in range(0, len(contexts), size)]

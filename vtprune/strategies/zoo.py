@@ -104,6 +104,7 @@ def product_order(score: Tensor, similarity: Tensor, count: int) -> Tensor:
 
 
 def _normalised(score: Tensor) -> Tensor:
-    """Min-max normalisation to [0, 1]; all ones when every token scores the same."""
+    """Min-max normalisation to [0, 1]; all ones when every token scores the same (decided on the device: no
+    value is read back to the host)."""
     spread = score.max() - score.min()
-    return (score - score.min()) / spread if spread > 0 else torch.ones_like(score)
+    return torch.where(spread > 0, (score - score.min()) / spread, torch.ones_like(score))
