@@ -1,28 +1,44 @@
-"""Selection time of every strategy at realistic sizes, as a share of the prefill it is meant to shrink.
+"""Selection time and memory: vtprune against the papers' own formulations, and as a share of the prefill.
 
-Sizes: 576 x 4096 (LLaVA-1.5-7B: one 336 px image), 2880 x 4096 (LLaVA-NeXT-7B: five tiles), and
-a batch of 8 images of 576. The reference is the unpruned prefill of a 7B-shaped decoder (hidden
-4096, MLP 11008, 32 heads, 32 layers) over the same visual tokens plus 64 text tokens, estimated
-as 32 x the time of one real decoder layer measured in the same run (same machine, same dtype).
-Keep is 25 % of each image. Inputs each strategy reads are made at the matching shapes, per image
-(question of 20 words, 1024-wide pre-projector features, seeds; one LLaVA-1.5-shaped projector for
-zoo). The batch is timed twice: one ``vtprune.select`` call per image (each image its own greedy
-loop) and one call of the engine for all images (what the hooks run: same-sized images as one
-group); both must keep the same tokens.
+Default: DivPrune and MMTok against plain implementations of the papers' formulations
+(``eval/paper_selectors.py``: DivPrune's float32 cosine matrix and O(k²N) re-gather loop, MMTok's
+dense coverage loop; both reproduce the authors' recorded picks, tests/test_parity.py) on the same
+inputs, at N in {576, 1752, 2880} tokens, D in {1024, 4096}, k in {64, 10 %}, float32 and bfloat16
+tokens, batches of 1 and 8 images (each image its own keep set: vtprune runs the engine's
+``select_tokens`` for the batch, the paper one call per image). Rounds are interleaved (the order
+alternates), ``--repeats`` >= 5 of them; median and min are printed, and the ratio of the medians
+(vtprune / paper: below 1 is faster). Peak extra memory is the largest net amount of tensor memory
+the call holds at once, read from the allocation and free events of ``torch.profiler``
+(``profile_memory=True``: every tensor the CPU allocator hands out and takes back, inputs excluded,
+library-internal scratch such as MKL's not seen) in a separate untimed run. The machine load
+(``os.getloadavg``) is printed before and after: on a shared machine compare ratios, not times.
 
-    python eval/bench_selection.py                    # CPU, float32
-    python eval/bench_selection.py --device cuda --sizes 576 2880
-    python eval/bench_selection.py --sizes 576 --batch 8 --strategies divprune todre mmtok "zoo(directions:8)"
+``--shares``: every strategy's selection time as a share of the unpruned prefill of a 7B-shaped
+decoder (hidden 4096, MLP 11008, 32 heads, 32 layers) over the same tokens plus 64 text tokens,
+estimated as 32 x one real decoder layer timed in the same run; sizes 576 x 4096, 2880 x 4096 and a
+batch of 8 x 576, keep 25 %; the batch is timed as one call per image and one engine call for all
+images (which must keep the same tokens).
+
+    python eval/bench_selection.py --quick            # 576 and 1752 tokens, k = 64, batch 1: a few minutes
+    python eval/bench_selection.py                    # the full grid (long on a 2-core CPU)
+    python eval/bench_selection.py --shares --sizes 576 --batch 8 --strategies divprune todre mmtok "zoo(directions:8)"
+    python eval/bench_selection.py --device cuda --dtypes bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
+from typing import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -30,7 +46,10 @@ import vtprune
 from vtprune.schedule import Budget, parse_strategy
 from vtprune.selection import TokenInputs, select_tokens
 
-HIDDEN, LAYERS, VISION = 4096, 32, 1024
+sys.path.insert(0, str(Path(__file__).parent))
+import paper_selectors  # noqa: E402  (next to this script)
+
+HIDDEN, LAYERS, VISION, WORDS = 4096, 32, 1024, 20
 
 
 def synchronize(device: torch.device) -> None:
@@ -38,25 +57,118 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_time(fn, device: torch.device, repeats: int) -> float:
-    return best_times([fn], device, repeats)[0]
-
-
-def best_times(fns: list, device: torch.device, repeats: int) -> list[float]:
-    """Fastest of ``repeats`` runs of each function, the functions interleaved so they share the machine's noise."""
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, runs in zip(fns, times):
+def interleaved_times(fns: list[Callable[[], object]], device: torch.device, repeats: int) -> list[list[float]]:
+    """Seconds of ``repeats`` runs of each function, the functions interleaved (their order alternating each round)
+    so they share the machine's noise; one untimed warm-up round first."""
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(repeats + 1):
+        order = list(range(len(fns)))[:: 1 if round_ % 2 else -1]
+        for index in order:
             synchronize(device)
             start = time.perf_counter()
-            fn()
+            fns[index]()
             synchronize(device)
-            runs.append(time.perf_counter() - start)
-    return [min(runs) for runs in times]
+            if round_:
+                times[index].append(time.perf_counter() - start)
+    return times
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Largest net tensor memory ``fn`` holds at once: the running sum of the profiler's allocation (+) and free
+    (-) events on ``device``, from zero at the call."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    wanted = "CUDA" if device.type == "cuda" else "CPU"
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        if wanted in str(event.device_type()):
+            held += event.nbytes()
+            peak = max(peak, held)
+    return peak
+
+
+def load() -> str:
+    return "load average " + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
+# --- vtprune against the papers' formulations ------------------------------------------------------------------
+
+
+def paper_cases(method: str, images: list[torch.Tensor], k: int, generator: torch.Generator) -> tuple:
+    """(vtprune call, paper call) for ``method`` on ``images``, each image its own keep set."""
+    dtype, device = images[0].dtype, images[0].device
+    if method == "divprune":
+        inputs = [TokenInputs() for _ in images]
+        strategy = parse_strategy("divprune")
+
+        def paper() -> list[torch.Tensor]:
+            return [paper_selectors.divprune(x, k).sort().values for x in images]
+
+    else:
+        n = images[0].shape[0]
+        inputs = [
+            TokenInputs(
+                text_embeds=torch.randn(WORDS, x.shape[1], generator=generator).to(device, dtype),
+                pre_features=torch.randn(n, VISION, generator=generator).to(device, dtype),
+            )
+            for x in images
+        ]
+        strategy = parse_strategy("mmtok")
+
+        def paper() -> list[torch.Tensor]:
+            return [
+                paper_selectors.mmtok(extra.text_embeds, x, extra.pre_features, k).sort().values
+                for x, extra in zip(images, inputs)
+            ]
+
+    batch = list(zip(images, inputs))
+
+    def ours() -> list[torch.Tensor]:
+        return select_tokens(strategy, Budget(keep=k), batch)
+
+    return ours, paper
+
+
+def compare_with_papers(args: argparse.Namespace, device: torch.device) -> None:
+    generator = torch.Generator().manual_seed(0)
+    print(f"# selection against the papers' formulations: {machine(device)}; {args.repeats} interleaved rounds")
+    print(f"# before: {load()}")
+    print(
+        "| method | N | D | k | dtype | batch | vtprune median / min ms | paper median / min ms | time ratio "
+        "| vtprune MB | paper MB | memory ratio | same picks |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        for width in args.widths:
+            for k in [64] if args.quick else dict.fromkeys([64, round(0.1 * n)]):
+                for dtype in args.dtypes:
+                    for batch in args.batches:
+                        images = [torch.randn(n, width, generator=generator).to(device, dtype) for _ in range(batch)]
+                        for method in args.methods:
+                            ours, paper = paper_cases(method, images, k, generator)
+                            with torch.no_grad():
+                                mine, theirs = interleaved_times([ours, paper], device, args.repeats)
+                                memory = [peak_extra_bytes(fn, device) for fn in (ours, paper)]
+                                same = all(torch.equal(a, b.to(a.device)) for a, b in zip(ours(), paper()))
+                            ms = [1e3 * statistics.median(mine), 1e3 * min(mine)]
+                            ref = [1e3 * statistics.median(theirs), 1e3 * min(theirs)]
+                            print(
+                                f"| {method} | {n} | {width} | {k} | {str(dtype).removeprefix('torch.')} | {batch} "
+                                f"| {ms[0]:.1f} / {ms[1]:.1f} | {ref[0]:.1f} / {ref[1]:.1f} | {ms[0] / ref[0]:.2f} "
+                                f"| {memory[0] / 2**20:.1f} | {memory[1] / 2**20:.1f} | {memory[0] / memory[1]:.2f} "
+                                f"| {'yes' if same else 'no'} |",
+                                flush=True,
+                            )
+    print(f"# after: {load()}")
+
+
+# --- selection as a share of the prefill -----------------------------------------------------------------------
 
 
 def prefill_seconds(tokens: int, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
-    """Unpruned 7B-shaped prefill over ``tokens``: one real decoder layer, timed, times the depth."""
+    """Unpruned 7B-shaped prefill over ``tokens``: one real decoder layer, timed (median), times the depth."""
     config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
     config._attn_implementation = "sdpa"
     layer = LlamaDecoderLayer(config, layer_idx=0).to(device, dtype).eval()
@@ -64,9 +176,10 @@ def prefill_seconds(tokens: int, device: torch.device, dtype: torch.dtype, repea
     positions = torch.arange(tokens, device=device)[None]
     tables = LlamaRotaryEmbedding(config).to(device)(hidden, positions)
     with torch.no_grad():
-        return LAYERS * best_time(
-            lambda: layer(hidden, position_embeddings=tables, position_ids=positions), device, repeats
-        )
+        runs = interleaved_times(
+            [lambda: layer(hidden, position_embeddings=tables, position_ids=positions)], device, repeats
+        )[0]
+    return LAYERS * statistics.median(runs)
 
 
 def selector_inputs(
@@ -81,7 +194,7 @@ def selector_inputs(
     if name == "todre":
         inputs["cls_attention"] = torch.rand(n, generator=generator).to(device)
     if name == "mmtok":
-        inputs["text_embeds"] = torch.randn(20, HIDDEN, generator=generator).to(device)
+        inputs["text_embeds"] = torch.randn(WORDS, HIDDEN, generator=generator).to(device)
     if name in ("mmtok", "zoo"):
         inputs["pre_features"] = torch.randn(n, VISION, generator=generator).to(device)
     if name == "zoo":
@@ -91,30 +204,12 @@ def selector_inputs(
     return inputs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", type=int, default=[576, 2880])
-    parser.add_argument("--batch", type=int, default=8, help="images in the batched case (of the first size)")
-    parser.add_argument(
-        "--strategies",
-        nargs="+",
-        default=None,
-        help="names or name(option:value), e.g. 'zoo(directions:8)'; default: all",
-    )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", type=lambda name: getattr(torch, name))
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    device = torch.device(args.device)
+def shares_of_prefill(args: argparse.Namespace, device: torch.device) -> None:
     names = args.strategies or [n for n in vtprune.list_strategies() if not n.startswith("test_")]
     cases = [(n, 1) for n in args.sizes] + [(args.sizes[0], args.batch)]
-    machine = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    )
-    print(f"# selection benchmark: {machine}, prefill in {args.dtype}, selection in float32, keep 25 %")
+    dtype = args.dtypes[0]
+    print(f"# selection benchmark: {machine(device)}, prefill in {dtype}, keep 25 %, median of {args.repeats}")
+    print(f"# before: {load()}")
     generator = torch.Generator().manual_seed(0)
     projector = torch.nn.Sequential(torch.nn.Linear(VISION, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, HIDDEN))
     projector = projector.to(device)
@@ -122,14 +217,14 @@ def main() -> None:
     for n, images in cases:
         tokens = n * images + 64
         if tokens not in prefill:
-            prefill[tokens] = prefill_seconds(tokens, device, args.dtype, max(1, args.repeats - 1))
+            prefill[tokens] = prefill_seconds(tokens, device, dtype, max(1, args.repeats - 1))
         print(f"\n## {images} x {n} tokens x {HIDDEN}: unpruned 7B-shaped prefill ~{prefill[tokens]:.2f} s")
         if images == 1:
             print("| strategy | selection s | share of prefill |\n|---|---|---|")
         else:
             print("| strategy | one call per image s | one call for the batch s | speed-up | share of prefill |")
             print("|---|---|---|---|---|")
-        features = [torch.randn(n, HIDDEN, generator=generator).to(device) for _ in range(images)]
+        features = [torch.randn(n, HIDDEN, generator=generator).to(device, dtype) for _ in range(images)]
         for spec in names:
             strategy = parse_strategy(spec)
             inputs = [selector_inputs(strategy.name, n, device, generator, projector, seed) for seed in range(images)]
@@ -149,10 +244,12 @@ def main() -> None:
             with torch.no_grad():
                 try:
                     if images == 1:
-                        seconds = best_time(per_image, device, args.repeats)
+                        seconds = statistics.median(interleaved_times([per_image], device, args.repeats)[0])
                         print(f"| {spec} | {seconds:.4f} | {seconds / prefill[tokens]:.2%} |", flush=True)
                         continue
-                    looped, together = best_times([per_image, batched], device, args.repeats)
+                    looped, together = map(
+                        statistics.median, interleaved_times([per_image, batched], device, args.repeats)
+                    )
                 except (ValueError, vtprune.VTPruneError) as error:  # e.g. a grid it cannot pool
                     print(f"| {spec} | n/a ({error}) | |")
                     continue
@@ -160,6 +257,46 @@ def main() -> None:
             assert same, f"{spec}: the batch kept other tokens than the images one by one"
             share = together / prefill[tokens]
             print(f"| {spec} | {looped:.4f} | {together:.4f} | {looped / together:.2f}x | {share:.2%} |", flush=True)
+    print(f"# after: {load()}")
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shares", action="store_true", help="every strategy as a share of a 7B-shaped prefill")
+    parser.add_argument("--quick", action="store_true", help="against the papers: 576 and 1752 tokens, k = 64, batch 1")
+    parser.add_argument("--sizes", nargs="+", type=int, default=None, help="tokens per image (default 576 1752 2880)")
+    parser.add_argument("--widths", nargs="+", type=int, default=[1024, 4096])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="images per call (against the papers)")
+    parser.add_argument("--methods", nargs="+", default=["divprune", "mmtok"], choices=["divprune", "mmtok"])
+    parser.add_argument("--batch", type=int, default=8, help="--shares: images in the batched case (of the first size)")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=None,
+        help="--shares: names or name(option:value), e.g. 'zoo(directions:8)'; default: all",
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtypes", nargs="+", default=[torch.float32, torch.bfloat16], type=lambda name: getattr(torch, name)
+    )
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    device = torch.device(args.device)
+    if args.shares:
+        args.sizes = args.sizes or [576, 2880]
+        shares_of_prefill(args, device)
+        return
+    if args.quick:
+        args.sizes, args.widths, args.batches, args.dtypes = args.sizes or [576, 1752], [1024, 4096], [1], args.dtypes
+    args.sizes = args.sizes or [576, 1752, 2880]
+    compare_with_papers(args, device)
 
 
 if __name__ == "__main__":

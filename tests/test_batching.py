@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtprune
 from vtprune.errors import VTPruneError
@@ -188,3 +189,51 @@ def test_mmtok_questions_of_other_lengths_leave_an_images_picks_alone():
         )
     mmtok = make_strategy("mmtok")
     assert [order.tolist() for order in mmtok.order_batch(contexts)] == [mmtok.order(ctx).tolist() for ctx in contexts]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run under it that compute (views launch nothing), and those that read a value back to
+    the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.host_reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.host_reads.append(str(func))  # .item() / int() / bool(), and shape-dependent outputs
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("name", "options"), GREEDY, ids=[f"{n}{o}" for n, o in GREEDY])
+def test_greedy_loops_run_a_fixed_number_of_ops_per_pick_and_never_read_back(name: str, options: dict) -> None:
+    # What a GPU needs from a k-step loop: no host synchronisation per pick, and as many kernel launches per pick
+    # for a group of images as for one. Counted as aten ops (each one launch on a GPU) for 1 and 3 images at two
+    # budgets: the extra ops per extra pick must be the same constant. Tokens 256 wide, so that on a CPU the three
+    # images' matrices fit one group (memory_groups).
+    strategy = make_strategy(name, **options)
+    gen = torch.Generator().manual_seed(0)
+
+    def ops(images: int, keep: int) -> int:
+        contexts = []
+        for seed in range(images):
+            pre = torch.randn(40, 5, generator=gen)
+            contexts.append(
+                TokenContext(
+                    features=torch.randn(40, 256, generator=gen),
+                    keep=keep,
+                    seed=seed,
+                    text_embeds=torch.randn(3, 256, generator=gen),
+                    pre_features=pre,
+                    projector=projector,
+                )
+            )
+        with OpCounter() as counter:
+            strategy.order_batch(contexts)
+        assert counter.host_reads == []
+        return counter.ops
+
+    per_pick = {images: (ops(images, 30) - ops(images, 10)) / 20 for images in (1, 3)}
+    assert per_pick[1] == per_pick[3] and per_pick[1] == int(per_pick[1]) and 0 < per_pick[1] <= 8, per_pick

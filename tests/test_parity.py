@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from parity import DATA, parity_cases
+from parity import DATA, paper_selectors, parity_cases
 
 from vtprune.strategies import DivPrune
 from vtprune.strategies.base import TokenContext
@@ -36,6 +36,46 @@ def test_divprune_matches_reference(case: dict, arrays: np.lib.npyio.NpzFile) ->
     assert kept == case["kept_sorted"], objectives(features, kept, case["kept_sorted"])
     order = DivPrune().order(ctx).tolist()
     assert order == case["selection_order"], objectives(features, order, case["selection_order"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_divprune_in_half_precision_picks_what_the_reference_loop_picks_in_it(
+    case: dict, dtype: str, arrays: np.lib.npyio.NpzFile
+) -> None:
+    # The authors' code computes distances in the model's dtype; tokens of a bf16 / fp16 model reach the strategy
+    # as float32 copies of half-precision values, and precision=<dtype> must pick what their loop picks on them.
+    half = getattr(torch, dtype)
+    features = torch.from_numpy(arrays[case["input"]]).to(half)
+    expected = paper_selectors.divprune(features, case["k"], dtype=half).tolist()
+    order = DivPrune(precision=dtype).order(TokenContext(features=features.float(), keep=case["k"])).tolist()
+    assert order == expected
+
+
+def test_divprune_refuses_an_unknown_precision() -> None:
+    with pytest.raises(ValueError, match="precision must be one of"):
+        DivPrune(precision="float8")
+
+
+def test_the_benchmarks_paper_formulations_reproduce_the_authors_outputs(arrays: np.lib.npyio.NpzFile) -> None:
+    # eval/bench_selection.py times vtprune against these; they must be the papers' selections, not a strawman.
+    for case in CASES:
+        order = paper_selectors.divprune(torch.from_numpy(arrays[case["input"]]), case["k"])
+        assert order.tolist() == case["selection_order"], case["id"]
+    mmtok_cases = parity_cases("mmtok")
+    for case in mmtok_cases:
+        inputs = {name: torch.from_numpy(arrays[key]) for name, key in case["inputs"].items()}
+        order = paper_selectors.mmtok(
+            inputs["text"],
+            inputs["vis_proj"],
+            inputs["vis_clip"],
+            case["k"],
+            case["alpha"],
+            case["tv_temp"],
+            case["vv_temp"],
+        )
+        assert sorted(order.tolist()) == case["kept_sorted"], case["id"]
+    assert CASES and mmtok_cases
 
 
 def test_divprune_cases_exist() -> None:

@@ -186,7 +186,8 @@ def token_context(features: Tensor, keep: int, inputs: TokenInputs, candidates: 
     whole = candidates is None or candidates.numel() == features.shape[0]
 
     def per_token(x: Tensor | None) -> Tensor | None:
-        return None if x is None else (x if candidates is None else x[candidates]).float()
+        # All candidates are all tokens in order: the tensor itself, not an indexed copy of it.
+        return None if x is None else (x if whole else x[candidates]).float()
 
     return TokenContext(
         features=per_token(features),

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 from .base import GreedyStrategy, TokenContext
-from .diversity import cosine_distances, farthest_point_order, most_isolated, pick_distances, stacked_similarities
+from .diversity import (
+    cosine_distances,
+    farthest_point_order,
+    matrix_bytes,
+    memory_groups,
+    most_isolated,
+    order_scores,
+    precision_dtype,
+    stacked_cosines,
+)
 from .registry import register_strategy
 
 
@@ -23,13 +33,35 @@ class DivPrune(GreedyStrategy):
     running min-distance vector makes the loop O(kN) after the O(N^2 D) distance matrix (the
     reference re-gathers every chosen row each step), and a group of images runs as one loop.
     The paper acts on the projected tokens before the LLM; the strategy itself works at either stage.
+
+    ``precision`` is the dtype of the distances: ``"float32"`` (default) reproduces the reference
+    code's picks on float32 tokens (the parity cases); the reference computes in the model's
+    dtype, so ``"bfloat16"`` / ``"float16"`` reproduce what it picks on a bf16 / fp16 model
+    (bf16 tokens are exact in float32, so nothing is lost on the way), and ``"float64"`` is the
+    previous default.
     """
 
+    precision = "float32"  # a class default too, so subclasses that skip __init__ keep working
+
+    def __init__(self, precision: str = "float32") -> None:
+        precision_dtype(precision)  # refuse an unknown name here, not at the first forward
+        self.precision = precision
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return precision_dtype(self.precision)
+
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
-        dist = 1.0 - stacked_similarities(contexts)
-        return list(farthest_point_order(dist, most_isolated(dist), contexts[0].keep))
+        orders: list[Tensor] = []
+        for group in memory_groups(contexts, matrix_bytes(contexts, self.dtype)):
+            dist = stacked_cosines(group, self.dtype, distances=True)
+            orders += farthest_point_order(dist, most_isolated(dist), group[0].keep)[0]
+        return orders
 
     def scores(self, ctx: TokenContext) -> Tensor:
         """Each token's cosine distance to the tokens picked before it, in the greedy order over all tokens."""
-        dist = cosine_distances(ctx.features)
-        return pick_distances(dist, farthest_point_order(dist, most_isolated(dist), ctx.num_tokens)).float()
+        dist = cosine_distances(ctx.features, self.dtype)
+        return order_scores(*farthest_point_order(dist, most_isolated(dist), ctx.num_tokens))
+
+    def __repr__(self) -> str:
+        return f"DivPrune(precision={self.precision!r})"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import GreedyStrategy, TokenContext
+from .diversity import memory_groups
 from .options import Option
 from .registry import register_strategy
 
@@ -19,8 +20,10 @@ def _coverage_probabilities(queries: Tensor, keys: Tensor, temperature: float) -
     """Row-softmax of ``cos(queries, keys) / temperature`` in float32: how well each key covers each query."""
     # float32 as in the reference; the parity cases are reproduced exactly in float32.
     q = F.normalize(queries.float(), dim=1)
-    k = F.normalize(keys.float(), dim=1)
-    return torch.softmax(q @ k.T / temperature, dim=1)
+    k = q if keys is queries else F.normalize(keys.float(), dim=1)
+    logits = (q @ k.T).div_(temperature)
+    del q, k  # only the logits and the probabilities are alive at once
+    return torch.softmax(logits, dim=1)
 
 
 def coverage_order(weights: Tensor, count: int) -> Tensor:
@@ -28,18 +31,19 @@ def coverage_order(weights: Tensor, count: int) -> Tensor:
 
     Maximises ``f(S) = sum_r max_{j in S} weights[r, j]`` for each matrix of the leading dimensions
     (a group of images): a running ``best`` holds each row's current maximum (0 for the empty set,
-    the weights being non-negative), and each step adds the column with the largest gain
-    ``sum_r max(0, weights[r, j] - best[r])``. O(count·R·N) per matrix, a few tensor ops per step
-    for the whole group. Ties go to the lower index (``argmax``); chosen columns are masked, so none
-    comes out twice even when every gain is 0.
+    the weights being non-negative), and each step adds the column j with the largest
+    ``f(S + j) = sum_r max(best[r], weights[r, j])``, evaluated for every column at once (two passes
+    over the matrix, as the paper's loop). O(count·R·N) per matrix, seven tensor ops per step for the
+    whole group, nothing read back to the host. Ties go to the lower index (``argmax``); chosen
+    columns are masked, so none comes out twice even when every gain is 0.
     """
     best = weights.new_zeros(weights.shape[:-1])
     taken = torch.zeros(weights.shape[:-2] + weights.shape[-1:], dtype=torch.bool, device=weights.device)
     scratch = torch.empty_like(weights)  # one buffer reused by every step
     picks = []
     for _ in range(count):
-        gain = torch.sub(weights, best[..., None], out=scratch).clamp_min_(0).sum(dim=-2)
-        j = gain.masked_fill_(taken, -torch.inf).argmax(dim=-1)
+        covered = torch.maximum(weights, best[..., None], out=scratch).sum(dim=-2)
+        j = covered.masked_fill_(taken, -torch.inf).argmax(dim=-1)
         picks.append(j)
         taken.scatter_(-1, j[..., None], True)
         column = weights.gather(-1, j[..., None, None].expand(*best.shape, 1)).squeeze(-1)
@@ -95,15 +99,21 @@ class MMTok(GreedyStrategy):
         }[variant]
 
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
-        weights = [self.coverage_weights(ctx) for ctx in contexts]
         # One loop per row count (question length): zero rows for shorter questions would cover nothing, but
         # they change the order in which torch sums a column's gain, and the greedy meets near-ties.
         by_rows: dict[int, list[int]] = {}
-        for image, matrix in enumerate(weights):
-            by_rows.setdefault(matrix.shape[0], []).append(image)
+        for image, ctx in enumerate(contexts):
+            by_rows.setdefault(self.coverage_rows(ctx), []).append(image)
         orders: dict[int, Tensor] = {}
-        for images in by_rows.values():
-            orders.update(zip(images, coverage_order(torch.stack([weights[i] for i in images]), contexts[0].keep)))
+        for rows, images in by_rows.items():
+            start = 0  # the first image of ``group`` among ``images``
+            # Each image holds its float32 weights and the loop's scratch buffer.
+            for group in memory_groups([contexts[i] for i in images], 2 * rows * contexts[0].num_tokens * 4):
+                weights = torch.empty(len(group), rows, group[0].num_tokens, device=group[0].features.device)
+                for index, ctx in enumerate(group):
+                    weights[index] = self.coverage_weights(ctx)
+                orders.update(zip(images[start : start + len(group)], coverage_order(weights, group[0].keep)))
+                start += len(group)
         return [orders[image] for image in range(len(contexts))]
 
     def scores(self, ctx: TokenContext) -> Tensor:
@@ -127,11 +137,19 @@ class MMTok(GreedyStrategy):
                 f"width {features.shape[1]}"
             )
         if text is not None:
-            text_term = _coverage_probabilities(text, features, self.text_temp) / text.shape[0]
+            text_term = _coverage_probabilities(text, features, self.text_temp).div_(text.shape[0])
             if self.variant == "text":
                 return text_term
         clip = features if ctx.pre_features is None else ctx.pre_features
         if clip.shape[0] != n:
             raise ValueError(f"pre_features has {clip.shape[0]} rows for {n} tokens")
-        vision_term = _coverage_probabilities(clip, clip, self.vision_temp) / n
-        return vision_term if text is None else torch.cat([text_term, self.alpha * vision_term])
+        vision_term = _coverage_probabilities(clip, clip, self.vision_temp).div_(n)
+        return vision_term if text is None else torch.cat([text_term, vision_term.mul_(self.alpha)])
+
+    def coverage_rows(self, ctx: TokenContext) -> int:
+        """How many rows :meth:`coverage_weights` has for ``ctx``: question words, tokens, or both."""
+        words = 0 if self.variant == "vision" or ctx.text_embeds is None else ctx.text_embeds.shape[0]
+        if self.variant == "text" and words:
+            return words
+        return words + ctx.num_tokens
+

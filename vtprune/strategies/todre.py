@@ -8,14 +8,21 @@ one schedule: ``"todre:25%+todre_relevance"``.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, Strategy, TokenContext
-from .diversity import cosine_distances, farthest_point_order, most_isolated, pick_distances, rows, stacked_similarities
+from .diversity import (
+    farthest_point_order,
+    matrix_bytes,
+    memory_groups,
+    most_isolated,
+    order_scores,
+    rows,
+    stacked_cosines,
+)
 from .options import Option
 from .registry import register_strategy
 
@@ -65,22 +72,30 @@ class ToDRE(GreedyStrategy):
         self.method = method
 
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
-        similarity = stacked_similarities(contexts)
-        dist = 1.0 - similarity
-        first = most_isolated(dist)  # the pivot of images without a [CLS]
-        for image, ctx in enumerate(contexts):
-            if ctx.cls_attention is not None:
-                first[image] = ctx.cls_attention.argmax()
-        if self.method == "k-center":
-            return list(farthest_point_order(dist, first, contexts[0].keep))
-        return list(max_sum_order(similarity, first, contexts[0].keep))
+        orders: list[Tensor] = []
+        for group in memory_groups(contexts, matrix_bytes(contexts, torch.float32)):
+            orders += self._greedy(group, group[0].keep)[0]
+        return orders
 
     def scores(self, ctx: TokenContext) -> Tensor:
         """k-center: each token's cosine distance to the tokens picked before it; max-sum: pick order."""
         if self.method != "k-center":
             return super().scores(ctx)
-        order = self.order(replace(ctx, keep=ctx.num_tokens))
-        return pick_distances(cosine_distances(ctx.features), order).float()
+        order, gains = self._greedy([ctx], ctx.num_tokens)
+        return order_scores(order[0], gains[0])
+
+    def _greedy(self, contexts: Sequence[TokenContext], count: int) -> tuple[Tensor, Tensor | None]:
+        """(B, count) picks of the group and, for k-center, their gains (max-sum: None)."""
+        k_center = self.method == "k-center"
+        # k-center reads distances, max-sum similarities; the pivot fallback reads either.
+        matrix = stacked_cosines(contexts, torch.float32, distances=k_center)
+        first = most_isolated(matrix, similarities=not k_center)  # the pivot of images without a [CLS]
+        for image, ctx in enumerate(contexts):
+            if ctx.cls_attention is not None:
+                first[image] = ctx.cls_attention.argmax()
+        if k_center:
+            return farthest_point_order(matrix, first, count)
+        return max_sum_order(matrix, first, count), None
 
 
 @register_strategy("todre_relevance")

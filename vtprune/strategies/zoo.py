@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import INPUT_STAGE, GreedyStrategy, TokenContext
-from .diversity import rows, stacked_similarities
+from .diversity import matrix_bytes, memory_groups, rows, stacked_cosines
 from .options import Option
 from .registry import register_strategy
 
@@ -78,8 +78,12 @@ class ZOOPrune(GreedyStrategy):
         return _normalised(self.sensitivity(ctx))
 
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
-        score = torch.stack([_normalised(self.sensitivity(ctx)).double() for ctx in contexts])
-        return list(product_order(score, stacked_similarities(contexts).to(score.device), contexts[0].keep))
+        orders: list[Tensor] = []
+        for group in memory_groups(contexts, matrix_bytes(contexts, torch.float32)):
+            score = torch.stack([_normalised(self.sensitivity(ctx)).double() for ctx in group])
+            similarity = stacked_cosines(group, torch.float32, distances=False).to(score.device)
+            orders += product_order(score, similarity, group[0].keep)
+        return orders
 
 
 def product_order(score: Tensor, similarity: Tensor, count: int) -> Tensor:
@@ -101,6 +105,7 @@ def product_order(score: Tensor, similarity: Tensor, count: int) -> Tensor:
 
 
 def _normalised(score: Tensor) -> Tensor:
-    """Min-max normalisation to [0, 1]; all ones when every token scores the same."""
+    """Min-max normalisation to [0, 1]; all ones when every token scores the same (decided on the device: no
+    value is read back to the host)."""
     spread = score.max() - score.min()
-    return (score - score.min()) / spread if spread > 0 else torch.ones_like(score)
+    return torch.where(spread > 0, (score - score.min()) / spread, torch.ones_like(score))
