@@ -30,3 +30,7 @@ class AlreadyPrunedError(VTPruneError, RuntimeError):
 
 class LayerError(VTPruneError, ValueError):
     """A decoder layer index is outside the model or not allowed for the strategy."""
+
+
+class TextTowerError(VTPruneError, ValueError):
+    """A CLIP text tower (``text_tower=``) cannot be loaded or does not fit the model's vision features."""

@@ -33,6 +33,7 @@ class TokenInputs:
     newline: Tensor | None = None
     """(N,) bool: which tokens are AnyRes newline tokens."""
     text_embeds: Tensor | None = None
+    instruction: str | None = None
     pre_features: Tensor | None = None
     projector: Callable[[Tensor], Tensor] | None = None
     cls_attention: Tensor | None = None
@@ -142,6 +143,7 @@ def token_context(features: Tensor, keep: int, inputs: TokenInputs, candidates: 
         layer=inputs.layer,
         attention=per_token(inputs.attention),
         text_embeds=None if inputs.text_embeds is None else inputs.text_embeds.float(),
+        instruction=inputs.instruction,
         pre_features=per_token(inputs.pre_features),
         projector=inputs.projector,
         cls_attention=per_token(inputs.cls_attention),

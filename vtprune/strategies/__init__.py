@@ -1,6 +1,7 @@
 """Built-in strategies. Importing this package registers them under their names."""
 
 from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, MergingStrategy, Strategy, TokenContext
+from .cdpruner import CDPruner
 from .divprune import DivPrune
 from .fastv import FastV
 from .matryoshka import Matryoshka
@@ -16,10 +17,11 @@ from .zoo import ZOOPrune
 __all__ = [
     "DECODER_STAGE",
     "INPUT_STAGE",
+    "CDPruner",
     "DivPrune",
     "FastV",
-    "MMTok",
     "GreedyStrategy",
+    "MMTok",
     "Matryoshka",
     "MergingStrategy",
     "NoPruning",
