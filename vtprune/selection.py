@@ -110,12 +110,13 @@ def score_tokens(
 
 @torch.no_grad()  # selection is never part of a training graph
 def merge_tokens(
-    strategy: MergingStrategy, budget: Budget, features: Tensor, inputs: TokenInputs
+    strategy: MergingStrategy, budget: Budget | None, features: Tensor, inputs: TokenInputs
 ) -> tuple[Tensor, Tensor | None]:
-    """(places, weights) a merging strategy makes for one image; (all, None) at full budget."""
+    """(places, weights) a merging strategy makes for one image; (all, None) at full budget. Strategies that
+    decide the count themselves (``needs_budget = False``) take no budget and always run."""
     n = features.shape[0]
-    keep = budget.tokens(n)
-    if keep == n:
+    keep = n if budget is None else budget.tokens(n)
+    if keep == n and strategy.needs_budget:
         return torch.arange(n, device=features.device), None
     places, weights = strategy.merge(token_context(features, keep, inputs))
     _check(strategy.name, places, None, n)

@@ -11,12 +11,14 @@ from .random import RandomPruning
 from .random_deep import RandomDeepPruning
 from .registry import list_strategies, make_strategy, register_strategy, strategy_class
 from .todre import ToDRE, ToDRERelevance
+from .trim import TRIM
 from .uniform import UniformPruning
 from .zoo import ZOOPrune
 
 __all__ = [
     "DECODER_STAGE",
     "INPUT_STAGE",
+    "TRIM",
     "CDPruner",
     "DivPrune",
     "FastV",
