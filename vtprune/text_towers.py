@@ -13,9 +13,9 @@
 
 Image side: a VLM's projector reads the tower's penultimate-layer patch features (LLaVA:
 ``vision_feature_layer=-2``, no CLS), which CLIP itself never projects. As CDPruner's reference does,
-they are mapped into the joint space with the final layer norm and the visual projection *of the
-text tower's checkpoint* (LLaVA checkpoints carry neither the projection nor, in general, a vision
-tower identical to the text tower's partner, so the checkpoint named here is the one that counts).
+they are mapped into the joint space with the final layer norm and the visual projection; both come
+from *the text tower's checkpoint* (a LLaVA checkpoint has no ``visual_projection``, and taking the
+layer norm from the same checkpoint keeps the pair matched), so name the CLIP the VLM's tower was.
 
 Text side: the instruction is split into segments of the tower's context length (77 tokens: 75 plus
 start and end), each encoded on its own; a strategy averages over segments. open_clip models with a
