@@ -193,7 +193,7 @@ def selector_inputs(
         inputs["attention"] = torch.rand(n, generator=generator).to(device)
     if name == "todre":
         inputs["cls_attention"] = torch.rand(n, generator=generator).to(device)
-    if name == "mmtok":
+    if name in ("mmtok", "cdpruner", "trim"):
         inputs["text_embeds"] = torch.randn(WORDS, HIDDEN, generator=generator).to(device)
     if name in ("mmtok", "zoo"):
         inputs["pre_features"] = torch.randn(n, VISION, generator=generator).to(device)

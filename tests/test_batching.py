@@ -25,6 +25,8 @@ GREEDY = [
     ("mmtok", {"variant": "vision"}),
     ("mmtok", {"variant": "text"}),
     ("zoo", {"directions": 3}),
+    ("cdpruner", {}),
+    ("cdpruner", {"theta": 0.5, "negative_relevance": True}),
 ]
 
 # Small sizes and few examples: the machine is shared and a wrong group is cheap to find.

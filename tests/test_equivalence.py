@@ -229,6 +229,7 @@ EVERY_STRATEGY = {
     "mmtok": "mmtok:50%",
     "zoo": "zoo:50%(directions:4)",
     "random_deep": "random_deep:50%",
+    "cdpruner": "cdpruner:50%",
 }
 UNAVAILABLE = {("zoo", "llava_onevision")}  # its test batch has a video: frames are pooled after the projector
 

@@ -50,3 +50,7 @@ class RegistrationError(VTPruneError, ValueError):
 
 class StrategyOutputError(VTPruneError):
     """A strategy returned something other than what its contract says (user strategies are code vtprune did not write)."""
+
+
+class TextTowerError(VTPruneError, ValueError):
+    """A CLIP text tower (``text_tower=``) cannot be loaded or does not fit the model's vision features."""

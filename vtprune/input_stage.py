@@ -160,11 +160,15 @@ class InputStage:
         positions = self.adapter.original_positions(kwargs, input_ids)
         grids = self.adapter.grids(state.items, positions)
         needs = self.stage.strategy.needs
-        question = {}
-        if "text_embeds" in needs:
+        question, instruction = {}, {}
+        if "text_embeds" in needs or "instruction" in needs:
             embed = self.adapter.model.get_input_embeddings()
             for row in {item.row for item in state.items}:
-                question[row] = embed(self.handle.question_tokens.select(input_ids[row][state.valid[row]]))
+                words = self.handle.question_tokens.select(input_ids[row][state.valid[row]])
+                if "text_embeds" in needs:
+                    question[row] = embed(words)
+                if "instruction" in needs:
+                    instruction[row] = self.handle.question_tokens.decode(words)
         cls_rows = self._cls_rows(encoder_outputs) if "cls_attention" in needs else None
         projector = self.adapter.projector() if "projector" in needs else None
         images = []  # per item: its features and the inputs selection sees
@@ -178,6 +182,7 @@ class InputStage:
                 segments=self.adapter.segments(item),
                 newline=item.newline,
                 text_embeds=question.get(item.row),
+                instruction=instruction.get(item.row),
                 pre_features=None,
                 cls_attention=None if cls_rows is None or item.modality != "image" else cls_rows[index],
                 projector=projector,

@@ -33,6 +33,7 @@ class TokenInputs:
     newline: Tensor | None = None
     """(N,) bool: which tokens are AnyRes newline tokens."""
     text_embeds: Tensor | None = None
+    instruction: str | None = None
     pre_features: Tensor | None = None
     projector: Callable[[Tensor], Tensor] | None = None
     cls_attention: Tensor | None = None
@@ -164,12 +165,13 @@ def score_tokens(
 
 @torch.no_grad()  # selection is never part of a training graph
 def merge_tokens(
-    strategy: MergingStrategy, budget: Budget, features: Tensor, inputs: TokenInputs
+    strategy: MergingStrategy, budget: Budget | None, features: Tensor, inputs: TokenInputs
 ) -> tuple[Tensor, Tensor | None]:
-    """(places, weights) a merging strategy makes for one image; (all, None) at full budget."""
+    """(places, weights) a merging strategy makes for one image; (all, None) at full budget. Strategies that
+    decide the count themselves (``needs_budget = False``) take no budget and always run."""
     n = features.shape[0]
-    keep = budget.tokens(n)
-    if keep == n:
+    keep = n if budget is None else budget.tokens(n)
+    if keep == n and strategy.needs_budget:
         return torch.arange(n, device=features.device), None
     places, weights = strategy.merge(token_context(features, keep, inputs))
     _check(strategy.name, places, None, n)
@@ -198,6 +200,7 @@ def token_context(features: Tensor, keep: int, inputs: TokenInputs, candidates: 
         layer=inputs.layer,
         attention=per_token(inputs.attention),
         text_embeds=None if inputs.text_embeds is None else inputs.text_embeds.float(),
+        instruction=inputs.instruction,
         pre_features=per_token(inputs.pre_features),
         projector=inputs.projector,
         cls_attention=per_token(inputs.cls_attention),

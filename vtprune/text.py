@@ -15,6 +15,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from .errors import TextTowerError
+
 STOP_WORDS = frozenset(
     """a an the of to in on at by for with from and or but if then than as is are was were be been being
     do does did has have had it its this that these those there here what which who whom whose where when
@@ -49,3 +51,12 @@ class QuestionTokens:
         """The question-word ids among a row's text token ids, in order."""
         keep = [i for i in ids.tolist() if i not in self.special_ids and (self.tokenizer is None or self._is_word(i))]
         return torch.tensor(keep, dtype=torch.long, device=ids.device)
+
+    def decode(self, ids: Tensor) -> str:
+        """The question words as text, for CLIP text towers (which need a tokenizer to read them)."""
+        if self.tokenizer is None:
+            raise TextTowerError(
+                "a text tower reads the question as text: pass the processor or tokenizer to "
+                "prune(..., tokenizer=processor)"
+            )
+        return self.tokenizer.decode(ids.tolist()).strip()

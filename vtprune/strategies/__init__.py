@@ -1,6 +1,7 @@
 """Built-in strategies. Importing this package registers them under their names."""
 
 from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, MergingStrategy, Strategy, TokenContext
+from .cdpruner import CDPruner
 from .divprune import DivPrune
 from .fastv import FastV
 from .matryoshka import Matryoshka
@@ -10,16 +11,19 @@ from .random import RandomPruning
 from .random_deep import RandomDeepPruning
 from .registry import list_strategies, make_strategy, register_strategy, strategy_class
 from .todre import ToDRE, ToDRERelevance
+from .trim import TRIM
 from .uniform import UniformPruning
 from .zoo import ZOOPrune
 
 __all__ = [
     "DECODER_STAGE",
     "INPUT_STAGE",
+    "TRIM",
+    "CDPruner",
     "DivPrune",
     "FastV",
-    "MMTok",
     "GreedyStrategy",
+    "MMTok",
     "Matryoshka",
     "MergingStrategy",
     "NoPruning",

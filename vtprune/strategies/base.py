@@ -74,6 +74,8 @@ class TokenContext:
     """(N,) attention the last prompt token pays to each of these tokens (heads averaged)."""
     text_embeds: Tensor | None = None
     """(m, D) input-embedding rows of the question's words (stop-words and instructions removed)."""
+    instruction: str | None = None
+    """The question's words decoded to text (the same words as ``text_embeds``), for CLIP text towers."""
     pre_features: Tensor | None = None
     """(N, Dc) vision-tower features the projector consumed for these tokens (before projection)."""
     projector: Callable[[Tensor], Tensor] | None = None

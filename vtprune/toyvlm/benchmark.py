@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel, ProcessorMixin
 
 import vtprune
-from vtprune.strategies import INPUT_STAGE, strategy_class
+from vtprune.schedule import parse_strategy
+from vtprune.strategies import INPUT_STAGE
 from vtprune.toyvlm.data import QUESTION_TYPES, Sample, object_patch_mask
 from vtprune.toyvlm.model import accuracy, evaluate, predict
 
@@ -39,22 +40,23 @@ class Row:
 def schedules_for(name: str, budgets: Sequence[int], num_layers: int) -> list[tuple[int | None, str]]:
     """(budget, schedule string) pairs that run strategy ``name`` at each budget where it acts alone.
 
-    A decoder stage that needs a layer and has no default gets :data:`DECODER_LAYER`; a strategy that
-    decides its own count (``none``, ``todre_relevance``) runs once, without a budget; ToDRE's relevance
-    stage is also shown behind its own diversity stage, as the paper runs it.
+    ``name`` may carry options, ``name(key:value;...)`` (e.g. ``trim(adaptive:true)``). A decoder stage
+    that needs a layer and has no default gets :data:`DECODER_LAYER`; a strategy that decides its own
+    count (``none``, ``todre_relevance``, adaptive ``trim``) runs once, without a budget; ToDRE's
+    relevance stage is also shown behind its own diversity stage, as the paper runs it.
     """
-    cls = strategy_class(name)
-    instance = cls()
-    if INPUT_STAGE in cls.stages:
+    instance = parse_strategy(name)
+    base, options = instance.name, name.replace(" ", "")[len(instance.name) :]
+    if INPUT_STAGE in instance.stages:
         place = ""
     else:
         place = "" if instance.default_layer(num_layers) is not None else f"@{DECODER_LAYER}"
-    if not cls.needs_budget:
-        runs: list[tuple[int | None, str]] = [(None, f"{name}{place}")]
-        if name == "todre_relevance":
-            runs += [(k, f"todre:{k}+{name}") for k in budgets]
+    if not instance.needs_budget:
+        runs: list[tuple[int | None, str]] = [(None, f"{base}{place}{options}")]
+        if base == "todre_relevance":
+            runs += [(k, f"todre:{k}+{base}{options}") for k in budgets]
         return runs
-    return [(k, f"{name}{place}:{k}") for k in budgets]
+    return [(k, f"{base}{place}:{k}{options}") for k in budgets]
 
 
 def _all_tokens(sample: Sample) -> list[bool]:

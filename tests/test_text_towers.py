@@ -1,0 +1,160 @@
+"""CLIP text towers (``text_tower=``): tiny random-weight transformers and open_clip models, built offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+import vtprune
+from vtprune.errors import TextTowerError
+from vtprune.strategies import CDPruner, Strategy
+from vtprune.text_towers import load_text_tower
+from vtprune.toyvlm import load_toy_model, make_split
+from vtprune.toyvlm.model import prompt_inputs
+
+TOY_VISION_WIDTH = 64  # the shipped toy LLaVA's CLIP tower: what its projector reads (layer -2, no CLS)
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory) -> Path:
+    """A random-weight transformers CLIP with a character-level BPE tokenizer, saved like a hub checkpoint."""
+    folder = tmp_path_factory.mktemp("clip")
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789?.,")
+    vocab = {"<|startoftext|>": 0, **{c: 1 + i for i, c in enumerate(chars)}}
+    vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate(chars)})
+    vocab["<|endoftext|>"] = len(vocab)  # the largest id, as in CLIP's vocabulary
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    eos = vocab["<|endoftext|>"]
+    text = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    text.update(num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=eos, pad_token_id=eos)
+    vision = {"hidden_size": TOY_VISION_WIDTH, "intermediate_size": 32, "num_hidden_layers": 1}
+    vision.update(num_attention_heads=2, image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_toy_model()
+
+
+@pytest.fixture(scope="module")
+def open_clip_tiny(tmp_path_factory) -> tuple[str, Path]:
+    """(model name, checkpoint path) of a tiny open_clip ViT registered through ``add_model_config``."""
+    import open_clip  # the "clip" extra, which the "dev" install brings
+
+    folder = tmp_path_factory.mktemp("open_clip")
+    name = "vtprune-test-tiny-vit"
+    config = {
+        "embed_dim": 8,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": TOY_VISION_WIDTH, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+    }
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{name}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, pretrained=None)
+    checkpoint = folder / "tiny.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return name, checkpoint
+
+
+def test_transformers_tower_is_clips_own_text_and_image_projection(hf_clip):
+    tower = load_text_tower(str(hf_clip))
+    clip = CLIPModel.from_pretrained(hf_clip).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(hf_clip)
+    with torch.no_grad():
+        expected = clip.get_text_features(**tokenizer(["colour circle"], return_tensors="pt"))
+        torch.testing.assert_close(tower.encode_text("colour circle"), expected.pooler_output, atol=1e-5, rtol=1e-5)
+        patches = torch.randn(5, TOY_VISION_WIDTH)
+        projected = clip.visual_projection(clip.vision_model.post_layernorm(patches))
+        torch.testing.assert_close(tower.encode_image(patches), projected)
+    assert tower.encode_text(" ".join(["circle"] * 30)).shape == (3, 8)  # 180 tokens: segments of 75
+    assert tower.encode_text("").shape == (0, 8)
+
+
+def test_open_clip_tower_from_a_config_and_from_a_checkpoint_path(open_clip_tiny):
+    import open_clip
+
+    name, checkpoint = open_clip_tiny
+    tower = load_text_tower(f"open_clip:{name}/{checkpoint}")
+    model = open_clip.create_model(name, pretrained=str(checkpoint)).eval()
+    tokens = open_clip.get_tokenizer(name)(["colour circle"])
+    with torch.no_grad():
+        torch.testing.assert_close(tower.encode_text("colour circle"), model.encode_text(tokens))
+        patches = torch.randn(4, TOY_VISION_WIDTH)
+        torch.testing.assert_close(tower.encode_image(patches), model.visual.ln_post(patches) @ model.visual.proj)
+    assert tower.encode_text(" ".join(["circle"] * 80)).shape[0] == 2  # 80 words: segments of 75 tokens
+    random_weights = load_text_tower(f"open_clip:{name}")
+    assert not torch.equal(random_weights.encode_text("circle"), tower.encode_text("circle"))
+
+
+@pytest.mark.parametrize("spec", ["", "open_clip:", "/no/such/clip/folder"])
+def test_bad_specs_are_refused_by_name(spec):
+    with pytest.raises(TextTowerError, match="text_tower"):
+        load_text_tower(spec)
+
+
+def test_width_mismatch_is_refused(hf_clip):
+    with pytest.raises(TextTowerError, match="64-wide"):
+        load_text_tower(str(hf_clip)).encode_image(torch.randn(3, 16))
+
+
+SEEN: list[tuple] = []
+
+
+class Probe(Strategy):
+    """Keeps the first token and records the inputs a text-tower strategy reads."""
+
+    needs = frozenset({"instruction", "pre_features"})
+
+    def select(self, ctx):
+        SEEN.append((ctx.features, ctx.instruction, ctx.pre_features))
+        return torch.arange(ctx.keep)
+
+
+@pytest.mark.parametrize("tower", ["hf", "open_clip"])
+def test_in_the_toy_llava_the_tower_reads_the_question_and_selects_as_select(request, toy, tower):
+    spec = str(request.getfixturevalue("hf_clip"))
+    if tower == "open_clip":
+        name, checkpoint = request.getfixturevalue("open_clip_tiny")
+        spec = f"open_clip:{name}/{checkpoint}"
+    model, processor = toy
+    samples = make_split(0, 2)
+    inputs = prompt_inputs(processor, [s.image for s in samples], [s.question for s in samples])
+    SEEN.clear()
+    vtprune.register_strategy("test_text_tower_probe", overwrite=True)(Probe)
+    with torch.no_grad():
+        with vtprune.pruned(model, "test_text_tower_probe", keep=1, tokenizer=processor):
+            model(**inputs)
+        with vtprune.pruned(model, "cdpruner", keep=16, text_tower=spec, tokenizer=processor) as handle:
+            model(**inputs)
+    strategy = handle.schedule.input_stage.strategy
+    assert isinstance(strategy, CDPruner) and len(strategy.space._towers) == 1  # loaded once for both images
+    assert len(SEEN) == len(samples)
+    for sample, image, (features, instruction, pre) in zip(samples, handle.last_record.images, SEEN):
+        words = [w for w in sample.question.split() if w in instruction.split()]
+        assert words and instruction == " ".join(words)  # the question's content words, in order
+        expected = vtprune.select(
+            "cdpruner", features, keep=16, instruction=instruction, pre_features=pre, text_tower=spec
+        )
+        assert torch.equal(image.kept, expected)
+
+
+def test_a_text_tower_without_a_tokenizer_says_to_pass_one(toy, hf_clip):
+    model, processor = toy
+    sample = make_split(0, 1)[0]
+    inputs = prompt_inputs(processor, [sample.image], [sample.question])
+    with (
+        vtprune.pruned(model, "trim", keep=8, text_tower=str(hf_clip)),
+        pytest.raises(TextTowerError, match="tokenizer"),
+    ):
+        model(**inputs)
