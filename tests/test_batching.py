@@ -29,6 +29,10 @@ GREEDY = [
     ("cdpruner", {"theta": 0.5, "negative_relevance": True}),
 ]
 
+# The most ops a pick may take: CDPruner's incremental Cholesky step also gathers the earlier factors at the pick,
+# forms the residual row and the new factor entry, and updates every gain (Chen et al. 2018, Alg. 1).
+OPS_PER_PICK = {"cdpruner": 20}
+
 # Small sizes and few examples: the machine is shared and a wrong group is cheap to find.
 fast = settings(max_examples=30, deadline=None)
 
@@ -238,4 +242,6 @@ def test_greedy_loops_run_a_fixed_number_of_ops_per_pick_and_never_read_back(nam
         return counter.ops
 
     per_pick = {images: (ops(images, 30) - ops(images, 10)) / 20 for images in (1, 3)}
-    assert per_pick[1] == per_pick[3] and per_pick[1] == int(per_pick[1]) and 0 < per_pick[1] <= 8, per_pick
+    assert (
+        per_pick[1] == per_pick[3] and per_pick[1] == int(per_pick[1]) and 0 < per_pick[1] <= OPS_PER_PICK.get(name, 8)
+    ), per_pick

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vtprune
+from vtprune.errors import OptionError
 from vtprune.strategies import CDPruner
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.cdpruner import dpp_greedy_order
@@ -133,8 +134,12 @@ def test_theta_outside_its_range_is_refused(theta):
 
 
 def test_relevance_source_declares_what_the_engine_computes():
-    assert make_strategy("cdpruner").needs == frozenset({"text_embeds"})
-    assert make_strategy("cdpruner", text_tower="some/clip").needs == frozenset({"instruction", "pre_features"})
+    assert make_strategy("cdpruner").needs == frozenset({"text_embeds"})  # with a tower: tests/test_text_towers.py
+
+
+def test_a_text_tower_that_does_not_load_is_refused_when_the_strategy_is_built():
+    with pytest.raises(OptionError, match="text_tower='no/such/clip'"):
+        make_strategy("cdpruner", text_tower="no/such/clip")
 
 
 @pytest.mark.parametrize("kind", ["llava", "qwen2_5_vl"])

@@ -17,6 +17,7 @@ from contexts import assert_valid_selection, full_context
 import vtprune
 from vtprune.errors import OptionError, VTPruneError
 from vtprune.schedule import Budget, Stage, make_stage, parse_schedule
+from vtprune.strategies.base import Strategy
 from vtprune.strategies.options import Option, constructor_defaults, declared_options
 from vtprune.strategies.registry import list_strategies, make_strategy, strategy_class
 
@@ -141,15 +142,16 @@ def stages_of(name: str) -> list[Stage]:
     budgets = [Budget(keep=7), Budget(keep_ratio=0.25), Budget(keep_ratio=1 / 3), Budget(keep_ratio=1e-05)]
     stages = [Stage(strategy, layer=layer, budget=budget) for budget in budgets] if strategy.needs_budget else []
     stages.append(Stage(strategy, layer=layer, budget=Budget(keep=7) if strategy.needs_budget else None))
-    defaults = constructor_defaults(cls)
+    defaults, base = constructor_defaults(cls), stages[-1]
     for option, spec in declared_options(cls).items():
         for value in other_values(spec, defaults[option]):
-            stages.append(replace_strategy(stages[-1], make_strategy(name, **{option: value})))
+            stages.append(replace_strategy(base, make_strategy(name, **{option: value})))
     return stages
 
 
-def replace_strategy(stage: Stage, strategy: object) -> Stage:
-    return Stage(strategy, layer=stage.layer, budget=stage.budget)
+def replace_strategy(stage: Stage, strategy: Strategy) -> Stage:
+    # An option may decide whether the strategy takes a budget (trim's adaptive count).
+    return Stage(strategy, layer=stage.layer, budget=stage.budget if strategy.needs_budget else None)
 
 
 @pytest.mark.parametrize("name", EVERY)

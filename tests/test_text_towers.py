@@ -12,6 +12,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 import vtprune
 from vtprune.errors import TextTowerError
 from vtprune.strategies import CDPruner, Strategy
+from vtprune.strategies.registry import make_strategy
 from vtprune.text_towers import load_text_tower
 from vtprune.toyvlm import load_toy_model, make_split
 from vtprune.toyvlm.model import prompt_inputs
@@ -39,6 +40,11 @@ def hf_clip(tmp_path_factory) -> Path:
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def test_with_a_text_tower_a_strategy_needs_the_instruction_and_the_projector_inputs(hf_clip):
+    for name in ("cdpruner", "trim"):
+        assert make_strategy(name, text_tower=str(hf_clip)).needs == frozenset({"instruction", "pre_features"})
 
 
 @pytest.fixture(scope="module")

@@ -52,5 +52,5 @@ class StrategyOutputError(VTPruneError):
     """A strategy returned something other than what its contract says (user strategies are code vtprune did not write)."""
 
 
-class TextTowerError(VTPruneError, ValueError):
+class TextTowerError(OptionError):
     """A CLIP text tower (``text_tower=``) cannot be loaded or does not fit the model's vision features."""

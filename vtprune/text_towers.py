@@ -158,7 +158,9 @@ class OpenCLIP(TextTower):
 def load_text_tower(spec: str, device: torch.device | str = "cpu") -> TextTower:
     """The tower ``spec`` names (a transformers CLIP id or folder, or ``open_clip:<model>/<pretrained>``) on ``device``."""
     if not isinstance(spec, str) or not spec:
-        raise TextTowerError(f"text_tower must be a CLIP checkpoint id or folder or 'open_clip:...', got {spec!r}")
+        raise TextTowerError(
+            f"text_tower={spec!r} is not accepted: it must be a CLIP checkpoint id or folder or 'open_clip:...'"
+        )
     device = torch.device(device)
     tower = OpenCLIP(spec, device) if spec.startswith(OPEN_CLIP_PREFIX) else TransformersCLIP(spec, device)
     for module in vars(tower).values():

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .base import INPUT_STAGE, GreedyStrategy, TokenContext
 from .diversity import rows
+from .options import Option
 from .registry import register_strategy
 from .relevance import InstructionSpace
 
@@ -85,13 +86,15 @@ class CDPruner(GreedyStrategy):
 
     stages = frozenset({INPUT_STAGE})
 
+    theta = Option(float, at_least=0, below=1, optional=True)
+    negative_relevance = Option(bool)
+    text_tower = Option(str, optional=True)
+
     def __init__(
         self, theta: float | None = None, negative_relevance: bool = False, text_tower: str | None = None
     ) -> None:
-        if theta is not None and not 0 <= theta < 1:
-            raise ValueError(f"theta (the relevance weight) must be in [0, 1), got {theta}")
-        self.theta, self.negative_relevance = theta, negative_relevance
-        self.space = InstructionSpace(text_tower)
+        self.theta, self.negative_relevance, self.text_tower = theta, negative_relevance, text_tower
+        self.space = InstructionSpace(self.text_tower)
         self.needs = self.space.needs
 
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
@@ -116,13 +119,7 @@ class CDPruner(GreedyStrategy):
         r = (tokens @ text.T).mean(dim=1)
         if self.negative_relevance:
             r = -r
-        spread = r.max() - r.min()
-        if spread <= 0:
-            return torch.ones_like(r)
-        return (r - r.min()) / spread
-
-    def __repr__(self) -> str:
-        return (
-            f"CDPruner(theta={self.theta}, negative_relevance={self.negative_relevance}, "
-            f"text_tower={self.space.text_tower!r})"
-        )
+        low, spread = r.min(), r.max() - r.min()
+        # A select, not an `if`: reading the spread back to the host would synchronise a GPU.
+        normalised = (r - low) / spread.clamp_min(torch.finfo(r.dtype).tiny)
+        return torch.where(spread > 0, normalised, torch.ones_like(r))

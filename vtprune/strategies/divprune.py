@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .base import GreedyStrategy, TokenContext
 from .diversity import (
+    PRECISIONS,
     cosine_distances,
     farthest_point_order,
     matrix_bytes,
@@ -18,6 +19,7 @@ from .diversity import (
     precision_dtype,
     stacked_cosines,
 )
+from .options import Option
 from .registry import register_strategy
 
 
@@ -41,10 +43,9 @@ class DivPrune(GreedyStrategy):
     previous default.
     """
 
-    precision = "float32"  # a class default too, so subclasses that skip __init__ keep working
+    precision = Option(str, choices=tuple(PRECISIONS))
 
     def __init__(self, precision: str = "float32") -> None:
-        precision_dtype(precision)  # refuse an unknown name here, not at the first forward
         self.precision = precision
 
     @property

@@ -152,4 +152,3 @@ class MMTok(GreedyStrategy):
         if self.variant == "text" and words:
             return words
         return words + ctx.num_tokens
-

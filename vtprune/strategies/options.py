@@ -28,7 +28,7 @@ class Option:
     """One strategy option: its type (``int``, ``float``, ``str`` or ``bool``) and the values it accepts.
 
     ``int`` and ``float`` options take finite numbers only (``float`` ones take ints too, stored as floats; bools
-    are not numbers here). ``at_least`` / ``above`` / ``at_most`` bound them, ``choices`` lists a ``str`` option's
+    are not numbers here). ``at_least`` / ``above`` / ``at_most`` / ``below`` bound them, ``choices`` lists a ``str`` option's
     values, ``optional`` allows ``None`` and ``many`` makes it a non-empty tuple of such values (written
     ``a/b/c`` in schedule strings; one value is a tuple of one).
     """
@@ -40,23 +40,29 @@ class Option:
         at_least: float | None = None,
         above: float | None = None,
         at_most: float | None = None,
+        below: float | None = None,
         choices: Sequence[str] | None = None,
         optional: bool = False,
         many: bool = False,
     ) -> None:
         if kind not in (int, float, str, bool):
             raise TypeError(f"Option kind must be int, float, str or bool, got {kind!r}")
-        self.kind, self.at_least, self.above, self.at_most = kind, at_least, above, at_most
+        self.kind, self.at_least, self.above, self.at_most, self.below = kind, at_least, above, at_most, below
         self.choices = None if choices is None else tuple(choices)
         self.optional, self.many = optional, many
         self.name = ""
+        self.owner: type | None = None  # the class that declares it (its constructor has the default)
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
+        self.name, self.owner = name, owner
 
     def __get__(self, strategy: Any, owner: type | None = None) -> Any:
         if strategy is None:
             return self
+        if (
+            self.name not in strategy.__dict__
+        ):  # a subclass whose __init__ did not set it: the declaring class's default
+            return constructor_defaults(self.owner)[self.name]
         return strategy.__dict__[self.name]
 
     def __set__(self, strategy: Any, value: Any) -> None:
@@ -92,7 +98,10 @@ class Option:
         too_low = (self.at_least is not None and number < self.at_least) or (
             self.above is not None and number <= self.above
         )
-        if too_low or (self.at_most is not None and number > self.at_most):
+        too_high = (self.at_most is not None and number > self.at_most) or (
+            self.below is not None and number >= self.below
+        )
+        if too_low or too_high:
             raise self._refuse(value)
         return number
 
@@ -109,7 +118,7 @@ class Option:
             text = "an int" if self.kind is int else "a finite number"
             bounds = [
                 f"{sign} {bound:g}"
-                for sign, bound in ((">=", self.at_least), (">", self.above), ("<=", self.at_most))
+                for sign, bound in ((">=", self.at_least), (">", self.above), ("<=", self.at_most), ("<", self.below))
                 if bound is not None
             ]
             text += " " + " and ".join(bounds) if bounds else ""

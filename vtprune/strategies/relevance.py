@@ -30,7 +30,12 @@ class InstructionSpace:
 
     def __init__(self, text_tower: str | None = None) -> None:
         self.text_tower = text_tower
-        self._towers: dict[torch.device, TextTower] = {}  # loaded on first use, once per device
+        # Loaded when the strategy is built, so an unusable text_tower is refused before any model is touched;
+        # copies for other devices are loaded on first use there.
+        cpu = torch.device("cpu")
+        self._towers: dict[torch.device, TextTower] = (
+            {} if text_tower is None else {cpu: load_text_tower(text_tower, cpu)}
+        )
         self.needs = frozenset({"text_embeds"}) if text_tower is None else frozenset({"instruction", "pre_features"})
 
     def vectors(self, ctx: TokenContext) -> tuple[Tensor | None, Tensor]:

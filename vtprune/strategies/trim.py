@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .base import MergingStrategy, TokenContext
+from .options import Option
 from .registry import register_strategy
 from .relevance import InstructionSpace
 
@@ -39,12 +40,14 @@ class TRIM(MergingStrategy):
     (adaptive: only the merged token), and the budgeted form keeps the first tokens in index order.
     """
 
+    adaptive = Option(bool)
+    temperature = Option(float, above=0)
+    text_tower = Option(str, optional=True)
+
     def __init__(self, adaptive: bool = False, temperature: float = 0.01, text_tower: str | None = None) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.adaptive, self.temperature = adaptive, temperature
-        self.needs_budget = not adaptive  # shadows the class attribute: the adaptive form takes no budget
-        self.space = InstructionSpace(text_tower)
+        self.adaptive, self.temperature, self.text_tower = adaptive, temperature, text_tower
+        self.needs_budget = not self.adaptive  # shadows the class attribute: the adaptive form takes no budget
+        self.space = InstructionSpace(self.text_tower)
         self.needs = self.space.needs
 
     def scores(self, ctx: TokenContext) -> Tensor:
