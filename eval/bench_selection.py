@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -48,6 +47,7 @@ from vtprune.selection import TokenInputs, select_tokens
 
 sys.path.insert(0, str(Path(__file__).parent))
 import paper_selectors  # noqa: E402  (next to this script)
+from memory import peak_extra_bytes  # noqa: E402
 
 HIDDEN, LAYERS, VISION, WORDS = 4096, 32, 1024, 20
 
@@ -71,22 +71,6 @@ def interleaved_times(fns: list[Callable[[], object]], device: torch.device, rep
             if round_:
                 times[index].append(time.perf_counter() - start)
     return times
-
-
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Largest net tensor memory ``fn`` holds at once: the running sum of the profiler's allocation (+) and free
-    (-) events on ``device``, from zero at the call."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    wanted = "CUDA" if device.type == "cuda" else "CPU"
-    held = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        if wanted in str(event.device_type()):
-            held += event.nbytes()
-            peak = max(peak, held)
-    return peak
 
 
 def load() -> str:
