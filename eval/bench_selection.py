@@ -253,10 +253,12 @@ def machine(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shares", action="store_true", help="every strategy as a share of a 7B-shaped prefill")
-    parser.add_argument("--quick", action="store_true", help="against the papers: 576 and 1752 tokens, k = 64, batch 1")
+    parser.add_argument(
+        "--quick", action="store_true", help="against the papers: k = 64 only; default sizes 576 1752, batch 1"
+    )
     parser.add_argument("--sizes", nargs="+", type=int, default=None, help="tokens per image (default 576 1752 2880)")
     parser.add_argument("--widths", nargs="+", type=int, default=[1024, 4096])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="images per call (against the papers)")
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="images per call (default 1 8)")
     parser.add_argument("--methods", nargs="+", default=["divprune", "mmtok"], choices=["divprune", "mmtok"])
     parser.add_argument("--batch", type=int, default=8, help="--shares: images in the batched case (of the first size)")
     parser.add_argument(
@@ -277,9 +279,8 @@ def main() -> None:
         args.sizes = args.sizes or [576, 2880]
         shares_of_prefill(args, device)
         return
-    if args.quick:
-        args.sizes, args.widths, args.batches, args.dtypes = args.sizes or [576, 1752], [1024, 4096], [1], args.dtypes
-    args.sizes = args.sizes or [576, 1752, 2880]
+    args.sizes = args.sizes or ([576, 1752] if args.quick else [576, 1752, 2880])
+    args.batches = args.batches or ([1] if args.quick else [1, 8])
     compare_with_papers(args, device)
 
 
