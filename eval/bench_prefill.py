@@ -8,25 +8,34 @@ other processes on a shared machine.
 
 Printed per (class, schedule): measured speedup, the token-count bound (unpruned tokens summed over
 layers / pruned tokens summed over layers, i.e. the speedup if time were linear in tokens), their
-ratio, and the time spent in vtprune's hooks and in selection as a share of the unpruned prefill.
+ratio, the time spent in vtprune's hooks and in selection as a share of the unpruned prefill, and the peak
+tensor memory of one prefill (``eval/memory.py``: the profiler's allocation and free events, in a separate
+untimed run; it must fall with the kept ratio). With ``--batch 8`` every row has its own images, so each sample
+gets its own keep set.
 
     python eval/bench_prefill.py                      # all classes, default schedules
     python eval/bench_prefill.py --hidden 1024 --layers 8 --repeats 3  # closer to a real model's costs
     python eval/bench_prefill.py --kinds llava --repeats 7 --device cuda --dtype bfloat16
+    python eval/bench_prefill.py --batch 8 --schedules divprune:25% divprune:11%
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 import vtprune
 from vtprune.synthetic import MID, MODEL_KINDS, RowSpec, build_inputs, build_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import peak_extra_bytes  # noqa: E402  (next to this script)
 
 SCHEDULES = ["uniform:50%", "uniform:25%", "uniform:11%", "divprune:25%", "divprune:11%", "fastv@2:50%", "fastv@2:25%"]
 
@@ -77,6 +86,10 @@ def bench_kind(kind: str, schedules: list[str], args: argparse.Namespace) -> lis
                 times[name].append(timed_prefill(model, inputs, device))
             records[name] = handle.last_record
     best = {name: min(values[args.warmup :]) for name, values in times.items()}
+    peak = {"none": peak_extra_bytes(lambda: timed_prefill(model, inputs, device), device)}
+    for name in schedules:
+        with vtprune.pruned(model, name):
+            peak[name] = peak_extra_bytes(lambda: timed_prefill(model, inputs, device), device)
     num_layers = len(model.model.language_model.layers)
     unpruned_tokens = int(inputs["attention_mask"].sum()) * num_layers
     rows = []
@@ -96,6 +109,8 @@ def bench_kind(kind: str, schedules: list[str], args: argparse.Namespace) -> lis
                 of_bound=speedup / bound,
                 hooks=record.hook_seconds / best["none"],
                 selection=record.selection_seconds / best["none"],
+                unpruned_mb=peak["none"] / 2**20,
+                pruned_mb=peak[name] / 2**20,
             )
         )
     return rows
@@ -135,6 +150,8 @@ def main() -> None:
         "of bound",
         "hooks",
         "selection",
+        "unpruned MB",
+        "pruned MB",
     ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -142,7 +159,8 @@ def main() -> None:
         for row in bench_kind(kind, args.schedules, args):
             print(
                 f"| {row['kind']} | {row['schedule']} | {row['visual']} | {row['unpruned_ms']:.1f} | {row['pruned_ms']:.1f} "
-                f"| x{row['speedup']:.2f} | x{row['bound']:.2f} | {row['of_bound']:.2f} | {row['hooks']:.1%} | {row['selection']:.1%} |",
+                f"| x{row['speedup']:.2f} | x{row['bound']:.2f} | {row['of_bound']:.2f} | {row['hooks']:.1%} "
+                f"| {row['selection']:.1%} | {row['unpruned_mb']:.1f} | {row['pruned_mb']:.1f} |",
                 flush=True,
             )
 

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -48,6 +47,7 @@ from vtprune.selection import TokenInputs, select_tokens
 
 sys.path.insert(0, str(Path(__file__).parent))
 import paper_selectors  # noqa: E402  (next to this script)
+from memory import peak_extra_bytes  # noqa: E402
 
 HIDDEN, LAYERS, VISION, WORDS = 4096, 32, 1024, 20
 
@@ -71,22 +71,6 @@ def interleaved_times(fns: list[Callable[[], object]], device: torch.device, rep
             if round_:
                 times[index].append(time.perf_counter() - start)
     return times
-
-
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Largest net tensor memory ``fn`` holds at once: the running sum of the profiler's allocation (+) and free
-    (-) events on ``device``, from zero at the call."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    wanted = "CUDA" if device.type == "cuda" else "CPU"
-    held = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        if wanted in str(event.device_type()):
-            held += event.nbytes()
-            peak = max(peak, held)
-    return peak
 
 
 def load() -> str:
@@ -269,10 +253,12 @@ def machine(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shares", action="store_true", help="every strategy as a share of a 7B-shaped prefill")
-    parser.add_argument("--quick", action="store_true", help="against the papers: 576 and 1752 tokens, k = 64, batch 1")
+    parser.add_argument(
+        "--quick", action="store_true", help="against the papers: k = 64 only; default sizes 576 1752, batch 1"
+    )
     parser.add_argument("--sizes", nargs="+", type=int, default=None, help="tokens per image (default 576 1752 2880)")
     parser.add_argument("--widths", nargs="+", type=int, default=[1024, 4096])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="images per call (against the papers)")
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="images per call (default 1 8)")
     parser.add_argument("--methods", nargs="+", default=["divprune", "mmtok"], choices=["divprune", "mmtok"])
     parser.add_argument("--batch", type=int, default=8, help="--shares: images in the batched case (of the first size)")
     parser.add_argument(
@@ -293,9 +279,8 @@ def main() -> None:
         args.sizes = args.sizes or [576, 2880]
         shares_of_prefill(args, device)
         return
-    if args.quick:
-        args.sizes, args.widths, args.batches, args.dtypes = args.sizes or [576, 1752], [1024, 4096], [1], args.dtypes
-    args.sizes = args.sizes or [576, 1752, 2880]
+    args.sizes = args.sizes or ([576, 1752] if args.quick else [576, 1752, 2880])
+    args.batches = args.batches or ([1] if args.quick else [1, 8])
     compare_with_papers(args, device)
 
 

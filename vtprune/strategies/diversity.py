@@ -39,11 +39,12 @@ def precision_dtype(name: str) -> torch.dtype:
 def cosine_similarities(features: Tensor, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
     """(N, N) matrix of ``cos(x_i, x_j)`` in ``dtype``, exactly symmetric; written into ``out`` when given.
 
-    float32 / float64: the Gram matrix divided in place, a block of rows at a time, by the outer
-    product of the row norms, so the only N x N buffer is the result (no normalised copy of the
-    features). Half precision: the reference's own steps (normalise the rows in ``dtype``, then
-    multiply), which reproduce its picks on fp16 / bf16 models and cannot overflow float16 as a
-    Gram matrix of large-norm tokens would. Zero rows get cosine 0 to everything instead of NaN.
+    float32 / float64: the Gram matrix, its upper block triangle multiplied and mirrored, divided in
+    place, a block of rows at a time, by the outer product of the row norms, so the only N x N buffer
+    is the result (no normalised copy of the features). Half precision: the reference's own steps
+    (normalise the rows in ``dtype``, then multiply), which reproduce its picks on fp16 / bf16 models
+    and cannot overflow float16 as a Gram matrix of large-norm tokens would. Zero rows get cosine 0
+    to everything instead of NaN.
     """
     floor = max(_NORM_EPS, torch.finfo(dtype).tiny)  # float16 cannot hold 1e-12
     x = features.to(dtype)
@@ -51,8 +52,15 @@ def cosine_similarities(features: Tensor, dtype: torch.dtype = torch.float32, ou
         unit = x / x.norm(dim=1, keepdim=True).clamp_min(floor)
         return torch.mm(unit, unit.T, out=out)
     norms = x.norm(dim=1).clamp_min(floor)
-    gram = torch.mm(x, x.T, out=out)
-    for start in range(0, gram.shape[0], _BLOCK):
+    n = x.shape[0]
+    gram = torch.empty(n, n, dtype=dtype, device=x.device) if out is None else out
+    for start in range(0, n, _BLOCK):
+        block = slice(start, start + _BLOCK)
+        # The block row from the diagonal on is multiplied; left of the diagonal is the transpose of blocks made
+        # earlier: half the multiply-adds of the full product, and the matrix exactly symmetric.
+        torch.mm(x[block], x[start:].T, out=gram[block, start:])
+        gram[start + _BLOCK :, block] = gram[block, start + _BLOCK :].T
+    for start in range(0, n, _BLOCK):
         gram[start : start + _BLOCK].div_(norms[start : start + _BLOCK, None] * norms)
     return gram
 
