@@ -5,11 +5,14 @@ from .api import prune, pruned, scores, select, select_nested
 from .errors import (
     AlreadyPrunedError,
     BudgetError,
+    ConcurrentCallError,
     LayerError,
     UnknownStrategyError,
     UnsupportedCacheError,
     UnsupportedModelError,
+    UnsupportedTrainingError,
     VTPruneError,
+    WrappedCopyError,
 )
 from .handle import PruneHandle
 from .record import ImageRecord, PruneRecord
@@ -22,6 +25,7 @@ __all__ = [
     "AlreadyPrunedError",
     "Budget",
     "BudgetError",
+    "ConcurrentCallError",
     "GreedyStrategy",
     "ImageRecord",
     "LayerError",
@@ -34,7 +38,9 @@ __all__ = [
     "UnknownStrategyError",
     "UnsupportedCacheError",
     "UnsupportedModelError",
+    "UnsupportedTrainingError",
     "VTPruneError",
+    "WrappedCopyError",
     "list_strategies",
     "make_stage",
     "parse_schedule",

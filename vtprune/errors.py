@@ -30,3 +30,15 @@ class AlreadyPrunedError(VTPruneError, RuntimeError):
 
 class LayerError(VTPruneError, ValueError):
     """A decoder layer index is outside the model or not allowed for the strategy."""
+
+
+class ConcurrentCallError(VTPruneError, RuntimeError):
+    """A second thread called a wrapped model while a forward of it was in progress."""
+
+
+class WrappedCopyError(VTPruneError, TypeError):
+    """A wrapped model (or a cache it produced) was deep-copied or pickled."""
+
+
+class UnsupportedTrainingError(VTPruneError, ValueError):
+    """A training input a decoder stage cannot honour (labels, gradient checkpointing)."""

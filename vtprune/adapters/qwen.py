@@ -34,7 +34,9 @@ class QwenVLAdapter(ModelAdapter):
         # model's own function that the caller passed goes through (second_per_grid_ts, mm_token_type_ids, and
         # whatever a later version adds), so the positions are the model's for every input it accepts.
         compute = self.inner.compute_3d_position_ids
-        arguments = {name: kwargs[name] for name in inspect.signature(compute).parameters if name in kwargs}
+        parameters = inspect.signature(compute).parameters.values()
+        unset = inspect.Parameter.empty
+        arguments = {p.name: kwargs.get(p.name, None if p.default is unset else p.default) for p in parameters}
         arguments.update(input_ids=input_ids, inputs_embeds=None, **{CACHE_KWARG: None})
         positions = compute(**arguments)
         if positions is None:  # text only: the text model's own default
