@@ -5,12 +5,15 @@ from .api import prune, pruned, scores, select, select_nested
 from .errors import (
     AlreadyPrunedError,
     BudgetError,
+    ConcurrentCallError,
     LayerError,
     TextTowerError,
     UnknownStrategyError,
     UnsupportedCacheError,
     UnsupportedModelError,
+    UnsupportedTrainingError,
     VTPruneError,
+    WrappedCopyError,
 )
 from .handle import PruneHandle
 from .record import ImageRecord, PruneRecord
@@ -23,6 +26,7 @@ __all__ = [
     "AlreadyPrunedError",
     "Budget",
     "BudgetError",
+    "ConcurrentCallError",
     "GreedyStrategy",
     "ImageRecord",
     "LayerError",
@@ -36,7 +40,9 @@ __all__ = [
     "UnknownStrategyError",
     "UnsupportedCacheError",
     "UnsupportedModelError",
+    "UnsupportedTrainingError",
     "VTPruneError",
+    "WrappedCopyError",
     "list_strategies",
     "make_stage",
     "parse_schedule",

@@ -60,11 +60,12 @@ class DecoderStages:
             hidden_states = args[0] if args else kwargs["hidden_states"]
             needs, tables = self.stages[layer].strategy.needs, kwargs["position_embeddings"]
             with self.handle.timing("hook_seconds"), self.handle.timing("selection_seconds"):
+                # Scored on the prompt: the steps of a cache-less generate() append tokens that must not count.
                 if "attention" in needs:
-                    state.attention[layer] = last_token_attention(module, hidden_states, tables, state.valid)
+                    state.attention[layer] = last_token_attention(module, hidden_states, tables, state.prompt)
                 if "cross_shares" in needs:
                     visual = state.item_of_slot >= 0
-                    state.cross_shares[layer] = cross_modal_shares(module, hidden_states, tables, state.valid, visual)
+                    state.cross_shares[layer] = cross_modal_shares(module, hidden_states, tables, state.prompt, visual)
 
         return hook
 

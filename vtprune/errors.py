@@ -54,3 +54,15 @@ class StrategyOutputError(VTPruneError):
 
 class TextTowerError(OptionError):
     """A CLIP text tower (``text_tower=``) cannot be loaded or does not fit the model's vision features."""
+
+
+class ConcurrentCallError(VTPruneError, RuntimeError):
+    """A second thread called a wrapped model while a forward of it was in progress."""
+
+
+class WrappedCopyError(VTPruneError, TypeError):
+    """A wrapped model (or a cache it produced) was deep-copied or pickled."""
+
+
+class UnsupportedTrainingError(VTPruneError, ValueError):
+    """A training input a decoder stage cannot honour (labels, gradient checkpointing)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -13,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 from .adapters import ModelAdapter
 from .attention import cls_attention
 from .decoder_stage import DecoderStages
-from .errors import AlreadyPrunedError, VTPruneError
+from .errors import AlreadyPrunedError, ConcurrentCallError, VTPruneError, WrappedCopyError
 from .input_stage import InputStage
 from .projector_inputs import ProjectorInputs
 from .record import PruneRecord
@@ -63,9 +64,13 @@ class PruneHandle:
         self.active: PruneState | None = None
         #: What the projector read for each token it made (strategies that read pre_features).
         self.projector_inputs = ProjectorInputs(adapter.projector_rows)
-        #: (images, patches) [CLS] attention of the last vision-tower pass (strategies that read cls_attention).
-        self.vision_cls_attention: torch.Tensor | None = None
+        #: Per thread: ``cls_attention``, the (images, patches) [CLS] attention of the vision-tower pass of its last
+        #: encoding (strategies that read cls_attention), and ``prompt``, what its last prefill saw (input_stage).
+        self.local = threading.local()
         self._undo: list[Callable[[], None]] = []
+        # One forward at a time: the decoder hooks read the state of "the" forward in progress.
+        self._forward_lock = threading.Lock()
+        self._forward_thread: int | None = None
 
     def install(self) -> PruneHandle:
         if getattr(self.model, HANDLE_ATTR, None) is not None:
@@ -77,6 +82,8 @@ class PruneHandle:
             setattr(self.model, HANDLE_ATTR, self)
             self.add_undo(lambda: delattr(self.model, HANDLE_ATTR))
             self.add_hook(self.model.register_forward_pre_hook(InputStage(self), with_kwargs=True))
+            self.add_hook(self.model.register_forward_hook(self._end_forward, always_call=True))
+            self._record_encodings()
             input_stage = self.schedule.input_stage
             cls_layer = self.adapter.cls_attention_layer()
             if input_stage is not None and "cls_attention" in input_stage.strategy.needs and cls_layer is not None:
@@ -91,10 +98,50 @@ class PruneHandle:
             raise
         return self
 
+    def _record_encodings(self) -> None:
+        """Mark the model's image encoding for a prefill (generate() runs it before the first forward; a plain
+        forward through ``adapter.encode``), so hooks on the vision side keep what that encoding made and nothing
+        else. An attribute on this one instance; removing it brings back the class method."""
+        encode = self.model._prepare_multimodal_encoder_kwargs_for_generation
+
+        def encode_for_prefill(*args: Any, **kwargs: Any) -> Any:
+            self.local.cls_attention = None
+            with self.projector_inputs.recording():
+                return encode(*args, **kwargs)
+
+        self.model._prepare_multimodal_encoder_kwargs_for_generation = encode_for_prefill
+        self.add_undo(lambda: delattr(self.model, "_prepare_multimodal_encoder_kwargs_for_generation"))
+
     def _capture_cls_attention(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         # The vision tower runs before the prefill inside generate(); keep its [CLS] row for it.
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        self.vision_cls_attention = cls_attention(module, hidden_states)
+        if self.projector_inputs.is_recording:
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            self.local.cls_attention = cls_attention(module, hidden_states)
+
+    @property
+    def vision_cls_attention(self) -> torch.Tensor | None:
+        """(images, patches) [CLS] attention of this thread's last encoding for a prefill, if captured."""
+        return getattr(self.local, "cls_attention", None)
+
+    # --- one forward at a time ---------------------------------------------------------------------
+
+    def begin_forward(self) -> None:
+        """Called first by the input stage: claim the model for this thread's forward, or refuse."""
+        if not self._forward_lock.acquire(blocking=False):
+            raise ConcurrentCallError(
+                "this vtprune-wrapped model is already running a forward in another thread; vtprune keeps the "
+                "state of the forward in progress on the handle, so calls on one wrapped model must not overlap. "
+                "Serialise the calls (a lock around generate()/forward) or prune one model instance per thread."
+            )
+        self._forward_thread = threading.get_ident()
+
+    def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # Runs after every forward of the model, failed ones included: the forward's state ends with it (it
+        # lives on on the cache for the next decode step), so inner modules called later see no pruning.
+        if self._forward_thread == threading.get_ident():
+            self.active = None
+            self._forward_thread = None
+            self._forward_lock.release()
 
     def add_hook(self, hook: RemovableHandle) -> None:
         self._undo.append(hook.remove)
@@ -107,6 +154,20 @@ class PruneHandle:
         while self._undo:
             self._undo.pop()()
         self.active = None
+        self.projector_inputs.clear()
+        self.local = threading.local()
+
+    def __deepcopy__(self, memo: dict) -> PruneHandle:
+        raise WrappedCopyError(
+            "a vtprune-wrapped model (or a cache it produced) cannot be copied: the copy's hooks would still act "
+            "on the original. Copy the model before pruning it (or after handle.remove()), then prune the copy."
+        )
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise WrappedCopyError(
+            "a vtprune-wrapped model (or a cache it produced) cannot be pickled: its hooks belong to this "
+            "process. Call handle.remove() (or leave the `with` block) first, and prune again after loading."
+        )
 
     @property
     def is_active(self) -> bool:

@@ -9,6 +9,7 @@ decode step it maps generate()'s original-length mask into the pruned layout.
 from __future__ import annotations
 
 import inspect
+import weakref
 import zlib
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from .adapters.base import PIXEL_INPUTS
 from .compat import CACHE_KWARG, get_cache
-from .errors import UnsupportedCacheError, VTPruneError
+from .errors import UnsupportedCacheError, UnsupportedTrainingError, VTPruneError
 from .layout import Layout, last_valid, pack
 from .record import ImageRecord
 from .selection import TokenInputs, merge_tokens, score_tokens, select_tokens
@@ -53,6 +54,7 @@ class InputStage:
         self.stage = handle.schedule.input_stage
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        self.handle.begin_forward()
         with self.handle.timing("hook_seconds"):
             return self._run(module, args, kwargs)
 
@@ -83,10 +85,12 @@ class InputStage:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim != 2:
             raise VTPruneError("vtprune needs a 2-D attention_mask (or none); got a prepared 4-D mask")
+        self._check_training(kwargs)
         if any(kwargs.get(key) is not None for key in PIXEL_INPUTS):
             kwargs = self.adapter.encode(kwargs)
         encoder_outputs = kwargs.get("mm_encoder_outputs") or {}
         valid = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        prompt_length = self._prompt_length(input_ids, encoder_outputs)
         items = self._locate(input_ids, valid, encoder_outputs)
         if not items:  # text-only batch: nothing to prune, nothing to remember
             self.handle.begin_record(None, valid)
@@ -98,6 +102,7 @@ class InputStage:
             token_of_slot=torch.full_like(input_ids, -1),
             left_pad=not bool((~valid[:, -1]).any()),
             seen=input_ids.shape[1],
+            prompt=valid & (torch.arange(input_ids.shape[1], device=valid.device) < prompt_length),
         )
         for index, item in enumerate(items):
             state.item_of_slot[item.row, item.columns] = index
@@ -113,7 +118,43 @@ class InputStage:
             self.handle.record_layer(0, state)
         if cache is not None:
             setattr(cache, STATE_ATTR, state)
+            cache.update = CacheGuard(cache, self.handle, state)
         return kwargs
+
+    def _check_training(self, kwargs: dict[str, Any]) -> None:
+        """Refuse up front what a decoder stage cannot honour, before anything runs."""
+        if not self.handle.schedule.decoder_stages:
+            return
+        if kwargs.get("labels") is not None:
+            raise UnsupportedTrainingError(
+                "labels with a decoder stage: the logits come out in the sequence the last decoder stage left, "
+                "which is decided inside the forward, after the loss's labels were passed. Compute the loss "
+                "yourself from the logits (the record maps them), or use an input-stage schedule, which packs labels"
+            )
+        checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in self.adapter.layers)
+        if checkpointing and self.adapter.model.training and torch.is_grad_enabled():
+            raise UnsupportedTrainingError(
+                "gradient checkpointing with a decoder stage: backward re-runs the decoder layers after the "
+                "forward's pruning state has ended, so the recomputed layers would see the unpruned sequence. "
+                "Call model.gradient_checkpointing_disable(), or use an input-stage schedule"
+            )
+
+    def _prompt_length(self, input_ids: Tensor, encoder_outputs: dict[str, Any]) -> int:
+        """Columns of the prompt: all of them, except in the steps of a cache-less generate() after the first.
+
+        Those re-run the prefill on the same encoder outputs (the same objects) with the generated tokens
+        appended; selection must see the prompt only, so every step picks what a cached run picks.
+        """
+        first = next(iter(encoder_outputs.values()), None)
+        last = getattr(self.handle.local, "prompt", None)
+        if first is not None and last is not None and last[0]() is first:
+            ids = last[1]
+            length = ids.shape[1]
+            if ids.shape[0] == input_ids.shape[0] and length < input_ids.shape[1]:
+                if torch.equal(input_ids[:, :length], ids):
+                    return length
+        self.handle.local.prompt = None if first is None else (weakref.ref(first), input_ids)
+        return input_ids.shape[1]
 
     def _locate(self, input_ids: Tensor, valid: Tensor, encoder_outputs: dict[str, Any]) -> list[VisualItem]:
         items = []
@@ -164,11 +205,17 @@ class InputStage:
         if "text_embeds" in needs or "instruction" in needs:
             embed = self.adapter.model.get_input_embeddings()
             for row in {item.row for item in state.items}:
-                words = self.handle.question_tokens.select(input_ids[row][state.valid[row]])
+                words = self.handle.question_tokens.select(input_ids[row][state.prompt[row]])
                 if "text_embeds" in needs:
                     question[row] = embed(words)
                 if "instruction" in needs:
                     instruction[row] = self.handle.question_tokens.decode(words)
+        if "pre_features" in needs and not self.handle.projector_inputs.has_calls:
+            raise VTPruneError(
+                f"{self.stage.strategy.name} reads the projector's inputs, which vtprune records while the model "
+                "encodes pixels for this call; these images came as precomputed mm_encoder_outputs. Pass the "
+                "pixel inputs (pixel_values, ...) to the forward or generate() instead"
+            )
         cls_rows = self._cls_rows(encoder_outputs) if "cls_attention" in needs else None
         projector = self.adapter.projector() if "projector" in needs else None
         images = []  # per item: its features and the inputs selection sees
@@ -212,7 +259,6 @@ class InputStage:
             dropped = torch.ones(item.columns.numel(), dtype=torch.bool, device=input_ids.device)
             dropped[kept.to(input_ids.device)] = False
             keep[item.row, item.columns[dropped]] = False
-        self.handle.projector_inputs.clear()  # the next images bring their own
         if bool((keep == state.valid).all()):
             self._record(state)
             return kwargs
@@ -315,6 +361,28 @@ class InputStage:
         return input_ids is not None and any(
             bool((input_ids == token_id).any()) for token_id in self.adapter.token_ids().values()
         )
+
+
+class CacheGuard:
+    """``update`` of a cache that holds a pruned prefill: only a forward of the handle that pruned it may extend it.
+
+    A later call that does not know the cache's layout (after ``handle.remove()``, under another handle, an
+    inner module called directly) would write and read the wrong slots; it gets an error instead. A callable
+    object, not a closure, so copying such a cache reaches the handle, which refuses to be copied.
+    """
+
+    def __init__(self, cache: Cache, handle: PruneHandle, state: PruneState) -> None:
+        self.cache, self.handle, self.state = cache, handle, state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.handle.active is not self.state:
+            raise UnsupportedCacheError(
+                "this cache holds a prefill that vtprune pruned, and only a forward of the same wrapped model "
+                "under the same handle can continue it (the handle maps each step into the pruned layout). It "
+                "was reached after handle.remove(), under another handle, or through an inner module; start a "
+                "fresh generate() call instead"
+            )
+        return type(self.cache).update(self.cache, *args, **kwargs)
 
 
 def check_cache(cache: Cache | None) -> None:

@@ -48,6 +48,9 @@ class PruneState:
     left_pad: bool
     seen: int
     """Tokens of the original (unpruned) layout seen so far: prompt length, then +1 per decode step."""
+    prompt: Tensor
+    """(B, L) the prompt's real tokens: ``valid`` without the tokens a cache-less generate() appended. Selection
+    reads only these (question words, the scoring query), so every step of such a call picks the same tokens."""
     input_layout: Layout | None = None
     """Layout the LLM input was packed into (None: the input was left as it was)."""
     decoder_layouts: dict[int, Layout] = field(default_factory=dict)
@@ -72,6 +75,7 @@ class PruneState:
     def apply(self, layout: Layout) -> None:
         """Move the per-slot bookkeeping to ``layout``."""
         self.valid = layout.take(self.valid, fill=False)
+        self.prompt = layout.take(self.prompt, fill=False)
         self.item_of_slot = layout.take(self.item_of_slot, fill=-1)
         self.token_of_slot = layout.take(self.token_of_slot, fill=-1)
 

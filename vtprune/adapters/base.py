@@ -159,4 +159,8 @@ def float32_copy(module: nn.Module) -> nn.Module:
     first = next(module.parameters(), None)
     if first is not None and first.dtype == torch.float32:
         return module
-    return copy.deepcopy(module).float()
+    # Without the instance's hooks (vtprune's own recorder sits on the projector): a copy to compute with.
+    memo = {
+        id(hooks): type(hooks)() for part in module.modules() for key, hooks in vars(part).items() if "hooks" in key
+    }
+    return copy.deepcopy(module, memo).float()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
 from torch import Tensor, nn
@@ -29,16 +30,15 @@ class QwenVLAdapter(ModelAdapter):
     def original_positions(self, kwargs: dict[str, Any], input_ids: Tensor) -> Tensor:
         if kwargs.get("position_ids") is not None:
             return kwargs["position_ids"]
-        # M-RoPE must come from the unpruned ids: recomputing it on shortened ids fails.
-        positions = self.inner.compute_3d_position_ids(
-            input_ids=input_ids,
-            inputs_embeds=None,
-            image_grid_thw=kwargs.get("image_grid_thw"),
-            video_grid_thw=kwargs.get("video_grid_thw"),
-            attention_mask=kwargs.get("attention_mask"),
-            **{CACHE_KWARG: None},
-            mm_token_type_ids=kwargs.get("mm_token_type_ids"),
-        )
+        # M-RoPE must come from the unpruned ids: recomputing it on shortened ids fails. Every argument of the
+        # model's own function that the caller passed goes through (second_per_grid_ts, mm_token_type_ids, and
+        # whatever a later version adds), so the positions are the model's for every input it accepts.
+        compute = self.inner.compute_3d_position_ids
+        parameters = inspect.signature(compute).parameters.values()
+        unset = inspect.Parameter.empty
+        arguments = {p.name: kwargs.get(p.name, None if p.default is unset else p.default) for p in parameters}
+        arguments.update(input_ids=input_ids, inputs_embeds=None, **{CACHE_KWARG: None})
+        positions = compute(**arguments)
         if positions is None:  # text only: the text model's own default
             return super().original_positions(kwargs, input_ids)[None].expand(3, -1, -1)
         return positions
