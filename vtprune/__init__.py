@@ -5,7 +5,12 @@ from .api import prune, pruned, scores, select, select_nested
 from .errors import (
     AlreadyPrunedError,
     BudgetError,
+    InputError,
     LayerError,
+    OptionError,
+    RegistrationError,
+    ScheduleError,
+    StrategyOutputError,
     UnknownStrategyError,
     UnsupportedCacheError,
     UnsupportedModelError,
@@ -14,7 +19,7 @@ from .errors import (
 from .handle import PruneHandle
 from .record import ImageRecord, PruneRecord
 from .schedule import Budget, Schedule, Stage, make_stage, parse_schedule
-from .strategies import GreedyStrategy, Strategy, TokenContext, list_strategies, register_strategy
+from .strategies import GreedyStrategy, Option, Strategy, TokenContext, list_strategies, register_strategy
 
 __version__ = "0.1.0"
 
@@ -24,12 +29,18 @@ __all__ = [
     "BudgetError",
     "GreedyStrategy",
     "ImageRecord",
+    "InputError",
     "LayerError",
+    "Option",
+    "OptionError",
     "PruneHandle",
     "PruneRecord",
+    "RegistrationError",
     "Schedule",
+    "ScheduleError",
     "Stage",
     "Strategy",
+    "StrategyOutputError",
     "TokenContext",
     "UnknownStrategyError",
     "UnsupportedCacheError",
