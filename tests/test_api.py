@@ -127,7 +127,8 @@ def test_strategies_see_the_same_grid_in_forward_and_generate(models, make_input
         from_forward = list(seen)
         seen.clear()
         model.generate(**inputs, max_new_tokens=1)
-    assert seen == from_forward and all(grid is not None for grid in seen)
+    assert len(from_forward) >= 3 and seen == from_forward  # every image of the three rows was probed
+    assert all(grid is not None for grid in seen)
     if kind.startswith("qwen"):  # merged grids of the test images: (2, 2), (2, 3), (2, 2), then a 2-frame video
         assert from_forward[:3] == [(1, 2, 2), (1, 2, 3), (1, 2, 2)]
         assert from_forward[3] == (2, 2, 2)
@@ -196,3 +197,20 @@ def test_select_nested_gives_every_budget_from_one_pass():
         vtprune.select_nested("random", features, [4])
     with pytest.raises(vtprune.BudgetError):
         vtprune.select_nested("divprune", features, [0, 65])
+
+
+def test_hidden_states_under_a_decoder_stage_have_the_lengths_the_record_gives(models, make_inputs):
+    model = models("llava")
+    inputs = make_inputs(model, "llava", 3)
+    with torch.no_grad(), vtprune.pruned(model, "fastv@2:50%") as handle:
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    lengths = handle.last_record.layer_lengths  # (B, layers): real tokens entering each layer
+    full = inputs["input_ids"].shape[1]
+    assert len(hidden) == lengths.shape[1] + 1 == 5
+    # hidden[i] is what enters layer i (hidden[-1]: the last layer's output): full length up to layer K = 2 ...
+    assert [h.shape[1] for h in hidden[:3]] == [full] * 3
+    # ... then the packed rows, as long as the longest row entering that layer (the last output: the last layer's).
+    assert hidden[3].shape[1] == int(lengths[:, 3].max()) < full
+    assert hidden[4].shape[1] == int(lengths[:, 3].max())
+    dropped = [sum(im.num_tokens - im.kept.numel() for im in handle.last_record.for_row(row)) for row in range(3)]
+    assert (lengths[:, 2] == lengths[:, 1] - torch.tensor(dropped)).all() and dropped[0] > 0

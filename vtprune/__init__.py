@@ -6,7 +6,12 @@ from .errors import (
     AlreadyPrunedError,
     BudgetError,
     ConcurrentCallError,
+    InputError,
     LayerError,
+    OptionError,
+    RegistrationError,
+    ScheduleError,
+    StrategyOutputError,
     TextTowerError,
     UnknownStrategyError,
     UnsupportedCacheError,
@@ -18,7 +23,7 @@ from .errors import (
 from .handle import PruneHandle
 from .record import ImageRecord, PruneRecord
 from .schedule import Budget, Schedule, Stage, make_stage, parse_schedule
-from .strategies import GreedyStrategy, Strategy, TokenContext, list_strategies, register_strategy
+from .strategies import GreedyStrategy, Option, Strategy, TokenContext, list_strategies, register_strategy
 
 __version__ = "0.1.0"
 
@@ -29,12 +34,18 @@ __all__ = [
     "ConcurrentCallError",
     "GreedyStrategy",
     "ImageRecord",
+    "InputError",
     "LayerError",
+    "Option",
+    "OptionError",
     "PruneHandle",
     "PruneRecord",
+    "RegistrationError",
     "Schedule",
+    "ScheduleError",
     "Stage",
     "Strategy",
+    "StrategyOutputError",
     "TextTowerError",
     "TokenContext",
     "UnknownStrategyError",

@@ -7,6 +7,7 @@ from .fastv import FastV
 from .matryoshka import Matryoshka
 from .mmtok import MMTok
 from .none import NoPruning
+from .options import Option
 from .random import RandomPruning
 from .random_deep import RandomDeepPruning
 from .registry import list_strategies, make_strategy, register_strategy, strategy_class
@@ -27,6 +28,7 @@ __all__ = [
     "Matryoshka",
     "MergingStrategy",
     "NoPruning",
+    "Option",
     "RandomDeepPruning",
     "RandomPruning",
     "Strategy",
