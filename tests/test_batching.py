@@ -88,11 +88,11 @@ def test_a_group_picks_what_each_image_picks_alone(name: str, options: dict, con
         contexts = [ctx if ctx.pre_features is not None else _with_pre_features(ctx) for ctx in contexts]
     together = strategy.order_batch(contexts)
     assert len(together) == len(contexts)
-    for ctx, order in zip(contexts, together):
+    for ctx, order in zip(contexts, together, strict=True):
         alone = strategy.order(ctx)
         assert order.dtype == torch.int64 and torch.equal(order, alone)
         assert len(set(order.tolist())) == ctx.keep
-    assert all(torch.equal(a, b.sort().values) for a, b in zip(strategy.select_batch(contexts), together))
+    assert all(torch.equal(a, b.sort().values) for a, b in zip(strategy.select_batch(contexts), together, strict=True))
 
 
 def _with_pre_features(ctx: TokenContext) -> TokenContext:
@@ -117,7 +117,7 @@ def test_the_engine_groups_images_of_a_forward_and_selects_each_as_alone(name: s
         images.append((torch.randn(n, 4, generator=gen), inputs))
     strategy = make_strategy(name)
     together = select_tokens(strategy, budget, images, newlines="drop")
-    for image, kept in zip(images, together):
+    for image, kept in zip(images, together, strict=True):
         assert torch.equal(kept, select_tokens(strategy, budget, [image], newlines="drop")[0])
 
 

@@ -132,6 +132,7 @@ def test_a_sweep_writes_json_table_and_plot_and_its_baseline_is_the_plain_model(
         assert run["prefill_flops"] < baseline["prefill_flops"]
         assert run["kv_cache_bytes"] < baseline["kv_cache_bytes"]
         assert run["retained"] == pytest.approx(100 * run["score"] / baseline["score"])
+    assert len(payload["runs"]) == len(runs)
     for run in payload["runs"]:
         assert run["ttft_seconds"] > 0 and run["decode_tokens_per_second"] > 0 and run["failed_generations"] == 0
         assert set(run["scores"]["vtprune_shapes"]) >= {"accuracy", "colour", "shape", "count", "exists", "position"}

@@ -36,7 +36,7 @@ def test_question_embeddings_and_pre_projector_features(models, make_inputs, kin
         seen.clear()
         model.generate(**inputs, max_new_tokens=1)
     assert len(seen) == len(from_forward)
-    for (text, pre, n), (text_gen, pre_gen, _) in zip(from_forward, seen):
+    for (text, pre, n), (text_gen, pre_gen, _) in zip(from_forward, seen, strict=True):
         assert torch.equal(text, text_gen)
         if pre_width is None:
             assert pre is None and pre_gen is None
@@ -62,7 +62,8 @@ def test_pre_features_are_what_the_projector_read(models, make_inputs, kind):
         model(**inputs)
         encoded = adapter.encode(dict(inputs))["mm_encoder_outputs"]["image"].pooler_output
         newline = adapter.newline_embedding()
-        for (_, pre, _), tokens in zip(seen, encoded):
+        assert len(encoded) == 3  # row 0's image and row 1's two; Qwen's row 2 is a video, seen after them
+        for (_, pre, _), tokens in zip(seen[: len(encoded)], encoded, strict=True):
             real = torch.ones(len(tokens), dtype=torch.bool) if newline is None else ~(tokens == newline).all(-1)
             torch.testing.assert_close(adapter.projector()(pre)[real], tokens.float()[real], atol=1e-5, rtol=1e-5)
 

@@ -32,6 +32,7 @@ def test_llava_gets_m3_pooled_tokens_at_window_positions(models):
     seen, record = llm_inputs(model, inputs, "matryoshka:4")
     with torch.no_grad():
         tokens = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    assert len(record.images) == 2  # the probes below ran
     for row, image in enumerate(record.images):
         assert image.kept.tolist() == [0, 2, 8, 10]  # top-left tokens of the 2 x 2 windows
         expected, _ = pool_grid(tokens[row], (4, 4), 4)
@@ -100,6 +101,7 @@ def test_anyres_models_get_the_segments_from_their_newlines(models, make_inputs,
             assert torch.equal(model.generate(**inputs, max_new_tokens=2), expected)
         with vtprune.pruned(model, "matryoshka:4") as handle:
             model.generate(**inputs, max_new_tokens=2)
+    assert handle.last_record.images  # the probes below ran
     for image in handle.last_record.images:
         assert image.kept.numel() < image.num_tokens
 

@@ -44,7 +44,7 @@ def test_pooling_cases_exist() -> None:
 
 def test_m3_scales_on_llava_grid() -> None:
     features = torch.randn(576, 5)
-    for scale, window in zip(M3_SCALES, (1, 2, 4, 8, 24)):
+    for scale, window in zip(M3_SCALES, (1, 2, 4, 8, 24), strict=True):
         pooled, positions = pool_grid(features, (24, 24), scale)
         assert pooled.shape == (scale, 5) and positions.shape == (scale, 2)
         assert pooled.dtype == features.dtype and positions.dtype == torch.float32

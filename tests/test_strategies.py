@@ -63,7 +63,7 @@ def min_gap_to_earlier(dist: torch.Tensor, picks: list[int], step: int, candidat
 
 def test_registry_lists_the_builtins() -> None:
     assert set(BUILTINS) <= set(list_strategies())
-    for name, cls in zip(BUILTINS, (NoPruning, RandomPruning, UniformPruning, DivPrune, FastV)):
+    for name, cls in zip(BUILTINS, (NoPruning, RandomPruning, UniformPruning, DivPrune, FastV), strict=True):
         strategy = make_strategy(name)
         assert type(strategy) is cls and strategy.name == name
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_generator_is_deterministic_and_balanced():
     a, b = make_split(7, 25), make_split(7, 25)
     assert [(s.question, s.answer, s.objects) for s in a] == [(s.question, s.answer, s.objects) for s in b]
-    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(a, b))
+    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(a, b, strict=True))
     assert [s.qtype for s in a[:5]] == list(QUESTION_TYPES)
     assert [s.question for s in make_split(8, 25)] != [s.question for s in a]
 
@@ -81,8 +81,8 @@ def test_shipped_checkpoint_answers_held_out_questions(shipped):
     )
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 144
     predicted = answer(model, processor, [s.image for s in samples], [s.question for s in samples])
-    accuracy = sum(p == s.answer for p, s in zip(predicted, samples)) / len(samples)
-    assert accuracy >= 0.9, list(zip(predicted, [s.answer for s in samples]))
+    accuracy = sum(p == s.answer for p, s in zip(predicted, samples, strict=True)) / len(samples)
+    assert accuracy >= 0.9, list(zip(predicted, [s.answer for s in samples], strict=True))
     # evaluate() (one forward, first token) agrees with generate()
     assert evaluate(model, processor, samples)["overall"] == pytest.approx(accuracy)
 
@@ -118,8 +118,9 @@ def test_pruned_generate_on_the_shipped_checkpoint_keeps_what_matters(shipped):
     for schedule in ("fastv@2:8", "random:8"):
         with vtprune.pruned(model, schedule) as handle:
             predicted = answer(model, processor, images, questions)
+        assert handle.last_record.images  # the probe below ran (on the last batch's images)
         assert all(image.kept.numel() == 8 for image in handle.last_record.images)
-        hits[schedule] = sum(p == s.answer for p, s in zip(predicted, samples)) / len(samples)
+        hits[schedule] = sum(p == s.answer for p, s in zip(predicted, samples, strict=True)) / len(samples)
     assert hits["fastv@2:8"] >= 0.9 > 0.6 > hits["random:8"]
 
 
