@@ -12,7 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
+from vtprune.strategies.registry import list_strategies  # noqa: E402
 from vtprune.synthetic import MODEL_KINDS, RowSpec, build_inputs, build_model  # noqa: E402
+
+#: The enrolment every generic test runs over: what vtprune itself registers (taken before any test module
+#: registers a probe), so a new built-in strategy is covered without editing the tests.
+STRATEGIES = tuple(list_strategies())
 
 torch.set_num_threads(2)
 
@@ -68,10 +73,10 @@ def _quiet_budget_warnings():
         yield
 
 
-__all__ = ["MODEL_KINDS"]
+__all__ = ["MODEL_KINDS", "STRATEGIES"]
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def isolated_registry(monkeypatch):
     """Strategies a test registers are gone after it (the registry is global; other tests list it)."""
     from vtprune.strategies import registry

@@ -6,6 +6,7 @@ import pickle
 import threading
 
 import pytest
+from conftest import STRATEGIES
 import torch
 
 import vtprune
@@ -25,7 +26,7 @@ def stage_arguments(name: str, stage: str) -> dict:
 
 
 def every_strategy_and_stage() -> list[tuple[str, str]]:
-    return [(name, stage) for name in vtprune.list_strategies() for stage in sorted(strategy_class(name).stages)]
+    return [(name, stage) for name in STRATEGIES for stage in sorted(strategy_class(name).stages)]
 
 
 # --- (a) nothing left behind ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from conftest import STRATEGIES
 import torch
 from contexts import full_inputs
 from transformers import StaticCache
@@ -231,7 +232,7 @@ def test_select_refuses_inputs_that_do_not_fit_the_tokens(strategy, name, value)
         vtprune.select(strategy, torch.randn(12, 4), **budget, **{name: value})
 
 
-REQUIRED = [(name, need) for name in list_strategies() for need in sorted(required_inputs(name))]
+REQUIRED = [(name, need) for name in STRATEGIES for need in sorted(required_inputs(name))]
 
 
 def test_some_strategies_require_inputs():
@@ -350,6 +351,6 @@ def test_register_refuses_needs_that_are_not_context_fields(isolated_registry):
     assert "test_needs_typo" not in vtprune.list_strategies()
 
 
-@pytest.mark.parametrize("name", list_strategies())
+@pytest.mark.parametrize("name", STRATEGIES)
 def test_registered_names_parse_back(name):
     assert parse_strategy(name).name == name

@@ -11,6 +11,7 @@ import inspect
 import math
 
 import pytest
+from conftest import STRATEGIES
 import torch
 from contexts import assert_valid_selection, full_context
 
@@ -21,7 +22,7 @@ from vtprune.strategies.base import Strategy
 from vtprune.strategies.options import Option, constructor_defaults, declared_options
 from vtprune.strategies.registry import list_strategies, make_strategy, strategy_class
 
-EVERY = list_strategies()
+EVERY = list(STRATEGIES)
 OPTIONS = [(name, option) for name in EVERY for option in declared_options(strategy_class(name))]
 BAD_VALUES = [math.nan, math.inf, -math.inf, 0, 0.0, -1, -0.5, 2.5, True, False, "abc", "", None, [], (1, "x")]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import STRATEGIES
 import torch
 from contexts import assert_valid_selection as assert_valid
 from contexts import full_context, full_inputs
@@ -88,7 +89,7 @@ def test_context_rejects_out_of_range_keep(keep: int) -> None:
 
 # Every registered strategy (a new one is covered without editing this file), with a context that fills every
 # field a strategy may need (tests/contexts.py).
-EVERY = list_strategies()
+EVERY = list(STRATEGIES)
 # Token counts with grids: 1 x 1, 2 x 3, 4 x 4 (square, for pooling), 5 x 6; every budget from 1 to N for small N.
 CONTRACT_CASES = [
     (n, keep, seed) for n, seed in ((1, 0), (6, 1), (16, 2), (30, 3)) for keep in sorted({1, min(2, n), n // 2 or 1, n})
