@@ -35,7 +35,7 @@ import vtprune
 from vtprune.synthetic import MID, MODEL_KINDS, RowSpec, build_inputs, build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import peak_extra_bytes  # noqa: E402  (next to this script)
+from memory import peak_extra_bytes  # next to this script
 
 SCHEDULES = ["uniform:50%", "uniform:25%", "uniform:11%", "divprune:25%", "divprune:11%", "fastv@2:50%", "fastv@2:25%"]
 

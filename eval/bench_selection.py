@@ -34,8 +34,8 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import LlamaConfig
@@ -46,8 +46,8 @@ from vtprune.schedule import Budget, parse_strategy
 from vtprune.selection import TokenInputs, select_tokens
 
 sys.path.insert(0, str(Path(__file__).parent))
-import paper_selectors  # noqa: E402  (next to this script)
-from memory import peak_extra_bytes  # noqa: E402
+import paper_selectors  # next to this script
+from memory import peak_extra_bytes
 
 HIDDEN, LAYERS, VISION, WORDS = 4096, 32, 1024, 20
 
