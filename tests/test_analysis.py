@@ -1,0 +1,108 @@
+"""The information-horizon analysis: leave-one-out removal equals masking."""
+
+import pytest
+import torch
+from reference import kept_columns, masked_from_layer
+
+import vtprune
+from vtprune.analysis import LeaveOut, token_information
+from vtprune.record import ImageRecord, PruneRecord
+from vtprune.schedule import Stage
+from vtprune.synthetic import MODEL_KINDS, RowSpec, build_inputs
+
+
+def two_items(kind: str) -> RowSpec:
+    """One row with two visual items (two images, or an image and a video), so plans span items."""
+    if kind.startswith("qwen"):
+        return RowSpec(images=[(1, 2)], videos=1)
+    if kind == "llava_onevision":
+        return RowSpec(images=[(1, 1)], videos=1)
+    return RowSpec(images=[(1, 1), (1, 1)])
+
+
+def masked_distribution(model, inputs, items, layer, token):
+    """Next-token log-probabilities at the last slot with ``token`` masked out of attention from ``layer`` on."""
+    records, offset = [], 0
+    for index, (modality, count) in enumerate(items):
+        local = token - offset
+        kept = torch.tensor([i for i in range(count) if i != local])
+        earlier = sum(m == modality for m, _ in items[:index])
+        records.append(ImageRecord(0, modality, earlier, count, kept_by_stage={f"layer {layer}": kept}))
+        offset += count
+    record = PruneRecord(records, torch.zeros(1, 1, dtype=torch.long), schedule="reference")
+    with masked_from_layer(model, layer, kept_columns(inputs, record, f"layer {layer}")), torch.no_grad():
+        return torch.log_softmax(model(**inputs).logits[0, -1].double(), -1)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_removal_equals_masking_reference(models, kind):
+    model = models(kind)
+    inputs = build_inputs(model, [two_items(kind)], seed=1)
+    layers = [0, 2]
+    num_tokens = sum(count for count in build_counts(model, inputs))
+    measured = torch.tensor([0, 1, 2, num_tokens - 3, num_tokens - 2, num_tokens - 1])  # in both items
+    (info,) = token_information(model, inputs, layers=layers, tokens=measured, group_size=4)
+    assert len(info.items) == 2 and info.num_tokens == num_tokens and torch.equal(info.tokens, measured)
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(**inputs).logits[0, -1].double(), -1)
+    p = log_p.exp()
+    for row, layer in enumerate(layers):
+        expected_kl, expected_tv, expected_drop = [], [], []
+        for token in measured.tolist():
+            log_q = masked_distribution(model, inputs, info.items, layer, token)
+            expected_kl.append(float((p * (log_p - log_q)).sum()))
+            expected_tv.append(float(0.5 * (p - log_q.exp()).abs().sum()))
+            expected_drop.append(float(p[info.answer] - log_q[info.answer].exp()))
+        expected_tv = torch.tensor(expected_tv, dtype=torch.float32)
+        # Tokens differ from each other by far more than the tolerance, so a removal on the wrong row would fail.
+        assert float(expected_tv.max() - expected_tv.min()) > 100 * 1e-6
+        torch.testing.assert_close(info.values["tv"][row], expected_tv, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            info.values["kl"][row], torch.tensor(expected_kl, dtype=torch.float32), atol=1e-8, rtol=1e-3
+        )
+        torch.testing.assert_close(
+            info.values["prob_drop"][row], torch.tensor(expected_drop, dtype=torch.float32), atol=1e-6, rtol=0
+        )
+
+
+def test_token_subsets_measure_the_same_tokens(models):
+    model = models("llava")
+    inputs = build_inputs(model, [RowSpec()], seed=2)
+    (full,) = token_information(model, inputs, layers=[1])
+    (subset,) = token_information(model, inputs, layers=[1], tokens=5, seed=3)
+    (given,) = token_information(model, inputs, layers=[1], tokens=torch.tensor([7, 2]))
+    assert subset.tokens.numel() == 5 and subset.tokens.unique().numel() == 5
+    torch.testing.assert_close(subset.values["kl"], full.values["kl"][:, subset.tokens])
+    assert given.tokens.tolist() == [2, 7]
+    assert torch.isnan(given.full()[0]).sum() == full.num_tokens - 2
+
+
+def test_bad_arguments_are_refused(models):
+    model = models("llava")
+    two_rows = build_inputs(model, [RowSpec(), RowSpec()])
+    with pytest.raises(vtprune.VTPruneError, match="one sample per inputs"):
+        token_information(model, two_rows)
+    one = build_inputs(model, [RowSpec()])
+    with pytest.raises(vtprune.VTPruneError, match="layers"):
+        token_information(model, one, layers=[9])
+    with pytest.raises(vtprune.VTPruneError, match="group_size"):
+        token_information(model, one, group_size=0)
+    assert not hasattr(model, "_vtprune_handle")
+
+
+def test_a_plan_that_misses_the_images_is_refused(models):
+    model = models("llava")
+    inputs = build_inputs(model, [RowSpec(), RowSpec()])
+    plan = LeaveOut({(0, "image", 0): 3})  # one image planned, the batch has two
+    with (
+        pytest.raises(vtprune.VTPruneError, match="planned for 1"),
+        torch.no_grad(),
+        vtprune.pruned(model, Stage(plan, layer=1)),
+    ):
+        model(**inputs)
+
+
+def build_counts(model, inputs):
+    with torch.no_grad(), vtprune.pruned(model, "none") as handle:
+        model(**inputs)
+    return [image.num_tokens for image in handle.last_record.images]
