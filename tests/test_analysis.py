@@ -1,11 +1,20 @@
-"""The information-horizon analysis: leave-one-out removal equals masking."""
+"""The information-horizon analysis: leave-one-out removal equals masking, the horizon rules, score quality."""
 
 import pytest
 import torch
 from reference import kept_columns, masked_from_layer
 
 import vtprune
-from vtprune.analysis import LeaveOut, token_information
+from vtprune.analysis import (
+    Horizon,
+    LeaveOut,
+    SampleInformation,
+    horizon,
+    score_quality,
+    strategy_scores,
+    token_information,
+    uniformity,
+)
 from vtprune.record import ImageRecord, PruneRecord
 from vtprune.schedule import Stage
 from vtprune.synthetic import MODEL_KINDS, RowSpec, build_inputs
@@ -100,6 +109,78 @@ def test_a_plan_that_misses_the_images_is_refused(models):
         vtprune.pruned(model, Stage(plan, layer=1)),
     ):
         model(**inputs)
+
+
+def sample(values: list[list[float]]) -> SampleInformation:
+    kl = torch.tensor(values)
+    tokens = torch.arange(kl.shape[1])
+    layers = list(range(kl.shape[0]))
+    return SampleInformation(
+        layers, tokens, kl.shape[1], [("image", kl.shape[1])], 0, {"kl": kl, "tv": kl, "prob_drop": kl}
+    )
+
+
+def test_uniformity_is_one_for_equal_shares_and_zero_for_one_token():
+    assert float(uniformity(torch.tensor([2.0, 2.0, 2.0, 2.0]))) == pytest.approx(1.0)
+    assert float(uniformity(torch.tensor([5.0, 0.0, 0.0, 0.0]))) == pytest.approx(0.0)
+
+
+def test_the_horizon_is_where_information_stays_below_the_fraction(tmp_path):
+    curves = sample(
+        [
+            [1.0, 0.0, 3.0, 0.0],
+            [0.5, 0.5, 0.0, 0.0],
+            [0.05, 0.0, 0.0, 0.0],
+            [0.2, 0.0, 0.0, 0.0],
+            [0.01, 0.01, 0.01, 0.01],
+        ]
+    )
+    found = horizon([curves], num_layers=5)
+    assert found.relative == pytest.approx([1.0, 0.25, 0.0125, 0.05, 0.01])
+    assert found.layer == 2
+    dip = horizon([curves], num_layers=5, fraction=0.02)  # layer 2 dips below 0.02, layer 3 rises again
+    assert dip.layer == 4
+    even = horizon([curves], num_layers=5, rule="uniform")
+    assert even.uniformity[-1] == pytest.approx(1.0) and even.layer == 4
+    assert horizon([curves], num_layers=5, fraction=0.001).layer is None
+    found.save(tmp_path / "h.json")
+    assert Horizon.load(tmp_path / "h.json") == found
+
+
+def test_score_quality_ranks_a_perfect_and_a_reversed_strategy(models, monkeypatch):
+    pytest.importorskip("sklearn")
+    from vtprune.analysis import quality
+
+    model = models("llava")
+    inputs = [build_inputs(model, [RowSpec()], seed=4)]
+    info = token_information(model, inputs, layers=[1, 3])
+    kl = info[0].values["kl"]
+    fake = {"oracle": {1: kl[0], 3: kl[1]}, "reversed": {1: -kl[0], 3: -kl[1]}}
+    monkeypatch.setattr(quality, "strategy_scores", lambda model, inputs, name, layers, tokenizer: fake[name])
+    result = score_quality(model, inputs, info, ["oracle", "reversed"], q=0.25)
+    assert result.auc["oracle"] == pytest.approx([1.0, 1.0])
+    assert result.auc["reversed"] == pytest.approx([0.0, 0.0])
+    assert result.ndcg["oracle"] == pytest.approx([1.0, 1.0])
+    assert all(0 < value < 1 for value in result.random_ndcg)
+
+
+def test_score_quality_of_real_strategies_runs_per_layer(models):
+    pytest.importorskip("sklearn")
+    model = models("llava")
+    inputs = [build_inputs(model, [RowSpec()], seed=5)]
+    info = token_information(model, inputs, layers=[0, 2])
+    result = score_quality(model, inputs, info, ["divprune", "fastv"])
+    assert all(0 <= value <= 1 for value in result.auc["divprune"])
+    scores = strategy_scores(model, inputs[0], "divprune", [0, 2])
+    assert torch.equal(scores[0], scores[2])  # DivPrune scores once, before the LLM
+    assert torch.equal(scores[0], vtprune.scores("divprune", _projected(model, inputs[0])))
+    assert torch.isnan(torch.tensor(result.auc["fastv"][0]))  # FastV cannot act at layer 0
+    assert 0 <= result.auc["fastv"][1] <= 1
+
+
+def _projected(model, inputs):
+    with torch.no_grad():
+        return model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
 
 
 def build_counts(model, inputs):
