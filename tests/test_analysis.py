@@ -187,3 +187,47 @@ def build_counts(model, inputs):
     with torch.no_grad(), vtprune.pruned(model, "none") as handle:
         model(**inputs)
     return [image.num_tokens for image in handle.last_record.images]
+
+
+def saved_horizon(path, layer, num_layers=4):
+    Horizon(
+        [0, 1, 2, 3], num_layers, "kl", [1.0] * 4, [0.0] * 4, [1.0] * 4, [0.1] * 4, "fraction", 0.1, 0.95, 1, layer
+    ).save(path)
+    return str(path)
+
+
+def test_random_deep_acts_at_a_saved_horizon(models, make_inputs, tmp_path):
+    model = models("llava")
+    inputs = make_inputs(model, "llava", 1)
+    path = saved_horizon(tmp_path / "h.json", 2)
+    with torch.no_grad(), vtprune.pruned(model, f"divprune:75%+random_deep:50%(horizon:{path})") as handle:
+        model(**inputs)
+    assert list(handle.last_record.images[0].kept_by_stage) == ["input", "layer 2"]
+    explicit = f"random_deep@3:50%(horizon:{path})"
+    with (
+        pytest.raises(vtprune.VTPruneError, match="placed at layer 3"),
+        torch.no_grad(),
+        vtprune.pruned(model, explicit),
+    ):
+        model(**inputs)
+    with pytest.raises(vtprune.VTPruneError, match="5-layer decoder"):
+        vtprune.prune(model, "random_deep", keep_ratio=0.5, horizon=saved_horizon(tmp_path / "deep.json", 2, 5))
+    with pytest.raises(vtprune.VTPruneError, match="found no horizon"):
+        vtprune.prune(model, "random_deep", keep_ratio=0.5, horizon=saved_horizon(tmp_path / "none.json", None))
+    with pytest.raises(vtprune.VTPruneError, match="cannot read a saved horizon"):
+        vtprune.prune(model, "random_deep", keep_ratio=0.5, horizon=str(tmp_path / "missing.json"))
+    assert not hasattr(model, "_vtprune_handle")
+
+
+def test_the_horizon_command_on_the_toy_llava(tmp_path, capsys):
+    from vtprune.cli import main
+
+    out, png = tmp_path / "h.json", tmp_path / "h.png"
+    args = ["horizon", "--samples", "1", "--layers", "0", "2", "3", "--tokens", "16", "--group", "16"]
+    main([*args, "--strategies", "divprune", "fastv", "--out", str(out), "--plot", str(png)])
+    printed = capsys.readouterr().out
+    assert "| layer | mean information | relative | uniformity | AUC divprune | AUC fastv | random |" in printed
+    assert "suggested schedule: divprune:25%" in printed
+    saved = Horizon.load(out)
+    assert saved.layers == [0, 2, 3] and saved.num_layers == 4 and saved.samples == 1
+    assert png.stat().st_size > 0

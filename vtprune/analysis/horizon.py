@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -61,8 +61,8 @@ class Horizon:
     def load(cls, path: str | Path) -> Horizon:
         try:
             data = json.loads(Path(path).read_text())
-            return cls(**data)
-        except (OSError, ValueError, TypeError) as error:
+            return cls(**{f.name: data[f.name] for f in fields(cls)})  # other keys (score quality) ride along
+        except (OSError, ValueError, TypeError, KeyError) as error:
             raise VTPruneError(f"cannot read a saved horizon from {str(path)!r}: {error}") from error
 
 
