@@ -7,6 +7,7 @@ that information vanishes or is uniform; ``score_quality`` says how well each st
 
 from .horizon import RULES, Horizon, horizon, uniformity
 from .information import MEASURES, LeaveOut, SampleInformation, token_information
+from .picture import information_panels
 from .quality import ScoreQuality, ranking_strategies, score_quality, strategy_scores
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "SampleInformation",
     "ScoreQuality",
     "horizon",
+    "information_panels",
     "ranking_strategies",
     "score_quality",
     "strategy_scores",

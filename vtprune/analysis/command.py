@@ -145,9 +145,6 @@ def save(found: Horizon, quality: ScoreQuality, path: str | Path) -> None:
 
 def plot(found: Horizon, quality: ScoreQuality, title: str | None = None) -> Any:
     """Two panels: relative information and uniformity per layer (horizon marked); AUC per strategy per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
