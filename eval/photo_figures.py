@@ -1,9 +1,9 @@
 """Real photographs on random-weight full-size geometries: which tokens each strategy keeps, and where they sit in
-feature space. Writes docs/photo_kept.png and docs/photo_feature_space.png.
+feature space. Writes docs/photo_kept.png, docs/photo_kept_anyres.png and docs/photo_feature_space.png.
 
 The photos are scikit-learn's two sample images (``sklearn.datasets.load_sample_images``: china.jpg and
 flower.jpg, CC BY 2.0, attribution in README). The models have RANDOM weights (``vtprune.synthetic`` at the
-LLaVA-1.5 geometry: CLIP 336 px, patch 14, 576 tokens; Qwen2.5-VL: patch 14, 2 × 2 merge, a dynamic grid from
+LLaVA-1.5 geometry: CLIP 336 px, patch 14, 576 tokens; LLaVA-NeXT AnyRes on 336 px tiles; Qwen2.5-VL: patch 14, 2 × 2 merge, a dynamic grid from
 the photo's own size): the pictures show the token -> region mapping and how a strategy spreads its picks over a
 real image's features, not what a trained model would keep.
 
@@ -42,6 +42,26 @@ def llava_inputs(model, photo: Image.Image):
         "input_ids": torch.tensor([ids]),
         "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
         "pixel_values": pixel_values,
+    }
+
+
+def next_inputs(model, photo: Image.Image):
+    from transformers import LlavaNextImageProcessor
+
+    processor = LlavaNextImageProcessor(
+        image_grid_pinpoints=model.config.image_grid_pinpoints,
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+    )
+    out = processor(images=[photo], return_tensors="pt")
+    with torch.no_grad():  # AnyRes: base tile + high-res grid with row newlines, counted by the model itself
+        count = len(model.model.get_image_features(**out).pooler_output[0])
+    ids = [1, 7, 8] + [IMAGE] * count + [9, 10, 11]
+    return processor, {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": out["pixel_values"],
+        "image_sizes": out["image_sizes"],
     }
 
 
@@ -100,18 +120,27 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     china, flower = photos()
+    out = Path(args.out)
     panels = []
-    for kind, make, photo in (("llava", llava_inputs, china), ("qwen2_5_vl", qwen_inputs, flower)):
+    runs = (("llava", llava_inputs, china), ("llava_next", next_inputs, china), ("qwen2_5_vl", qwen_inputs, flower))
+    for kind, make, photo in runs:
         model = build_model(kind, MID)
         processor, inputs = make(model, photo)
-        label = {"llava": "LLaVA-1.5 geometry, 576 tokens", "qwen2_5_vl": "Qwen2.5-VL dynamic grid"}[kind]
+        label = {
+            "llava": "LLaVA-1.5 geometry, 576 tokens",
+            "llava_next": "LLaVA-NeXT AnyRes geometry (base tile + high-res grid)",
+            "qwen2_5_vl": "Qwen2.5-VL dynamic grid",
+        }[kind]
         picture = viz.compare(model, inputs, [photo], list(SCHEDULES), processor=processor)
-        panels.append(viz.Panel(f"{label} (RANDOM weights)", picture))
+        if kind == "llava_next":  # two views per strategy (base tile, high-res grid): a picture of its own
+            viz.grid([viz.Panel(f"{label} (RANDOM weights)", picture)], height=600).save(out / "photo_kept_anyres.png")
+        else:
+            panels.append(viz.Panel(f"{label} (RANDOM weights)", picture))
         if kind == "llava":
             title = f"{label}, RANDOM weights: projected tokens of china.jpg, kept (red) vs dropped"
-            feature_space(model, inputs, SCHEDULES, title).savefig(Path(args.out) / "photo_feature_space.png", dpi=110)
-    viz.grid(panels, columns=1, height=300).save(Path(args.out) / "photo_kept.png")
-    print(f"-> {args.out}/photo_kept.png, {args.out}/photo_feature_space.png")
+            feature_space(model, inputs, SCHEDULES, title).savefig(out / "photo_feature_space.png", dpi=110)
+    viz.grid(panels, columns=1, height=300).save(out / "photo_kept.png")
+    print(f"-> {out}/photo_kept.png, {out}/photo_kept_anyres.png, {out}/photo_feature_space.png")
 
 
 if __name__ == "__main__":
