@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
+
+    threadpool_limits(args.threads)  # t-SNE's OpenMP loops would otherwise take every core
     china, flower = photos()
     out = Path(args.out)
     panels = []
