@@ -90,6 +90,9 @@ def feature_space(model, inputs, schedules, title: str):
     with torch.no_grad():  # the projected tokens, what every strategy before the LLM selects from
         tokens = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
     tokens = tokens.double().numpy()
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
+
+    threadpool_limits(torch.get_num_threads())  # sklearn is loaded now: t-SNE's OpenMP loops get --threads
     maps = {
         "PCA": PCA(n_components=2, random_state=0).fit_transform(tokens),
         "t-SNE": TSNE(n_components=2, random_state=0, init="pca", perplexity=30).fit_transform(tokens),
@@ -119,9 +122,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
-
-    threadpool_limits(args.threads)  # t-SNE's OpenMP loops would otherwise take every core
     china, flower = photos()
     out = Path(args.out)
     panels = []
