@@ -11,8 +11,13 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_are_there():
-    assert [path.stem for path in NOTEBOOKS] == ["01_quickstart", "02_compare_strategies", "03_sweep_curve"]
+def test_the_four_notebooks_are_there():
+    assert [path.stem for path in NOTEBOOKS] == [
+        "01_quickstart",
+        "02_compare_strategies",
+        "03_sweep_curve",
+        "04_horizon",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])

@@ -1,15 +1,16 @@
-"""``vtprune`` command line: ``vtprune demo``, ``vtprune viz``, ``vtprune sweep``, ``vtprune strategies``."""
+"""``vtprune`` command line: ``vtprune demo``, ``vtprune viz``, ``vtprune sweep``, ``vtprune horizon``, ``vtprune strategies``."""
 
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 import vtprune
 
+from .analysis.command import add_horizon_command
 from .harness.command import add_sweep_command
 from .toyvlm.data import TEST_SEED
 
@@ -117,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     viz_parser.add_argument("--seed", type=int, default=TEST_SEED, help="split seed of the generated scene")
     viz_parser.set_defaults(run=viz)
     add_sweep_command(commands)
+    add_horizon_command(commands)
     list_parser = commands.add_parser("strategies", help="list the registered strategies")
     list_parser.set_defaults(run=lambda args: print("\n".join(vtprune.list_strategies())))
     args = parser.parse_args(argv)
