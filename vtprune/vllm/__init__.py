@@ -13,6 +13,8 @@ Importing this package does not import vLLM (only :func:`register` does), so the
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from .plan import SCHEDULE_KEY, UnsupportedScheduleError, make_plan
@@ -20,6 +22,7 @@ from .plan import SCHEDULE_KEY, UnsupportedScheduleError, make_plan
 #: vLLM architecture name -> the pruning class that replaces it, as "module:Class" for lazy import.
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "vtprune.vllm.llava:VTPruneLlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "vtprune.vllm.qwen2_vl:VTPruneQwen2VLForConditionalGeneration",
 }
 
 
@@ -31,19 +34,36 @@ def register() -> None:
         ModelRegistry.register_model(target.split(":")[1], target)
 
 
-def engine_args(model: str, schedule: str, architecture: str = "LlavaForConditionalGeneration") -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs`` that serve ``model`` pruned by ``schedule``.
+def engine_args(model: str, schedule: str | None = None, architecture: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs`` that serve ``model`` with vtprune's pruning class.
 
-    ``architecture`` is the model's own (stock vLLM) architecture name, from its config.json. The schedule is
-    checked here, before any engine starts; unsupported ones raise :class:`UnsupportedScheduleError`.
+    ``schedule`` is the engine's default (requests may override it with
+    ``mm_processor_kwargs={"vtprune_schedule": ...}``); None prunes only requests that ask. ``architecture``
+    is the model's own architecture name, read from ``model``'s config.json when ``model`` is a folder. The
+    schedule is checked here, before any engine starts: unsupported ones raise :class:`UnsupportedScheduleError`.
     """
-    make_plan(schedule)
+    if schedule is not None:
+        make_plan(schedule)
+    if architecture is None:
+        architecture = _architecture_of(model)
     if architecture not in ARCHITECTURES:
         raise UnsupportedScheduleError(
             f"vtprune's vLLM backend has no pruning class for {architecture!r}; supported: {', '.join(ARCHITECTURES)}"
         )
-    pruning_class = ARCHITECTURES[architecture].split(":")[1]
-    return {"model": model, "hf_overrides": {"architectures": [pruning_class], SCHEDULE_KEY: schedule}}
+    overrides: dict[str, Any] = {"architectures": [ARCHITECTURES[architecture].split(":")[1]]}
+    if schedule is not None:
+        overrides[SCHEDULE_KEY] = schedule
+    return {"model": model, "hf_overrides": overrides}
+
+
+def _architecture_of(model: str) -> str:
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        raise UnsupportedScheduleError(
+            f"cannot read the architecture of {model!r} (no local config.json); pass architecture= (e.g. "
+            f"{next(iter(ARCHITECTURES))!r})"
+        )
+    return json.loads(config.read_text())["architectures"][0]
 
 
 __all__ = ["ARCHITECTURES", "SCHEDULE_KEY", "UnsupportedScheduleError", "engine_args", "register"]
