@@ -72,9 +72,14 @@ class PruningPlan:
                 f"strategy {strategy.name!r} decides its own count from the image's content, but vLLM fixes the "
                 "number of image tokens from the image's size before the model runs; give a budgeted strategy"
             )
-        for need in sorted(strategy.needs):
-            reason = UNAVAILABLE_INPUTS.get(need, f"it needs {need!r}, which vLLM's embedding step does not have")
-            raise UnsupportedScheduleError(f"strategy {strategy.name!r} cannot run inside vLLM: {reason}")
+        if strategy.needs:
+            reasons = sorted(
+                {
+                    UNAVAILABLE_INPUTS.get(need, f"it needs {need!r}, which vLLM does not have")
+                    for need in strategy.needs
+                }
+            )
+            raise UnsupportedScheduleError(f"strategy {strategy.name!r} cannot run inside vLLM: {'; '.join(reasons)}")
 
     @property
     def stage(self) -> Stage:
