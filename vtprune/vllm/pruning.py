@@ -33,8 +33,9 @@ class ScheduleFieldProcessor:
         rest = {key: value for key, value in hf_kwargs.items() if key != SCHEDULE_KEY}
         outputs = super()._apply_hf_processor_main(mm_items, rest)
         images = mm_items.get_count("image", strict=False)
-        if schedule is not None and images:
-            outputs[SCHEDULE_KEY] = encode_schedule(schedule, images)
+        if images:
+            # Every image carries the field ("" for none), so requests with and without a schedule batch together.
+            outputs[SCHEDULE_KEY] = encode_schedule(schedule or "", images)
         return outputs
 
     def _get_mm_fields_config(
@@ -71,7 +72,11 @@ class PruningModel:
             return tuple(embeddings)
         pruned = []
         for features, row, source, grid in zip(embeddings, schedules, sources, grids, strict=True):
-            kept, weights = self._vtprune_choose(decode_schedule(row), features, grid, image_key(source))
+            schedule = decode_schedule(row)
+            if not schedule:
+                pruned.append(features)
+                continue
+            kept, weights = self._vtprune_choose(schedule, features, grid, image_key(source))
             pruned.append(reduce_tokens([features], [kept.to(features.device)], [weights])[0])
         return tuple(pruned)
 

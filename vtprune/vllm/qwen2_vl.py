@@ -101,7 +101,7 @@ class VTPruneQwen2VLForConditionalGeneration(PruningModel, Qwen2VLForConditional
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
     ) -> tuple[torch.Tensor, int]:
-        if not any(f.data is not None and SCHEDULE_KEY in f.data for f in mm_features):
+        if not any(_schedule_of(f) for f in mm_features):
             return super().get_mrope_input_positions(input_tokens, mm_features)
         pieces: list[np.ndarray] = []
         start = 0  # index in input_tokens where the current text run starts
@@ -116,8 +116,9 @@ class VTPruneQwen2VLForConditionalGeneration(PruningModel, Qwen2VLForConditional
                 cells[0] = (cells[0] * t_factor).astype(np.int64)
             cells = cells.reshape(3, -1) + text + next_position
             next_position = int(cells.max()) + 1
-            if feature.modality == "image" and SCHEDULE_KEY in feature.data:
-                cells = cells[:, self._kept_for_positions(feature, (t, h, w)).numpy()]
+            schedule = _schedule_of(feature)
+            if schedule:
+                cells = cells[:, self._kept_for_positions(feature, schedule, (t, h, w)).numpy()]
             pieces.append(cells)
             start = offset + cells.shape[1]
         if start < len(input_tokens):
@@ -129,10 +130,9 @@ class VTPruneQwen2VLForConditionalGeneration(PruningModel, Qwen2VLForConditional
         return torch.from_numpy(positions), next_position - len(input_tokens)
 
     @torch.inference_mode()
-    def _kept_for_positions(self, feature: MultiModalFeatureSpec, grid: Grid) -> torch.Tensor:
+    def _kept_for_positions(self, feature: MultiModalFeatureSpec, schedule: str, grid: Grid) -> torch.Tensor:
         """The kept (or merged-into) token indices of one image, selected now and remembered for its embedding."""
         data = feature.data
-        schedule = decode_schedule(data[SCHEDULE_KEY].data)
         if "pixel_values" in data:
             pixels = data["pixel_values"].data
             grid_thw = data["image_grid_thw"].data.to(torch.int64)
@@ -143,3 +143,10 @@ class VTPruneQwen2VLForConditionalGeneration(PruningModel, Qwen2VLForConditional
             tokens = source = data["image_embeds"].data
         kept, _ = self._vtprune_choose(schedule, tokens, grid, image_key(source))
         return kept.cpu()
+
+
+def _schedule_of(feature: MultiModalFeatureSpec) -> str:
+    """The schedule an item carries ("" for none: videos, unpruned images)."""
+    if feature.modality != "image" or feature.data is None or SCHEDULE_KEY not in feature.data:
+        return ""
+    return decode_schedule(feature.data[SCHEDULE_KEY].data)
