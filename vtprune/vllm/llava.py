@@ -1,0 +1,80 @@
+"""vLLM's LLaVA-1.5 with vtprune's input-stage pruning: ``VTPruneLlavaForConditionalGeneration``.
+
+The front-end writes the schedule's count of placeholders per image instead of N; ``embed_multimodal``
+projects the image as stock vLLM does, then keeps (or merges into) exactly that many rows with vtprune's
+selection. Kept tokens sit in consecutive placeholder slots, so vLLM numbers them contiguously, as vtprune's
+transformers path does with ``renumber=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalKwargsItems
+from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+
+from .plan import SCHEDULE_KEY, Selections, make_plan, square_grid
+from .pruning import PruningModel, ScheduleFieldProcessor, per_item
+
+
+class VTPruneLlavaMultiModalProcessor(ScheduleFieldProcessor, LlavaMultiModalProcessor):
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        schedule = self._vtprune_schedule(hf_processor_mm_kwargs)
+        if schedule is None:
+            return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        image_token_id = self.info.get_hf_config().image_token_index
+        plan = make_plan(schedule)
+
+        def replacement(item_idx: int) -> list[int]:
+            size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
+            num_tokens = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
+            return [image_token_id] * plan.tokens(num_tokens, square_grid(num_tokens))
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VTPruneLlavaMultiModalProcessor, info=LlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class VTPruneLlavaForConditionalGeneration(PruningModel, LlavaForConditionalGeneration):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.vtprune_selections = Selections()
+
+    def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
+        schedules = per_item(kwargs.get(SCHEDULE_KEY))
+        pixels = kwargs.get("pixel_values")
+        embeddings = super().embed_multimodal(**kwargs)
+        if len(embeddings) == 0:
+            return embeddings
+        # Seeds and keys come from the pixels (precomputed embeddings: from the embeddings themselves).
+        sources = embeddings if pixels is None else per_item(pixels)
+        grids = [square_grid(features.shape[0]) for features in embeddings]
+        return self._vtprune_prune(embeddings, schedules, sources, grids)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # transformers 5 saves a LLaVA's CLIP tower without its ``vision_model.`` level (the shipped toy
+        # does); vLLM's CLIP module has it. Real llava-hf checkpoints already have it and pass unchanged.
+        return super().load_weights((_with_vision_model_level(name), tensor) for name, tensor in weights)
+
+
+def _with_vision_model_level(name: str) -> str:
+    for prefix in ("vision_tower.", "model.vision_tower."):
+        if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+            return prefix + "vision_model." + name[len(prefix) :]
+    return name

@@ -1,0 +1,162 @@
+"""What a vLLM engine prunes: one input-stage schedule, checked against what vLLM's model code can give it.
+
+vLLM fixes the number of placeholder tokens of an image in its front-end, before any model code runs, and
+the model's ``embed_multimodal`` must return exactly that many rows. So a schedule is usable here only if
+its count follows from the image's size alone (``keep`` or ``keep_ratio``·N, or a merging strategy's
+pooled grid), and its strategy needs nothing but the projected tokens, the grid and a seed. This module
+has no vLLM import: the checks run (and are tested) without vLLM installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..adapters.base import Grid
+from ..errors import VTPruneError
+from ..schedule import Schedule, Stage, parse_schedule
+from ..selection import TokenInputs, merge_tokens, select_tokens
+from ..strategies.base import MergingStrategy
+
+#: The key of the schedule string: in hf_overrides (the engine's), in mm_processor_kwargs (one request's), and
+#: as the per-image tensor field that carries it to the model.
+SCHEDULE_KEY = "vtprune_schedule"
+
+#: Why a strategy input cannot be had inside vLLM's multimodal embedding step.
+UNAVAILABLE_INPUTS = {
+    "attention": "it scores with decoder attention, and vLLM's attention kernels return no weights",
+    "cross_shares": "it scores with decoder attention, and vLLM's attention kernels return no weights",
+    "cls_attention": "it needs the vision tower's [CLS] attention, which vLLM's fused vision attention does not return",
+    "text_embeds": "it needs the question, and vLLM's encoder-output cache is keyed by the image alone, so two "
+    "questions about one image would share a selection",
+    "pre_features": "it needs the projector's inputs, which this backend does not expose yet",
+    "projector": "it needs the projector as a function, which this backend does not expose yet",
+}
+
+#: Kept sets remembered per image (oldest dropped first); enough for every image a batch can hold.
+REMEMBERED_IMAGES = 4096
+#: Room for a schedule string in the per-image tensor that carries it to the model.
+SCHEDULE_BYTES = 128
+
+
+class UnsupportedScheduleError(VTPruneError, ValueError):
+    """The schedule cannot run inside vLLM (decoder stage, content-dependent count, missing input)."""
+
+
+@dataclass
+class PruningPlan:
+    """One schedule's input-stage pruning: the count per image (front-end) and the selection (model)."""
+
+    schedule: Schedule
+    text: str
+    """The schedule as the user wrote it (for messages and keys)."""
+
+    def __post_init__(self) -> None:
+        text = self.text
+        if self.schedule.decoder_stages:
+            raise UnsupportedScheduleError(
+                f"schedule {text!r} prunes inside the decoder, which vLLM cannot do: its paged KV cache shares "
+                "one block table and one sequence length across layers, and its attention kernels return no "
+                "weights. Use an input-stage schedule (e.g. 'divprune:64') or vtprune's transformers path"
+            )
+        strategy = self.stage.strategy
+        if not strategy.needs_budget:
+            raise UnsupportedScheduleError(
+                f"strategy {strategy.name!r} decides its own count from the image's content, but vLLM fixes the "
+                "number of image tokens from the image's size before the model runs; give a budgeted strategy"
+            )
+        if strategy.needs:
+            reasons = sorted(
+                {
+                    UNAVAILABLE_INPUTS.get(need, f"it needs {need!r}, which vLLM does not have")
+                    for need in strategy.needs
+                }
+            )
+            raise UnsupportedScheduleError(f"strategy {strategy.name!r} cannot run inside vLLM: {'; '.join(reasons)}")
+
+    @property
+    def stage(self) -> Stage:
+        return self.schedule.input_stage
+
+    def tokens(self, num_tokens: int, grid: Grid) -> int:
+        """How many rows an image of ``num_tokens`` projected tokens (raster ``grid``) becomes: content-free."""
+        strategy, budget = self.stage.strategy, self.stage.budget
+        if isinstance(strategy, MergingStrategy):
+            # A merge's count depends on the grid and the budget only: measure it on blank tokens.
+            places, _ = merge_tokens(strategy, budget, torch.zeros(num_tokens, 1), TokenInputs(grid=grid))
+            return places.numel()
+        return budget.tokens(num_tokens)
+
+    def select(self, features: Tensor, grid: Grid, seed: int) -> tuple[Tensor, Tensor | None]:
+        """(kept indices, merging weights or None) for one image's projected tokens ``features`` (N, D)."""
+        inputs = TokenInputs(seed=seed, grid=grid)
+        strategy, budget = self.stage.strategy, self.stage.budget
+        if isinstance(strategy, MergingStrategy):
+            return merge_tokens(strategy, budget, features, inputs)
+        return select_tokens(strategy, budget, [(features, inputs)])[0], None
+
+
+class Selections:
+    """Kept sets per (schedule, image), newest last: what the model kept, and the one place a selection made for
+    positions (Qwen's M-RoPE) is found again when the same image is embedded."""
+
+    def __init__(self, capacity: int = REMEMBERED_IMAGES) -> None:
+        self.capacity = capacity
+        self.kept: OrderedDict[tuple[str, int], tuple[Tensor, Tensor | None]] = OrderedDict()
+
+    def get(self, schedule: str, key: int) -> tuple[Tensor, Tensor | None] | None:
+        return self.kept.get((schedule, key))
+
+    def put(self, schedule: str, key: int, chosen: tuple[Tensor, Tensor | None]) -> None:
+        self.kept[(schedule, key)] = chosen
+        self.kept.move_to_end((schedule, key))
+        while len(self.kept) > self.capacity:
+            self.kept.popitem(last=False)
+
+
+def schedule_for(config: object, processor_kwargs: Mapping[str, object]) -> str | None:
+    """The schedule of one request: its ``mm_processor_kwargs`` entry, else the engine's (hf_overrides), else None."""
+    text = processor_kwargs.get(SCHEDULE_KEY, getattr(config, SCHEDULE_KEY, None))
+    if text is not None and not isinstance(text, str):
+        raise UnsupportedScheduleError(f"{SCHEDULE_KEY} must be a schedule string such as 'divprune:64', got {text!r}")
+    return text
+
+
+@functools.lru_cache(maxsize=64)
+def make_plan(schedule: str) -> PruningPlan:
+    """The (checked, cached) plan of a schedule string (``"divprune:64"``, ``"uniform:25%"``)."""
+    return PruningPlan(parse_schedule(schedule), schedule)
+
+
+def encode_schedule(schedule: str, count: int) -> Tensor:
+    """(count, SCHEDULE_BYTES) uint8: the schedule as a per-image tensor field, so it reaches the model with the
+    image's other processor outputs (and vLLM's caches, keyed by the processor kwargs, keep them together)."""
+    data = schedule.encode()
+    if len(data) > SCHEDULE_BYTES:
+        raise UnsupportedScheduleError(f"schedule {schedule!r} is longer than {SCHEDULE_BYTES} bytes")
+    row = torch.zeros(SCHEDULE_BYTES, dtype=torch.uint8)
+    row[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    return row.expand(count, -1).clone()
+
+
+def decode_schedule(row: Tensor) -> str:
+    return bytes(row.cpu().tolist()).rstrip(b"\0").decode()
+
+
+def image_key(pixels: Tensor) -> int:
+    """A seed from the image's own pixels, so a request gets the same draw whatever batch it is in."""
+    data = pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return zlib.crc32(data)
+
+
+def square_grid(num_tokens: int) -> Grid:
+    """(1, s, s) when ``num_tokens`` is a square (LLaVA-1.5), else None: the grid vtprune's LLaVA adapter gives."""
+    side = math.isqrt(num_tokens)
+    return (1, side, side) if side * side == num_tokens else None
