@@ -150,9 +150,9 @@ class InputStage:
         if first is not None and last is not None and last[0]() is first:
             ids = last[1]
             length = ids.shape[1]
-            if ids.shape[0] == input_ids.shape[0] and length < input_ids.shape[1]:
-                if torch.equal(input_ids[:, :length], ids):
-                    return length
+            same_rows = ids.shape[0] == input_ids.shape[0] and length < input_ids.shape[1]
+            if same_rows and torch.equal(input_ids[:, :length], ids):
+                return length
         self.handle.local.prompt = None if first is None else (weakref.ref(first), input_ids)
         return input_ids.shape[1]
 
