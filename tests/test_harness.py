@@ -179,14 +179,18 @@ def test_a_broken_strategy_fails_the_sweep_loudly(tmp_path):
         toy_sweep(["broken_for_tests:4"], tmp_path, limit=2)
 
 
-def test_counting_mode_reports_failures_instead_of_stopping(task_manager):
-    lm = VTPruneLMM(str(DEFAULT_PATH), strategy="broken_for_tests", keep=4, on_error="count")
+def test_counting_mode_reports_failures_instead_of_stopping(task_manager, tmp_path):
+    lm = VTPruneLMM(
+        str(DEFAULT_PATH), strategy="broken_for_tests", keep=4, on_error="count", measurements=str(tmp_path)
+    )
     try:
         results = simple_evaluate(
             model=lm, tasks=["vtprune_shapes"], task_manager=task_manager, limit=3, bootstrap_iters=0
         )
         assert len(lm.meter.failures) == 3 and "outside" in lm.meter.failures[0]
         assert results["results"]["vtprune_shapes"]["accuracy,none"] == 0.0
+        (written,) = tmp_path.glob("vtprune_broken_for_tests*.json")  # the measurements count the failures
+        assert json.loads(written.read_text())["measurements"]["failed_generations"] == 3
     finally:
         lm.close()
     assert not hasattr(lm.model, "_vtprune_handle") and "generate" not in lm.model.__dict__
