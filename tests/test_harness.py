@@ -103,6 +103,33 @@ def test_command_line_schedules():
     ]
 
 
+def test_strategies_without_budgets_are_refused_with_a_literal_example():
+    with pytest.raises(SystemExit, match="--budgets") as refused:
+        sweep_schedules(["divprune"], [], [], None)
+    assert "25% 10%" in str(refused.value) and "%%" not in str(refused.value)
+
+
+def test_a_backbone_failure_outside_generate_stops_the_run(monkeypatch):
+    # lmms-eval catches Exception around the whole evaluation and exits 0: any failure of the backbone's own code
+    # (not only of generate(), which the meter watches) must stop the run as RunFailed.
+    lm = VTPruneLMM(str(DEFAULT_PATH), strategy="divprune", keep=4)
+    try:
+
+        def fails(requests):
+            raise AssertionError("Do not support batch_size_per_gpu > 1 for now")
+
+        monkeypatch.setattr(lm.backbone, "generate_until", fails)
+        with pytest.raises(RunFailed, match="generate_until failed under divprune:4: AssertionError: Do not support"):
+            lm.generate_until([])
+    finally:
+        lm.close()
+
+
+def test_llava_backbone_refuses_batches_before_loading(monkeypatch):
+    with pytest.raises(RunFailed, match="--batch_size 2: lmms-eval's llava_hf wrapper.*pass --batch_size 1"):
+        VTPruneLMM(str(DEFAULT_PATH), strategy="divprune", keep=4, batch_size=2)
+
+
 def test_flops_formula_is_twice_fastv_for_multi_head_two_matrix_layers():
     n, d, m = 100, 64, 256
     shape = DecoderShape(hidden=d, heads=4, kv_heads=4, head_dim=16, mlp_width=m, mlp_matrices=2, layers=2)
@@ -153,14 +180,18 @@ def test_a_broken_strategy_fails_the_sweep_loudly(tmp_path):
         toy_sweep(["broken_for_tests:4"], tmp_path, limit=2)
 
 
-def test_counting_mode_reports_failures_instead_of_stopping(task_manager):
-    lm = VTPruneLMM(str(DEFAULT_PATH), strategy="broken_for_tests", keep=4, on_error="count")
+def test_counting_mode_reports_failures_instead_of_stopping(task_manager, tmp_path):
+    lm = VTPruneLMM(
+        str(DEFAULT_PATH), strategy="broken_for_tests", keep=4, on_error="count", measurements=str(tmp_path)
+    )
     try:
         results = simple_evaluate(
             model=lm, tasks=["vtprune_shapes"], task_manager=task_manager, limit=3, bootstrap_iters=0
         )
         assert len(lm.meter.failures) == 3 and "outside" in lm.meter.failures[0]
         assert results["results"]["vtprune_shapes"]["accuracy,none"] == 0.0
+        (written,) = tmp_path.glob("vtprune_broken_for_tests*.json")  # the measurements count the failures
+        assert json.loads(written.read_text())["measurements"]["failed_generations"] == 3
     finally:
         lm.close()
     assert not hasattr(lm.model, "_vtprune_handle") and "generate" not in lm.model.__dict__
@@ -179,22 +210,41 @@ class Broken(vtprune.Strategy):
 def _lmms_eval(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     # sitecustomize registers the broken strategy in the child process, as a user's plugin would.
     (tmp_path / "sitecustomize.py").write_text(BROKEN_PLUGIN)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(tmp_path)}
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])  # keep a checkout given on the path
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
     command = [sys.executable, "-m", "lmms_eval", "--tasks", "vtprune_shapes", "--include_path", TASKS, *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
 
 
 def test_lmms_eval_command_line_runs_vtprune_and_exits_non_zero_when_pruning_fails(tmp_path):
     model = f"pretrained={DEFAULT_PATH}"
+    out = tmp_path / "results"
     ok = _lmms_eval(
-        tmp_path, "--model", "vtprune", "--model_args", f"{model},strategy=divprune,keep=16", "--limit", "4"
+        tmp_path,
+        *("--model", "vtprune", "--model_args", f"{model},strategy=divprune,keep=16", "--limit", "4"),
+        *("--output_path", str(out)),
     )
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "vtprune_shapes" in ok.stdout and "accuracy" in ok.stdout
-    for args in (f"{model},strategy=broken_for_tests,keep=4", f"{model},strategy=no_such_strategy,keep=4"):
-        failed = _lmms_eval(tmp_path, "--model", "vtprune", "--model_args", args, "--limit", "2")
+    # The pruning shows in the output: a one-line summary naming a measurements file next to lmms-eval's results.
+    summary = next(line for line in ok.stdout.splitlines() if line.startswith("vtprune: divprune:16"))
+    assert "visual tokens kept 16.0 of 144.0 per sample" in summary and "GFLOPs" in summary and "0 failed" in summary
+    files = list(out.glob("vtprune_divprune*.json"))
+    assert len(files) == 1 and str(files[0]) in summary
+    measured = json.loads(files[0].read_text())["measurements"]
+    assert measured["visual_tokens_before"] == 144 and measured["visual_tokens_kept"] == 16
+    assert measured["generate_calls"] == 4 and measured["failed_generations"] == 0 and len(measured["samples"]) == 4
+    assert measured["prefill_flops"] > 0 and measured["kv_cache_bytes"] > 0 and measured["ttft_seconds"] > 0
+    assert len(measured["tokens_per_layer"]) == 4
+    failing = {
+        "broken_for_tests": (f"{model},strategy=broken_for_tests,keep=4", "--batch_size", "1"),
+        "no_such_strategy": (f"{model},strategy=no_such_strategy,keep=4", "--batch_size", "1"),
+        "--batch_size 2": (f"{model},strategy=divprune,keep=4", "--batch_size", "2"),  # llava_hf: one at a time
+    }
+    for cause, (args, *batch) in failing.items():
+        failed = _lmms_eval(tmp_path, "--model", "vtprune", "--model_args", args, "--limit", "2", *batch)
         assert failed.returncode != 0, failed.stdout[-2000:]
-        assert "RunFailed" in failed.stderr
+        assert "RunFailed" in failed.stderr and cause in failed.stderr, failed.stderr[-2000:]
 
 
 def test_a_data_parallel_sweep_gathers_every_rank(tmp_path):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,6 +153,43 @@ def test_demo_command_prints_answers_and_draws_the_kept_tokens(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "divprune:8" in out and "random:8" in out and "accuracy" in out and "of 144" in out
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("count", ["0", "-2", "two"])
+def test_demo_refuses_a_count_below_one(count, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["demo", "--count", count, "--out", ""])
+    assert refused.value.code == 2
+    assert "argument --count: must be" in capsys.readouterr().err
+
+
+NO_TORCHVISION = """
+import importlib.util, sys
+
+class _Missing:  # the base install: no torchvision
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torchvision":
+            raise ModuleNotFoundError(name)
+
+sys.meta_path.insert(0, _Missing())
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split(".")[0] == "torchvision" else _find_spec(name, package)
+)
+"""
+
+
+def test_commands_without_qwen_say_nothing_about_qwen_on_the_base_install(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCHVISION)
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    code = "import vtprune.cli, vtprune.toyvlm; vtprune.cli.main(['strategies'])"
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "divprune" in done.stdout
+    assert "Qwen" not in done.stderr and "torchvision" not in done.stderr, done.stderr
+    blocked = subprocess.run([sys.executable, "-c", "import torchvision"], check=False, capture_output=True, env=env)
+    assert blocked.returncode != 0  # the probe really hid torchvision
 
 
 @pytest.mark.parametrize("family", list(SHIPPED))

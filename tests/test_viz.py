@@ -479,3 +479,28 @@ def test_cli_viz_writes_a_png(tmp_path, capsys):
     with Image.open(tmp_path / "kept.png") as picture:  # two stages: two columns
         with Image.open(tmp_path / "generated.png") as single:
             assert picture.width > 1.5 * single.width
+
+
+@pytest.mark.parametrize("content", [None, b"not an image"], ids=["missing", "unreadable"])
+def test_cli_viz_names_an_image_it_cannot_read(tmp_path, content):
+    from vtprune.cli import main
+
+    image = tmp_path / "photo.png"
+    if content is not None:
+        image.write_bytes(content)
+    with pytest.raises(SystemExit, match=f"vtprune viz: cannot read --image {image}"):
+        main(["viz", "--image", str(image), "--out", str(tmp_path / "kept.png")])
+
+
+def test_panels_are_framed_and_colour_bars_say_what_the_score_is():
+    from vtprune.viz.draw import FRAME, Panel
+    from vtprune.viz.show import score_meaning
+
+    white = Image.new("RGB", (12, 12), "white")  # a kept cell on the edge is as white as the page
+    label = score_meaning("divprune")
+    assert label == "divprune: cosine distance to the tokens picked before" and score_meaning("random") == "score"
+    sheet = viz.grid([Panel("kept", white), Panel("heat", white, scale=(0.0, 1.0), scale_label=label)], height=12)
+    pixels = np.asarray(sheet)
+    framed = np.all(pixels == FRAME, axis=-1)
+    assert framed.sum() >= 2 * 4 * 12  # a frame of at least one pixel around each picture
+    assert sheet.width >= viz.draw._text_width(label, viz.draw._font(10))  # the label is not cut off

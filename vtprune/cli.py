@@ -50,10 +50,28 @@ def demo(args: argparse.Namespace) -> None:
         with torch.no_grad(), vtprune.pruned(model, args.schedule[0], tokenizer=processor) as handle:
             model(**inputs)  # the prefill generate() runs, for the picture
         picture = visualise.show_kept(
-            handle.last_record, inputs, images[shown], model=model, processor=processor, columns=shown.stop
+            handle.last_record,
+            inputs,
+            images[shown],
+            model=model,
+            processor=processor,
+            columns=shown.stop,
+            label=args.schedule[0],
+            questions=questions[shown],
         )
         picture.save(args.out)
         print(f"\nkept tokens of the first {shown.stop} scenes under {args.schedule[0]} drawn in {args.out}")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for counts: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _hits(answers: Sequence[str], samples: Sequence) -> int:
@@ -76,7 +94,11 @@ def viz(args: argparse.Namespace) -> None:
         sample = make_split(args.seed, 1)[0]
         image, question = sample.image, args.question or sample.question
     else:
-        image, question = Image.open(args.image).convert("RGB"), args.question or "what is in the image ?"
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except (OSError, ValueError) as error:  # missing, unreadable or not an image (PIL's UnidentifiedImageError)
+            raise SystemExit(f"vtprune viz: cannot read --image {args.image}: {error}") from None
+        question = args.question or "what is in the image ?"
     inputs = processor(images=[image], text=[build_prompt(question, processor)], return_tensors="pt")
     with (
         torch.no_grad(),
@@ -84,13 +106,24 @@ def viz(args: argparse.Namespace) -> None:
     ):
         model(**inputs)  # the prefill: what generate() would prune
     record = handle.last_record
-    visualise.show_kept(record, inputs, [image], model=model, processor=processor, stages="all").save(args.out)
+    drawing = {"model": model, "processor": processor, "questions": [question]}
+    visualise.show_kept(record, inputs, [image], stages="all", label=args.schedule, **drawing).save(args.out)
     item = record.images[0]
     kept = ", ".join(f"{stage} {count}/{item.num_tokens}" for stage, count in item.tokens_after().items())
     print(f"{question!r}, {args.schedule}: kept {kept} visual tokens -> {args.out}")
     if args.heatmap is not None:
-        visualise.show_scores(record, inputs, [image], model=model, processor=processor).save(args.heatmap)
-        print(f"scores of {next(iter(item.scores_by_stage))!r} -> {args.heatmap}")
+        stage = next(iter(item.scores_by_stage))
+        strategy = _strategy_of(vtprune.parse_schedule(args.schedule), stage)
+        visualise.show_scores(record, inputs, [image], strategy=strategy, **drawing).save(args.heatmap)
+        print(f"scores of {stage!r} ({strategy}) -> {args.heatmap}")
+
+
+def _strategy_of(schedule: vtprune.Schedule, stage: str) -> str:
+    """The strategy of the schedule's stage that the record names ``stage`` (``input``, ``layer K``)."""
+    for step in schedule.stages:
+        if (step.layer is None and stage == "input") or stage == f"layer {step.layer}":
+            return step.strategy.name
+    return stage
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -104,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="schedules to compare with the unpruned model, e.g. 'divprune:16' 'fastv@2:25%%'",
     )
     demo_parser.add_argument("--model", default=None, help="folder of a saved toy VLM (default: the shipped one)")
-    demo_parser.add_argument("--count", type=int, default=8, help="questions to ask")
+    demo_parser.add_argument("--count", type=_positive_int, default=8, help="questions to ask")
     demo_parser.add_argument("--seed", type=int, default=TEST_SEED, help="split seed (default: the test split)")
     demo_parser.add_argument("--out", default="vtprune_demo.png", help="PNG of the kept tokens ('' for none)")
     demo_parser.set_defaults(run=demo)

@@ -5,15 +5,16 @@ a baseline and many schedules in one job; :class:`GenerationMeter` measures any 
 """
 
 from .flops import DecoderShape
-from .meter import GenerateMeasurement, GenerationMeter, RunFailed, SampleMeasurement
+from .meter import GenerateMeasurement, GenerationMeter, RunFailed, RunMeasurements, SampleMeasurement
 from .presets import Preset, load_preset, preset_names
 
 __all__ = [
     "DecoderShape",
     "GenerateMeasurement",
-    "RunFailed",
     "GenerationMeter",
     "Preset",
+    "RunFailed",
+    "RunMeasurements",
     "SampleMeasurement",
     "load_preset",
     "preset_names",

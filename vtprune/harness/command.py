@@ -36,7 +36,7 @@ def add_sweep_command(commands: Any) -> None:
 def sweep_schedules(strategies: list[str], budgets: list[str], schedules: list[str], preset: str | None) -> list[str]:
     """Every schedule a command line asks for: strategies x budgets, then explicit schedules, then the preset's."""
     if strategies and not budgets:
-        raise SystemExit("--strategies needs --budgets (e.g. --budgets 64 32 or 25%% 10%%)")
+        raise SystemExit("--strategies needs --budgets (e.g. --budgets 64 32 or 25% 10%)")
     runs = [_with_budget(strategy, budget) for strategy in strategies for budget in budgets]
     runs += schedules
     if preset is not None:

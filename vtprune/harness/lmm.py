@@ -10,6 +10,12 @@ everything else goes to the backbone (``device_map``, ``max_pixels``, ``attn_imp
 from __future__ import annotations
 
 import importlib
+import json
+import re
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +26,9 @@ from transformers import AutoConfig
 from ..api import prune
 from ..handle import PruneHandle
 from ..schedule import Schedule, as_schedule, make_stage, parse_strategy
-from .meter import GenerationMeter, RunFailed
+from .meter import GenerationMeter, RunFailed, RunMeasurements
 from .presets import preset_schedule
+from .sweep import gather_calls, library_versions
 
 #: config.model_type -> lmms-eval simple wrapper (module, class) that loads and prompts that family.
 BACKBONES: dict[str, tuple[str, str]] = {
@@ -32,7 +39,21 @@ BACKBONES: dict[str, tuple[str, str]] = {
     "qwen2_5_vl": ("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VL"),
     "qwen3_vl": ("lmms_eval.models.simple.qwen3_vl", "Qwen3_VL"),
 }
+#: Backbone wrappers that generate one sample at a time (lmms-eval's simple ``llava_hf`` asserts it mid-run).
+SINGLE_SAMPLE_BACKBONES = {("lmms_eval.models.simple.llava_hf", "LlavaHf")}
 ON_ERROR = ("raise", "count")
+#: Where measurements go when lmms-eval was started without ``--output_path``.
+DEFAULT_MEASUREMENTS_DIR = "vtprune_measurements"
+
+
+def lmms_eval_output_path(argv: list[str]) -> str | None:
+    """The ``--output_path`` of an lmms-eval command line (``--output_path X`` or ``--output_path=X``), if any."""
+    for index, arg in enumerate(argv):
+        if arg == "--output_path" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--output_path="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def schedule_from_args(
@@ -56,8 +77,12 @@ def schedule_from_args(
     return Schedule([make_stage(parse_strategy(strategy), layer=layer, keep=keep, keep_ratio=keep_ratio)])
 
 
-def backbone_class(pretrained: str) -> type[lmms]:
-    """The lmms-eval wrapper for the checkpoint's model family (imported only when needed)."""
+def backbone_class(pretrained: str, batch_size: int | str = 1) -> type[lmms]:
+    """The lmms-eval wrapper for the checkpoint's model family (imported only when needed).
+
+    Refuses a batch size the wrapper cannot run, before any weights load: lmms-eval's ``llava_hf`` would fail on
+    its first batch, and lmms-eval turns that into an error message and exit code 0.
+    """
     model_type = AutoConfig.from_pretrained(pretrained).model_type
     if model_type not in BACKBONES:
         raise ValueError(
@@ -65,6 +90,11 @@ def backbone_class(pretrained: str) -> type[lmms]:
             f"{', '.join(sorted(BACKBONES))}"
         )
     module, name = BACKBONES[model_type]
+    if (module, name) in SINGLE_SAMPLE_BACKBONES and str(batch_size) != "1":
+        raise ValueError(
+            f"--batch_size {batch_size}: lmms-eval's {module.rsplit('.', 1)[-1]} wrapper, which runs {model_type!r} "
+            "checkpoints, generates one sample at a time; pass --batch_size 1"
+        )
     return getattr(importlib.import_module(module), name)
 
 
@@ -73,8 +103,10 @@ class VTPruneLMM(lmms):
 
     vtprune's own arguments: ``strategy`` (a name, ``name(options)`` or a schedule string), ``keep``,
     ``keep_ratio``, ``layer``, ``preset`` (a named setting from ``configs/``), ``seed``, ``newlines``,
-    and ``on_error``: ``raise`` (default) stops the run at the first failed ``generate()``; ``count``
-    lets the backbone record an empty answer, counts it in :attr:`meter` and reports it.
+    ``on_error``: ``raise`` (default) stops the run at the first failed ``generate()``; ``count``
+    lets the backbone record an empty answer, counts it in :attr:`meter` and reports it; and ``measurements``:
+    where the run's :class:`RunMeasurements` go when lmms-eval ends the evaluation (``auto``: a JSON file in
+    lmms-eval's ``--output_path``, else in ``./vtprune_measurements``; a folder; or ``off``), with a one-line summary.
     """
 
     is_simple = True
@@ -90,6 +122,7 @@ class VTPruneLMM(lmms):
         seed: int = 0,
         newlines: str = "candidate",
         on_error: str = "raise",
+        measurements: str = "auto",
         device: str | None = None,
         **backbone_args: Any,
     ) -> None:
@@ -100,10 +133,12 @@ class VTPruneLMM(lmms):
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             # llava_hf's default device_map="" fails with transformers 5.x; Qwen's defaults to "cuda".
             backbone_args.setdefault("device_map", device)
-            self.backbone = backbone_class(pretrained)(pretrained=pretrained, device=device, **backbone_args)
+            backbone = backbone_class(pretrained, backbone_args.get("batch_size", 1))
+            self.backbone = backbone(pretrained=pretrained, device=device, **backbone_args)
             super().__init__()
             self.pretrained = pretrained
             self.seed, self.newlines, self.on_error = seed, newlines, on_error
+            self.measurements = measurements
             self.handle: PruneHandle | None = None
             self.meter: GenerationMeter | None = None
             self.set_schedule(schedule)
@@ -131,6 +166,35 @@ class VTPruneLMM(lmms):
             )
         self.meter.handle = self.handle
         self.meter.reset()
+
+    def clean(self) -> None:
+        """lmms-eval's end of an evaluation: write and summarise what the pruning did, then lmms-eval's own clean-up."""
+        if self.measurements != "off":
+            self.write_measurements()
+        super().clean()
+
+    def write_measurements(self) -> Path | None:
+        """Write this run's measurements (every rank's, gathered) as JSON and print a one-line summary (rank 0)."""
+        calls, failures = gather_calls(list(self.meter.calls), len(self.meter.failures))
+        if self.rank != 0:
+            return None
+        run = RunMeasurements()
+        run.measure(calls, failures)
+        folder = self.measurements
+        if folder == "auto":
+            folder = lmms_eval_output_path(sys.argv) or DEFAULT_MEASUREMENTS_DIR
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        path = Path(folder) / f"vtprune_{re.sub(r'[^A-Za-z0-9.@%+-]+', '_', str(self.schedule))}_{stamp}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "pretrained": self.pretrained,
+            "schedule": str(self.schedule),
+            "versions": library_versions(),
+            "measurements": asdict(run),
+        }
+        path.write_text(json.dumps(payload, indent=1))
+        print(f"vtprune: {self.schedule}: {run.summary()}; measurements in {path}", flush=True)
+        return path
 
     def close(self) -> None:
         """Unwrap the model: remove the meter and the pruning hooks."""
@@ -173,7 +237,12 @@ class VTPruneLMM(lmms):
         if self.world_size > 1:  # lmms-eval sets our rank; the backbone's tqdm and logging read its own
             self.backbone._rank, self.backbone._world_size = self.rank, self.world_size
         failed_before = len(self.meter.failures)
-        results = getattr(self.backbone, method)(requests)
+        try:
+            results = getattr(self.backbone, method)(requests)
+        except Exception as exc:  # lmms-eval would log it and exit 0 without scores: see RunFailed
+            raise RunFailed(
+                f"{type(self.backbone).__name__}.{method} failed under {self.schedule}: {type(exc).__name__}: {exc}"
+            ) from exc
         failed = len(self.meter.failures) - failed_before
         if failed:
             # Only reachable with on_error="count": "raise" has already stopped the run.

@@ -16,8 +16,10 @@ records its empty answer) and :attr:`GenerationMeter.failures` says how many the
 from __future__ import annotations
 
 import functools
+import statistics
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +31,7 @@ from ..input_stage import bind_arguments
 from .flops import DecoderShape
 
 
-class RunFailed(BaseException):  # noqa: N818 - named for what happened, like KeyboardInterrupt
+class RunFailed(BaseException):
     """A vtprune benchmark run cannot go on (a ``generate()`` raised, or the model could not be set up).
 
     Deliberately not an ``Exception``: lmms-eval catches ``Exception`` around ``generate()`` (an empty
@@ -68,6 +70,63 @@ class GenerateMeasurement:
     peak_memory_bytes: int | None
     """Peak CUDA memory allocated during the call (None on CPU)."""
     samples: list[SampleMeasurement] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class RunMeasurements:
+    """What the pruning did over a run of ``generate()`` calls: means per sample (visual tokens, layers, FLOPs, KV
+    cache) and per call (timings), the failures, and every sample's keep record. Written by a sweep per run and by
+    ``--model vtprune`` next to lmms-eval's results.
+    """
+
+    visual_tokens_before: float = 0.0
+    visual_tokens_kept: float = 0.0
+    """Mean visual tokens per sample before pruning, and after the last stage."""
+    tokens_per_layer: list[float] = field(default_factory=list)
+    """Mean tokens per sample entering each decoder layer (padding excluded)."""
+    prefill_flops: float = 0.0
+    """Mean analytic LLM prefill FLOPs per sample (vtprune/harness/flops.py)."""
+    kv_cache_bytes: float = 0.0
+    ttft_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_tokens_per_second: float = 0.0
+    peak_memory_bytes: int | None = None
+    failed_generations: int = 0
+    generate_calls: int = 0
+    samples: list[dict] = field(default_factory=list)
+    """Per batch row of every generate(): visual tokens per stage, kept indices per image, layer lengths."""
+
+    def measure(self, calls: Sequence[GenerateMeasurement], failures: int) -> None:
+        """Fill the fields from a run's ``generate()`` measurements and its count of failed calls."""
+        samples = [sample for call in calls for sample in call.samples]
+        self.generate_calls, self.failed_generations = len(calls), failures
+        if samples:
+            self.visual_tokens_before = statistics.fmean(s.visual_tokens["before"] for s in samples)
+            self.visual_tokens_kept = statistics.fmean(list(s.visual_tokens.values())[-1] for s in samples)
+            layers = len(samples[0].layer_lengths)
+            self.tokens_per_layer = [statistics.fmean(s.layer_lengths[i] for s in samples) for i in range(layers)]
+            self.prefill_flops = statistics.fmean(s.prefill_flops for s in samples)
+            self.kv_cache_bytes = statistics.fmean(s.kv_cache_bytes for s in samples)
+            self.samples = [asdict(s) for s in samples]
+        if calls:
+            self.ttft_seconds = statistics.fmean(c.ttft_seconds for c in calls)
+            self.prefill_seconds = statistics.fmean(c.prefill_seconds for c in calls)
+            decode_seconds = sum(c.decode_seconds for c in calls)
+            self.decode_tokens_per_second = (
+                sum(c.decode_tokens for c in calls) / decode_seconds if decode_seconds else 0.0
+            )
+            peaks = [c.peak_memory_bytes for c in calls if c.peak_memory_bytes is not None]
+            self.peak_memory_bytes = max(peaks) if peaks else None
+
+    def summary(self) -> str:
+        """One line: visual tokens kept, prefill FLOPs, KV cache, TTFT, failed generations."""
+        share = 100 * self.visual_tokens_kept / self.visual_tokens_before if self.visual_tokens_before else 0.0
+        return (
+            f"visual tokens kept {self.visual_tokens_kept:.1f} of {self.visual_tokens_before:.1f} per sample "
+            f"({share:.1f} %), prefill {self.prefill_flops / 1e9:.4g} GFLOPs, KV cache "
+            f"{self.kv_cache_bytes / 2**20:.3g} MiB per sample, TTFT {1e3 * self.ttft_seconds:.1f} ms, "
+            f"{self.generate_calls} generate() calls, {self.failed_generations} failed"
+        )
 
 
 class GenerationMeter:

@@ -36,8 +36,17 @@ def write_table(runs: Sequence[Run], path: Path) -> None:
     path.write_text(markdown_table(runs) + "\n")
 
 
-def write_plot(runs: Sequence[Run], path: Path) -> None:
-    """Score and retained % against visual tokens kept, one line per strategy, the baseline as a line."""
+#: Markers and line styles cycled over strategies, so lines that coincide (e.g. several at the baseline's score)
+#: stay visible: each later line is drawn thinner with smaller markers on top of the earlier ones.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+_LINES = ("-", "--", "-.", ":")
+
+
+def write_plot(runs: Sequence[Run], path: Path, score_label: str = "score") -> None:
+    """Score and retained % against visual tokens kept, one line per strategy, the baseline as a line.
+
+    ``score_label`` names the headline metric and task on the y axis (e.g. ``accuracy on vtprune_shapes``).
+    """
     from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
     figure = Figure(figsize=(11, 4))
@@ -47,15 +56,24 @@ def write_plot(runs: Sequence[Run], path: Path) -> None:
     for run in runs:
         if run is not baseline:
             by_strategy.setdefault(run.strategy, []).append(run)
-    for strategy, group in sorted(by_strategy.items()):
+    for index, (strategy, group) in enumerate(sorted(by_strategy.items())):
         group = sorted(group, key=lambda run: run.visual_tokens_kept)
         kept = [run.visual_tokens_kept for run in group]
-        score_axis.plot(kept, [run.score for run in group], marker="o", label=strategy)
-        retained_axis.plot(kept, [run.retained or 0.0 for run in group], marker="o", label=strategy)
+        style = {
+            "marker": _MARKERS[index % len(_MARKERS)],
+            "linestyle": _LINES[index % len(_LINES)],
+            "markersize": max(3.0, 10.0 - 1.5 * index),
+            "linewidth": max(1.0, 3.0 - 0.4 * index),
+            "label": strategy,
+            "zorder": 3 + index,
+        }
+        score_axis.plot(kept, [run.score for run in group], **style)
+        retained_axis.plot(kept, [run.retained or 0.0 for run in group], **style)
     if baseline is not None:
         score_axis.axhline(baseline.score, color="black", linestyle="--", label="unpruned")
         retained_axis.axhline(100.0, color="black", linestyle="--", label="unpruned")
-    for axis, label in ((score_axis, "score"), (retained_axis, "retained % of unpruned")):
+    figure.suptitle(f"{score_label} against visual tokens kept", fontsize=10)
+    for axis, label in ((score_axis, score_label), (retained_axis, "retained % of unpruned")):
         axis.set_xlabel("visual tokens kept per sample")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

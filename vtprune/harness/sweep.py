@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,16 @@ import torch
 from tqdm import tqdm
 
 from ..schedule import parse_schedule
-from .meter import GenerateMeasurement
+from .meter import GenerateMeasurement, RunMeasurements
 from .report import write_plot, write_table
 
 BASELINE = "none"
 RESULTS_FILE = "sweep.json"
 
 
-@dataclass
-class Run:
-    """What one schedule did over the tasks."""
+@dataclass(kw_only=True)
+class Run(RunMeasurements):
+    """What one schedule did over the tasks (its measurements are :class:`RunMeasurements`' fields)."""
 
     schedule: str
     strategy: str
@@ -48,23 +47,7 @@ class Run:
     """The headline metric (``metric`` of the first task)."""
     retained: float | None = None
     """``score`` as a percentage of the baseline's."""
-    visual_tokens_before: float = 0.0
-    visual_tokens_kept: float = 0.0
-    """Mean visual tokens per sample before pruning, and after the last stage."""
-    tokens_per_layer: list[float] = field(default_factory=list)
-    """Mean tokens per sample entering each decoder layer (padding excluded)."""
-    prefill_flops: float = 0.0
-    """Mean analytic LLM prefill FLOPs per sample (vtprune/harness/flops.py)."""
-    kv_cache_bytes: float = 0.0
-    ttft_seconds: float = 0.0
-    prefill_seconds: float = 0.0
-    decode_tokens_per_second: float = 0.0
-    peak_memory_bytes: int | None = None
-    failed_generations: int = 0
-    generate_calls: int = 0
     seconds: float = 0.0
-    samples: list[dict] = field(default_factory=list)
-    """Per batch row of every generate(): visual tokens per stage, kept indices per image, layer lengths."""
 
 
 def _strategy_and_budget(schedule: str) -> tuple[str, str | None]:
@@ -93,27 +76,7 @@ def _headline(results: dict[str, Any], tasks: Sequence[str], metric: str | None)
     return scores, first[metric]
 
 
-def _measure(run: Run, calls: Sequence[GenerateMeasurement], failures: int) -> None:
-    samples = [sample for call in calls for sample in call.samples]
-    run.generate_calls, run.failed_generations = len(calls), failures
-    if samples:
-        run.visual_tokens_before = statistics.fmean(s.visual_tokens["before"] for s in samples)
-        run.visual_tokens_kept = statistics.fmean(list(s.visual_tokens.values())[-1] for s in samples)
-        layers = len(samples[0].layer_lengths)
-        run.tokens_per_layer = [statistics.fmean(s.layer_lengths[i] for s in samples) for i in range(layers)]
-        run.prefill_flops = statistics.fmean(s.prefill_flops for s in samples)
-        run.kv_cache_bytes = statistics.fmean(s.kv_cache_bytes for s in samples)
-        run.samples = [asdict(s) for s in samples]
-    if calls:
-        run.ttft_seconds = statistics.fmean(c.ttft_seconds for c in calls)
-        run.prefill_seconds = statistics.fmean(c.prefill_seconds for c in calls)
-        decode_seconds = sum(c.decode_seconds for c in calls)
-        run.decode_tokens_per_second = sum(c.decode_tokens for c in calls) / decode_seconds if decode_seconds else 0.0
-        peaks = [c.peak_memory_bytes for c in calls if c.peak_memory_bytes is not None]
-        run.peak_memory_bytes = max(peaks) if peaks else None
-
-
-def _gather(calls: list[GenerateMeasurement], failures: int) -> tuple[list[GenerateMeasurement], int]:
+def gather_calls(calls: list[GenerateMeasurement], failures: int) -> tuple[list[GenerateMeasurement], int]:
     """Every rank's measurements, on every rank (identity in a single process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return calls, failures
@@ -122,7 +85,7 @@ def _gather(calls: list[GenerateMeasurement], failures: int) -> tuple[list[Gener
     return [call for part, _ in gathered for call in part], sum(count for _, count in gathered)
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     from importlib.metadata import version
 
     return {
@@ -140,7 +103,7 @@ def run_sweep(
     output_dir: str | Path,
     *,
     include_path: str | None = None,
-    limit: int | float | None = None,
+    limit: float | None = None,
     batch_size: int = 1,
     model_args: dict[str, Any] | None = None,
     metric: str | None = None,
@@ -173,7 +136,8 @@ def run_sweep(
         "seed": seed,
     }
     done = _load_done(output_dir / RESULTS_FILE, settings) if resume else {}
-    lm = VTPruneLMM(pretrained, seed=seed, batch_size=batch_size, **(model_args or {}))
+    # The sweep writes every run's measurements itself, so the model writes no file per run.
+    lm = VTPruneLMM(pretrained, seed=seed, batch_size=batch_size, **{**(model_args or {}), "measurements": "off"})
     task_manager = TaskManager(include_path=include_path, model_name="vtprune")  # index the tasks once
     is_writer = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate set RANK and WORLD_SIZE
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -199,13 +163,13 @@ def run_sweep(
                 # Under torchrun: lmms-eval's torch.distributed path (gloo on CPU, where accelerate sees one process).
                 distributed_executor_backend="torchrun" if world_size > 1 else "accelerate",
             )
-            calls, failures = _gather(list(lm.meter.calls), len(lm.meter.failures))
+            calls, failures = gather_calls(list(lm.meter.calls), len(lm.meter.failures))
             if not is_writer:
                 continue
             strategy, budget = _strategy_and_budget(schedule)
             scores, score = _headline(results, tasks, metric)
             run = Run(schedule=schedule, strategy=strategy, budget=budget, scores=scores, score=score)
-            _measure(run, calls, failures)
+            run.measure(calls, failures)
             run.seconds = time.perf_counter() - start
             runs.append(run)
             _write(output_dir, settings, runs)
@@ -225,10 +189,17 @@ def _retained(runs: list[Run]) -> None:
 def _write(output_dir: Path, settings: dict[str, Any], runs: list[Run]) -> None:
     _retained(runs)
     output_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"settings": settings, "versions": _versions(), "runs": [asdict(run) for run in runs]}
+    payload = {"settings": settings, "versions": library_versions(), "runs": [asdict(run) for run in runs]}
     (output_dir / RESULTS_FILE).write_text(json.dumps(payload, indent=1))
     write_table(runs, output_dir / "sweep.md")
-    write_plot(runs, output_dir / "sweep.png")
+    write_plot(runs, output_dir / "sweep.png", score_label=_score_label(settings, runs))
+
+
+def _score_label(settings: dict[str, Any], runs: list[Run]) -> str:
+    """``<metric> on <task>``: what the headline score is (the plot's y axis)."""
+    task = settings["tasks"][0]
+    metric = settings["metric"] or (next(iter(runs[0].scores[task]), "score") if runs else "score")
+    return f"{metric} on {task}"
 
 
 def _load_done(path: Path, settings: dict[str, Any]) -> dict[str, Run]:

@@ -31,6 +31,8 @@ class Row:
 
     name: str
     budget: int | None
+    series: str
+    """The schedule with its budget left out (``divprune``, ``fastv@2``): one line of :func:`format_summary`."""
     kept: float
     """Mean visual tokens per image after the last stage."""
     accuracy: dict[str, float]
@@ -59,6 +61,11 @@ def schedules_for(name: str, budgets: Sequence[int], num_layers: int) -> list[tu
     return [(k, f"{base}{place}:{k}{options}") for k in budgets]
 
 
+def series_name(schedule: str, budget: int | None) -> str:
+    """``schedule`` with its budget left out (``fastv@2:16`` -> ``fastv@2``): the strategy's line in a summary."""
+    return schedule if budget is None else schedule.replace(f":{budget}", "")
+
+
 def _all_tokens(sample: Sample) -> list[bool]:
     return [True] * len(object_patch_mask(sample))
 
@@ -78,10 +85,18 @@ def _oracle(
     scores = evaluate(model, processor, samples, keep_fn, batch_size)
     seconds = (time.perf_counter() - start) / len(samples)
     kept = sum(sum(keep_fn(s)) for s in samples) / len(samples)
-    return Row(name, None, kept, scores, seconds)
+    return Row(name, None, name, kept, scores, seconds)
 
 
-def _pruned(schedule: str, budget: int | None, model, processor, samples: Sequence[Sample], batch_size: int) -> Row:
+def run_schedule(
+    schedule: str,
+    budget: int | None,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    samples: Sequence[Sample],
+    batch_size: int = 50,
+) -> Row:
+    """One row: ``schedule`` (at ``budget`` tokens per image, ``None`` where it decides its own count) on ``samples``."""
     predictions: list[str] = []
     kept = 0
     start = time.perf_counter()
@@ -90,7 +105,9 @@ def _pruned(schedule: str, budget: int | None, model, processor, samples: Sequen
             predictions += predict(model, processor, chunk)
             kept += handle.last_record.visual_tokens_left()  # the record is per forward
     seconds = (time.perf_counter() - start) / len(samples)
-    return Row(schedule, budget, kept / len(samples), accuracy(samples, predictions), seconds)
+    return Row(
+        schedule, budget, series_name(schedule, budget), kept / len(samples), accuracy(samples, predictions), seconds
+    )
 
 
 def run_benchmark(
@@ -119,7 +136,7 @@ def run_benchmark(
     progress(f"unpruned: overall {rows[0].accuracy['overall']:.3f}")
     for name in names:
         for budget, schedule in schedules_for(name, budgets, num_layers):
-            row = _pruned(schedule, budget, model, processor, samples, batch_size)
+            row = run_schedule(schedule, budget, model, processor, samples, batch_size)
             rows.append(row)
             progress(f"{schedule}: overall {row.accuracy['overall']:.3f}, {row.kept:.1f} tokens kept")
     return rows
@@ -135,3 +152,41 @@ def format_table(rows: Sequence[Row]) -> str:
         cells += [f"**{100 * row.accuracy['overall']:.1f}**", f"{row.seconds_per_sample:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_summary(rows: Sequence[Row], budgets: Sequence[int]) -> str:
+    """Markdown table: overall accuracy (%) of each series (strategy) at each budget, best series first.
+
+    A cell shows the kept count in parentheses where the strategy rounds the budget (Matryoshka's scales). Series
+    without a budget (``todre_relevance`` alone) and the oracles stay in :func:`format_table` only; series are ordered
+    by mean accuracy over the budgets, ties by name.
+    """
+    by_series: dict[str, dict[int, Row]] = {}
+    for row in rows:
+        if row.budget is not None:
+            by_series.setdefault(row.series, {})[row.budget] = row
+    lines = ["| strategy | " + " | ".join(str(k) for k in budgets) + " |", "|" + "---|" * (len(budgets) + 1)]
+    mean = {name: sum(r.accuracy["overall"] for r in cells.values()) / len(cells) for name, cells in by_series.items()}
+    for name in sorted(by_series, key=lambda n: (-mean[n], n)):
+        cells = []
+        for k in budgets:
+            row = by_series[name].get(k)
+            cell = "" if row is None else f"{100 * row.accuracy['overall']:.1f}"
+            if row is not None and round(row.kept, 1) != k:
+                cell += f" ({row.kept:g})"
+            cells.append(cell)
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_summary(table: str) -> dict[tuple[str, int], float]:
+    """Overall accuracy (%) per (series, budget) from a :func:`format_summary` table (the README's)."""
+    lines = [line for line in table.strip().splitlines() if line.startswith("|")]
+    budgets = [int(cell) for cell in lines[0].strip("|").split("|")[1:]]
+    result = {}
+    for line in lines[2:]:
+        name, *cells = (cell.strip() for cell in line.strip("|").split("|"))
+        for k, cell in zip(budgets, cells, strict=True):
+            if cell:
+                result[name.strip("`"), k] = float(cell.split()[0])
+    return result

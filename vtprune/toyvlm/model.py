@@ -44,9 +44,7 @@ from transformers import (
     ProcessorMixin,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessor,
     Qwen2VLProcessor,
-    Qwen2VLVideoProcessor,
 )
 
 from vtprune.adapters import adapter_for
@@ -57,6 +55,10 @@ DEFAULT_PATH = ASSETS / "toy_llava"
 QWEN2_VL_PATH = ASSETS / "toy_qwen2_vl"
 #: The toy families: ``family=`` of :func:`build_processor` and the trainer.
 FAMILIES = ("llava", "qwen2_vl")
+#: Image processor backend per family, as :func:`build_processor` builds it: the PIL one for LLaVA (the base install
+#: has no torchvision), torchvision for Qwen2-VL (its processor needs torchvision for videos anyway). The two backends
+#: resize and normalise with different float rounding, which moves the toy benchmark's figures.
+IMAGE_PROCESSOR_BACKEND = {"llava": "pil", "qwen2_vl": "torchvision"}
 PATCH_SIZE = CELL  # one grid cell of the task is one patch, i.e. one visual token
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>", IMAGE_TOKEN)
@@ -151,6 +153,9 @@ def build_processor(family: str = "llava") -> ProcessorMixin:
 
 
 def _build_qwen2_vl_processor() -> Qwen2VLProcessor:
+    # Imported here: without torchvision, importing these warns about Qwen2-VL on every command that imports vtprune.
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
     names = ("vision_start_token", "image_token", "vision_end_token", "video_token")
     tokenizer = _word_tokenizer(QWEN_SPECIAL_TOKENS, dict(zip(names, QWEN_SPECIAL_TOKENS[3:], strict=True)))
     geometry = {"patch_size": QWEN_PATCH_SIZE, "merge_size": 2, "temporal_patch_size": 2}
@@ -244,13 +249,19 @@ def _build_qwen2_vl(processor: Qwen2VLProcessor, s: dict[str, int]) -> Qwen2VLFo
 
 
 def load_toy_model(path: str | Path | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """(model, processor) from a saved folder of either family, by default the toy LLaVA shipped in the package."""
+    """(model, processor) from a saved folder of either family, by default the toy LLaVA shipped in the package.
+
+    The image processor's backend is pinned per family (:data:`IMAGE_PROCESSOR_BACKEND`), so the pixels -- and the
+    benchmark's figures, which hinge on exact ties between identical cells -- do not depend on whether torchvision
+    happens to be installed.
+    """
     folder = Path(path) if path is not None else DEFAULT_PATH
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"no toy VLM checkpoint in {folder}; train one with eval/train_toy_vlm.py")
     model = AutoModelForImageTextToText.from_pretrained(folder)
     model.eval()
-    return model, AutoProcessor.from_pretrained(folder)
+    backend = IMAGE_PROCESSOR_BACKEND[model.config.model_type]
+    return model, AutoProcessor.from_pretrained(folder, backend=backend)
 
 
 def prompt_inputs(processor: ProcessorMixin, images: Sequence[Image.Image], questions: Sequence[str]) -> dict:

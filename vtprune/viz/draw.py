@@ -6,8 +6,8 @@ Works headless and needs no matplotlib (``vtprune.viz.figure`` turns panels into
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,8 @@ from torch import Tensor
 
 #: Brightness left to what the model never saw or dropped (kept pixels are untouched).
 DIM = 0.3
+#: Colour of the frame drawn around every picture of a grid.
+FRAME = (90, 90, 90)
 #: Anchors of the viridis colour map (perceptually even, readable in grey), interpolated linearly.
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 
@@ -28,6 +30,8 @@ class Panel:
     image: Image.Image
     scale: tuple[float, float] | None = None
     """(low, high) of a heat map's colours: a colour bar goes under the picture."""
+    scale_label: str = "score"
+    """What the heat map's colours measure, written on the colour bar."""
 
 
 def draw_kept(
@@ -110,18 +114,24 @@ def grid(panels: Sequence[Panel], columns: int | None = None, *, height: int = 1
     ]
     lines = max(p.title.count("\n") + 1 for p in panels)
     caption = 16 * lines + 4
-    bar = 28 if any(p.scale for p in panels) else 0
-    cell_w = max(max(s.width for s in scaled), max(_text_width(p.title, font) for p in panels)) + 8
-    cell_h = height + caption + bar + 8
+    bar = 28 + 14 if any(p.scale for p in panels) else 0  # the colour bar, then what it measures
+    labels = [p.scale_label for p in panels if p.scale is not None]
+    cell_w = max(max(s.width for s in scaled), max(_text_width(p.title, font) for p in panels)) + 12
+    if labels:
+        cell_w = max(cell_w, max(_text_width(label, _font(10)) for label in labels) + 12)
+    cell_h = height + caption + bar + 12
     rows = math.ceil(len(panels) / columns)
     sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (panel, image) in enumerate(zip(panels, scaled)):
-        x, y = (i % columns) * cell_w + 4, (i // columns) * cell_h + 4
+        x, y = (i % columns) * cell_w + 6, (i // columns) * cell_h + 6
         draw.multiline_text((x, y), panel.title, fill="black", font=font, spacing=4)
         sheet.paste(image, (x, y + caption))
+        # A frame keeps kept (unchanged, often white) cells on the picture's edge apart from the white sheet.
+        draw.rectangle((x - 2, y + caption - 2, x + image.width + 1, y + caption + height + 1), outline=FRAME, width=2)
         if panel.scale is not None:
-            sheet.paste(legend(image.width, *panel.scale, height=bar), (x, y + caption + height))
+            sheet.paste(legend(image.width, *panel.scale), (x, y + caption + height + 3))
+            draw.text((x, y + caption + height + 3 + 28), panel.scale_label, fill="black", font=_font(10))
     return sheet
 
 

@@ -6,7 +6,9 @@ column per stage or schedule); the ``*_panels`` functions return the panels for 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +34,8 @@ def show_kept(
     processor: Any | None = None,
     stages: str | Sequence[str] = LAST,
     columns: int | None = None,
+    label: str | None = None,
+    questions: Sequence[str] | None = None,
 ) -> Image.Image:
     """The kept tokens of every item of ``record`` drawn on the pictures given to the processor.
 
@@ -39,10 +43,11 @@ def show_kept(
     given to the processor (PIL or H x W x C arrays; a video as frames). ``stages``: ``"last"``, ``"all"``
     (one column per stage, e.g. "input", "layer 2": the per-layer view of decoder pruning) or a list of
     stage names. Kept regions are unchanged pixels; dropped ones are dimmed and hatched. Panels are laid
-    out one stage per column unless ``columns`` says otherwise.
+    out one stage per column unless ``columns`` says otherwise. ``label`` (e.g. the schedule) heads every
+    panel's caption, and ``questions`` (one per batch row) are written under it.
     """
     pairs = _pairs(record, inputs, images, videos, model, processor)
-    panels = kept_panels(pairs, images, videos, stages=stages)
+    panels = kept_panels(pairs, images, videos, stages=stages, label=label, questions=questions)
     if columns is None and pairs:
         columns = len(_stage_names(pairs[0][0], stages))
     return grid(panels, columns=columns)
@@ -55,8 +60,12 @@ def kept_panels(
     *,
     stages: str | Sequence[str] = LAST,
     label: str | None = None,
+    questions: Sequence[str] | None = None,
 ) -> list[Panel]:
-    """One panel per (item, view, stage), from :func:`vtprune.viz.match_records` pairs; ``label`` heads each title."""
+    """One panel per (item, view, stage), from :func:`vtprune.viz.match_records` pairs.
+
+    ``label`` heads each title; ``questions[row]`` follows it, so a picture carries what was asked of it.
+    """
     panels = []
     for item, regions in pairs:
         for view in regions.views:
@@ -65,6 +74,7 @@ def kept_panels(
                 kept = _kept(item, stage)
                 mask = torch.isin(view.tokens, kept)
                 title = f"{label}\n" if label else ""
+                title += f"{_wrap(questions[item.row])}\n" if questions is not None else ""
                 title += f"{_name(item)} · {view.label}\n{stage}: kept {int(mask.sum())}/{view.tokens.numel()}"
                 if regions.newlines.numel() and view is regions.views[-1]:
                     title += f", newlines {int(torch.isin(regions.newlines, kept).sum())}/{regions.newlines.numel()}"
@@ -81,13 +91,17 @@ def show_scores(
     videos: Sequence[Any] | None = None,
     processor: Any | None = None,
     stage: str | None = None,
+    strategy: str | None = None,
+    questions: Sequence[str] | None = None,
 ) -> Image.Image:
     """Heat maps of the score a stage's strategy ranked each token by (needs ``prune(..., record_scores=True)``).
 
-    ``stage`` defaults to the first stage that has scores. One colour scale per item, shown under it.
+    ``stage`` defaults to the first stage that has scores. One colour scale per item, shown under it and labelled
+    with what the score is for ``strategy`` (the stage's strategy name; see :data:`SCORE_MEANINGS`).
+    ``questions`` (one per batch row) go into the captions.
     """
     pairs = _pairs(record, inputs, images, videos, model, processor)
-    return grid(score_panels(pairs, images, videos, stage=stage))
+    return grid(score_panels(pairs, images, videos, stage=stage, strategy=strategy, questions=questions))
 
 
 def score_panels(
@@ -96,8 +110,10 @@ def score_panels(
     videos: Sequence[Any] | None,
     *,
     stage: str | None = None,
+    strategy: str | None = None,
+    questions: Sequence[str] | None = None,
 ) -> list[Panel]:
-    """One heat-map panel per (item, view), with its colour bar."""
+    """One heat-map panel per (item, view), with its colour bar labelled by :func:`score_meaning`."""
     panels = []
     for item, regions in pairs:
         name = stage or next(iter(item.scores_by_stage), None)
@@ -113,7 +129,9 @@ def score_panels(
         for view in regions.views:
             picture = _picture(regions, view, images, videos)
             heat = draw_scores(picture, view.boxes, scores[view.tokens], vmin=low, vmax=high)
-            panels.append(Panel(f"{_name(item)} · {view.label}\n{name} scores", heat, scale=(low, high)))
+            title = f"{_wrap(questions[item.row])}\n" if questions is not None else ""
+            title += f"{_name(item)} · {view.label}\n{name}: {strategy or 'strategy'} scores"
+            panels.append(Panel(title, heat, scale=(low, high), scale_label=score_meaning(strategy)))
     return panels
 
 
@@ -125,6 +143,7 @@ def compare(
     *,
     videos: Sequence[Any] | None = None,
     processor: Any | None = None,
+    questions: Sequence[str] | None = None,
     **prune_options: Any,
 ) -> Image.Image:
     """The same inputs pruned by each of ``schedules`` (strategies or budgets), side by side, one column each.
@@ -137,9 +156,29 @@ def compare(
         with torch.no_grad(), pruned(model, schedule, **prune_options) as handle:
             model(**inputs)
         pairs = match_records(handle.last_record, regions, inputs["input_ids"].shape[0])
-        columns.append(kept_panels(pairs, images, videos, label=schedule))
+        columns.append(kept_panels(pairs, images, videos, label=schedule, questions=questions))
     interleaved = [column[i] for i in range(len(columns[0])) for column in columns]
     return grid(interleaved, columns=len(schedules))
+
+
+#: What each strategy's recorded score is (what the heat map's colours measure).
+SCORE_MEANINGS = {
+    "divprune": "cosine distance to the tokens picked before",
+    "todre": "cosine distance to the tokens picked before",
+    "mmtok": "coverage gain when picked",
+    "zoo": "projector sensitivity (min-max normalised)",
+    "fastv": "attention of the last prompt token",
+}
+
+
+def score_meaning(strategy: str | None) -> str:
+    """The colour bar's label for ``strategy``'s scores (``"score"`` when unknown)."""
+    meaning = SCORE_MEANINGS.get(strategy or "")
+    return f"{strategy}: {meaning}" if meaning else "score"
+
+
+def _wrap(text: str, width: int = 40) -> str:
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 def _pairs(
