@@ -5,7 +5,13 @@ Default: DivPrune and MMTok against plain implementations of the papers' formula
 dense coverage loop; both reproduce the authors' recorded picks, tests/test_parity.py) on the same
 inputs, at N in {576, 1752, 2880} tokens, D in {1024, 4096}, k in {64, 10 %}, float32 and bfloat16
 tokens, batches of 1 and 8 images (each image its own keep set: vtprune runs the engine's
-``select_tokens`` for the batch, the paper one call per image). Rounds are interleaved (the order
+``select_tokens`` for the batch, the paper one call per image). ``--inputs`` picks what the tokens are: ``gaussian``
+(i.i.d. normal, no redundancy) and/or ``photo``: real image content, scikit-learn's two sample photographs
+(``vtprune.viz.photos``; CC BY 2.0, docs/PHOTO_ATTRIBUTION.md) cut into N 14 x 14 patches of the centre square,
+normalised with CLIP's pixel mean / std and mapped to the width D (and, for MMTok's pre-projector features, to
+1024) by fixed seeded Gaussian random projections, which keep the patches' cosine similarities up to O(1/sqrt(D))
+(Johnson-Lindenstrauss): the natural-texture redundancy of a photo (sky, walls, petals) without a trained encoder.
+Image i of a batch is photo i mod 2 turned by (i div 2) quarter turns. The text embeddings stay Gaussian. Rounds are interleaved (the order
 alternates), ``--repeats`` >= 5 of them; median and min are printed, and the ratio of the medians
 (vtprune / paper: below 1 is faster). Peak extra memory is the largest net amount of tensor memory
 the call holds at once, read from the allocation and free events of ``torch.profiler``
@@ -20,6 +26,7 @@ batch of 8 x 576, keep 25 %; the batch is timed as one call per image and one en
 images (which must keep the same tokens).
 
     python eval/bench_selection.py --quick            # 576 and 1752 tokens, k = 64, batch 1: a few minutes
+    python eval/bench_selection.py --quick --inputs gaussian photo --sizes 576 --widths 1024
     python eval/bench_selection.py                    # the full grid (long on a 2-core CPU)
     python eval/bench_selection.py --shares --sizes 576 --batch 8 --strategies divprune todre mmtok "zoo(directions:8)"
     python eval/bench_selection.py --device cuda --dtypes bfloat16
@@ -28,6 +35,7 @@ images (which must keep the same tokens).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -44,12 +52,15 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 import vtprune
 from vtprune.schedule import Budget, parse_strategy
 from vtprune.selection import TokenInputs, select_tokens
+from vtprune.viz.photos import photo_patches, sample_photos
 
 sys.path.insert(0, str(Path(__file__).parent))
 import paper_selectors  # next to this script
 from memory import peak_extra_bytes
 
 HIDDEN, LAYERS, VISION, WORDS = 4096, 32, 1024, 20
+CLIP_MEAN, CLIP_STD = torch.tensor([0.4815, 0.4578, 0.4082]), torch.tensor([0.2686, 0.2613, 0.2758])
+PATCH = 14
 
 
 def synchronize(device: torch.device) -> None:
@@ -80,8 +91,40 @@ def load() -> str:
 # --- vtprune against the papers' formulations ------------------------------------------------------------------
 
 
-def paper_cases(method: str, images: list[torch.Tensor], k: int, generator: torch.Generator) -> tuple:
-    """(vtprune call, paper call) for ``method`` on ``images``, each image its own keep set."""
+def random_projection(width: int) -> torch.Tensor:
+    """The fixed map from a flattened RGB patch to ``width`` features: Gaussian, seeded by the width, scaled so
+    that lengths and inner products are kept in expectation."""
+    inputs = 3 * PATCH * PATCH
+    return torch.randn(inputs, width, generator=torch.Generator().manual_seed(width)) / inputs**0.5
+
+
+def photo_features(n: int, widths: tuple[int, ...], batch: int) -> list[list[torch.Tensor]]:
+    """Per image of the batch, its ``n`` photo patches at each of ``widths`` (see the module docstring)."""
+    photos = sample_photos()
+    images = []
+    for index in range(batch):
+        photo = photos[index % len(photos)].rotate(90 * (index // len(photos)), expand=True)
+        patches = photo_patches(photo, n, PATCH).view(n, PATCH, PATCH, 3)
+        pixels = ((patches - CLIP_MEAN) / CLIP_STD).reshape(n, -1)
+        images.append([pixels @ random_projection(width) for width in widths])
+    return images
+
+
+def token_features(
+    kind: str, n: int, width: int, batch: int, generator: torch.Generator
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(tokens at ``width``, pre-projector features at VISION), one of each per image, float32 on the CPU."""
+    if kind == "photo":
+        return tuple(map(list, zip(*photo_features(n, (width, VISION), batch))))
+    tokens = [torch.randn(n, width, generator=generator) for _ in range(batch)]
+    return tokens, [torch.randn(n, VISION, generator=generator) for _ in range(batch)]
+
+
+def paper_cases(
+    method: str, images: list[torch.Tensor], pre_features: list[torch.Tensor], k: int, generator: torch.Generator
+) -> tuple:
+    """(vtprune call, paper call) for ``method`` on ``images`` (MMTok also gets their ``pre_features``), each image
+    its own keep set."""
     dtype, device = images[0].dtype, images[0].device
     if method == "divprune":
         inputs = [TokenInputs() for _ in images]
@@ -91,13 +134,12 @@ def paper_cases(method: str, images: list[torch.Tensor], k: int, generator: torc
             return [paper_selectors.divprune(x, k).sort().values for x in images]
 
     else:
-        n = images[0].shape[0]
         inputs = [
             TokenInputs(
                 text_embeds=torch.randn(WORDS, x.shape[1], generator=generator).to(device, dtype),
-                pre_features=torch.randn(n, VISION, generator=generator).to(device, dtype),
+                pre_features=pre.to(device, dtype),
             )
-            for x in images
+            for x, pre in zip(images, pre_features)
         ]
         strategy = parse_strategy("mmtok")
 
@@ -120,18 +162,19 @@ def compare_with_papers(args: argparse.Namespace, device: torch.device) -> None:
     print(f"# selection against the papers' formulations: {machine(device)}; {args.repeats} interleaved rounds")
     print(f"# before: {load()}")
     print(
-        "| method | N | D | k | dtype | batch | vtprune median / min ms | paper median / min ms | time ratio "
-        "| vtprune MB | paper MB | memory ratio | same picks |"
+        "| method | inputs | N | D | k | dtype | batch | vtprune median / min ms | paper median / min ms "
+        "| time ratio | vtprune MB | paper MB | memory ratio | same picks |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         for width in args.widths:
             for k in [64] if args.quick else dict.fromkeys([64, round(0.1 * n)]):
                 for dtype in args.dtypes:
-                    for batch in args.batches:
-                        images = [torch.randn(n, width, generator=generator).to(device, dtype) for _ in range(batch)]
+                    for batch, kind in itertools.product(args.batches, args.inputs):
+                        tokens, pre_features = token_features(kind, n, width, batch, generator)
+                        images = [x.to(device, dtype) for x in tokens]
                         for method in args.methods:
-                            ours, paper = paper_cases(method, images, k, generator)
+                            ours, paper = paper_cases(method, images, pre_features, k, generator)
                             with torch.no_grad():
                                 mine, theirs = interleaved_times([ours, paper], device, args.repeats)
                                 memory = [peak_extra_bytes(fn, device) for fn in (ours, paper)]
@@ -139,7 +182,7 @@ def compare_with_papers(args: argparse.Namespace, device: torch.device) -> None:
                             ms = [1e3 * statistics.median(mine), 1e3 * min(mine)]
                             ref = [1e3 * statistics.median(theirs), 1e3 * min(theirs)]
                             print(
-                                f"| {method} | {n} | {width} | {k} | {str(dtype).removeprefix('torch.')} | {batch} "
+                                f"| {method} | {kind} | {n} | {width} | {k} | {str(dtype).removeprefix('torch.')} | {batch} "
                                 f"| {ms[0]:.1f} / {ms[1]:.1f} | {ref[0]:.1f} / {ref[1]:.1f} | {ms[0] / ref[0]:.2f} "
                                 f"| {memory[0] / 2**20:.1f} | {memory[1] / 2**20:.1f} | {memory[0] / memory[1]:.2f} "
                                 f"| {'yes' if same else 'no'} |",
@@ -188,6 +231,23 @@ def selector_inputs(
     return inputs
 
 
+def selection_calls(strategy, features: list[torch.Tensor], inputs: list[dict], kept: dict) -> tuple:
+    """(one call per image, one engine call for the batch) selecting 25 % of ``features``; each writes its picks
+    into ``kept`` under "per image" / "batched"."""
+    ratio = {"keep_ratio": 0.25} if strategy.needs_budget else {}
+    batch = [(image, TokenInputs(**extra)) for image, extra in zip(features, inputs)]
+
+    def per_image() -> None:
+        kept["per image"] = [
+            vtprune.select(strategy, image, **ratio, **extra) for image, extra in zip(features, inputs)
+        ]
+
+    def batched() -> None:
+        kept["batched"] = select_tokens(strategy, Budget(**ratio) if ratio else None, batch)
+
+    return per_image, batched
+
+
 def shares_of_prefill(args: argparse.Namespace, device: torch.device) -> None:
     names = args.strategies or [n for n in vtprune.list_strategies() if not n.startswith("test_")]
     cases = [(n, 1) for n in args.sizes] + [(args.sizes[0], args.batch)]
@@ -212,19 +272,8 @@ def shares_of_prefill(args: argparse.Namespace, device: torch.device) -> None:
         for spec in names:
             strategy = parse_strategy(spec)
             inputs = [selector_inputs(strategy.name, n, device, generator, projector, seed) for seed in range(images)]
-            ratio = {"keep_ratio": 0.25} if strategy.needs_budget else {}
-            kept = {}
-
-            def per_image() -> None:
-                kept["per image"] = [
-                    vtprune.select(strategy, image, **ratio, **extra) for image, extra in zip(features, inputs)
-                ]
-
-            batch = [(image, TokenInputs(**extra)) for image, extra in zip(features, inputs)]
-
-            def batched() -> None:
-                kept["batched"] = select_tokens(strategy, Budget(**ratio) if ratio else None, batch)
-
+            kept: dict[str, list[torch.Tensor]] = {}
+            per_image, batched = selection_calls(strategy, features, inputs, kept)
             with torch.no_grad():
                 try:
                     if images == 1:
@@ -260,6 +309,13 @@ def main() -> None:
     parser.add_argument("--widths", nargs="+", type=int, default=[1024, 4096])
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="images per call (default 1 8)")
     parser.add_argument("--methods", nargs="+", default=["divprune", "mmtok"], choices=["divprune", "mmtok"])
+    parser.add_argument(
+        "--inputs",
+        nargs="+",
+        default=["gaussian"],
+        choices=["gaussian", "photo"],
+        help="against the papers: i.i.d. Gaussian tokens and/or projected photo patches (scikit-learn's samples)",
+    )
     parser.add_argument("--batch", type=int, default=8, help="--shares: images in the batched case (of the first size)")
     parser.add_argument(
         "--strategies",
@@ -276,6 +332,8 @@ def main() -> None:
     warnings.simplefilter("ignore")
     device = torch.device(args.device)
     if args.shares:
+        if args.inputs != ["gaussian"]:
+            parser.error("--inputs: --shares times Gaussian tokens only; leave --inputs out with --shares")
         args.sizes = args.sizes or [576, 2880]
         shares_of_prefill(args, device)
         return

@@ -22,27 +22,9 @@ from PIL import Image
 import vtprune
 from vtprune import viz
 from vtprune.synthetic import IMAGE, MID, VISION_END, VISION_START, build_model
+from vtprune.viz.photos import llava_photo_inputs, sample_photos
 
 SCHEDULES = ("divprune:64", "random:64", "fastv@2:64", "mmtok:64")
-
-
-def photos() -> list[Image.Image]:
-    from sklearn.datasets import load_sample_images
-
-    return [Image.fromarray(image) for image in load_sample_images().images]
-
-
-def llava_inputs(model, photo: Image.Image):
-    from transformers import CLIPImageProcessor
-
-    processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    pixel_values = processor(images=[photo], return_tensors="pt")["pixel_values"]
-    ids = [1, 7, 8] + [IMAGE] * 576 + [9, 10, 11]
-    return processor, {
-        "input_ids": torch.tensor([ids]),
-        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-        "pixel_values": pixel_values,
-    }
 
 
 def next_inputs(model, photo: Image.Image):
@@ -122,10 +104,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    china, flower = photos()
+    china, flower = sample_photos()
     out = Path(args.out)
     panels = []
-    runs = (("llava", llava_inputs, china), ("llava_next", next_inputs, china), ("qwen2_5_vl", qwen_inputs, flower))
+    runs = (
+        ("llava", lambda model, photo: llava_photo_inputs(photo), china),
+        ("llava_next", next_inputs, china),
+        ("qwen2_5_vl", qwen_inputs, flower),
+    )
     for kind, make, photo in runs:
         model = build_model(kind, MID)
         processor, inputs = make(model, photo)

@@ -133,7 +133,7 @@ def assert_regions_match(regions: viz.ItemRegions, colours: torch.Tensor, blues:
 @pytest.mark.parametrize("pad", [False, True])
 def test_llava_tokens_map_to_their_patches(models, pad):
     model = models("llava")
-    settings = dict(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    settings = {"size": {"shortest_edge": 16}, "crop_size": {"height": 16, "width": 16}}
     processor = LlavaImageProcessorPil(do_pad=True, **settings) if pad else CLIPImageProcessorPil(**settings)
     images = [gradient(32, 48, 60), gradient(16, 16, 180), gradient(40, 24, 120)]
     inputs = processor(images=images, return_tensors="pt")
@@ -265,7 +265,7 @@ def test_scores_rank_like_the_selection():
     pre = torch.randn(40, 8)
     with torch.no_grad():
         features = projector(pre)
-    inputs = dict(text_embeds=torch.randn(5, 16), pre_features=pre, projector=projector)
+    inputs = {"text_embeds": torch.randn(5, 16), "pre_features": pre, "projector": projector}
     for name in ("divprune", "todre", "mmtok"):
         # Greedy gains never grow along the pick order, so the k best scores are the k picks.
         scores = vtprune.scores(name, features, **inputs)
@@ -476,9 +476,8 @@ def test_cli_viz_writes_a_png(tmp_path, capsys):
     for name in ("generated.png", "kept.png", "heat.png"):
         with Image.open(tmp_path / name) as picture:
             assert picture.format == "PNG" and picture.width > 192
-    with Image.open(tmp_path / "kept.png") as picture:  # two stages: two columns
-        with Image.open(tmp_path / "generated.png") as single:
-            assert picture.width > 1.5 * single.width
+    with Image.open(tmp_path / "kept.png") as picture, Image.open(tmp_path / "generated.png") as single:
+        assert picture.width > 1.5 * single.width  # two stages: two columns
 
 
 @pytest.mark.parametrize("content", [None, b"not an image"], ids=["missing", "unreadable"])
@@ -504,3 +503,19 @@ def test_panels_are_framed_and_colour_bars_say_what_the_score_is():
     framed = np.all(pixels == FRAME, axis=-1)
     assert framed.sum() >= 2 * 4 * 12  # a frame of at least one pixel around each picture
     assert sheet.width >= viz.draw._text_width(label, viz.draw._font(10))  # the label is not cut off
+
+
+def test_photo_patches_come_row_by_row_from_the_centre_square():
+    from vtprune.viz.photos import photo_patches
+
+    side, patch = 3, 4
+    square = np.zeros((side * patch, side * patch, 3), dtype=np.uint8)
+    for row in range(side):
+        for column in range(side):  # each patch one flat colour that names its grid cell
+            square[row * patch : (row + 1) * patch, column * patch : (column + 1) * patch] = (10 * row, 10 * column, 7)
+    wide = np.full((side * patch, side * patch + 6, 3), 255, dtype=np.uint8)  # white margins left and right
+    wide[:, 3:-3] = square
+    patches = photo_patches(Image.fromarray(wide), count=8, patch=patch)  # 8 of the 3 x 3 grid
+    assert patches.shape == (8, 3 * patch * patch)
+    expected = torch.tensor([[10 * (i // side), 10 * (i % side), 7] for i in range(8)]) / 255
+    assert torch.allclose(patches.view(8, patch * patch, 3), expected[:, None, :].expand(8, patch * patch, 3))
