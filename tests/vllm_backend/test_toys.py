@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoProcessor
 
 # Skipped where vLLM is absent (the main session); noxfile.py's vllm session sets VTPRUNE_REQUIRE_VLLM, so a
 # broken vLLM install fails there instead of passing as skipped.
@@ -107,7 +108,10 @@ def toy(request, tmp_path_factory):
     """Everything the tests compare, for one family: stock vLLM, the pruning class per schedule, the reference."""
     family = request.param
     path = DEFAULT_PATH if family == "llava" else QWEN2_VL_PATH
-    model, processor = load_toy_model(path)
+    model, _ = load_toy_model(path)
+    # The processor vLLM's front-end builds for the checkpoint (its default image backend), not the toy loader's
+    # pinned one, so that both paths see the same pixels.
+    processor = AutoProcessor.from_pretrained(path)
     stock_path = stock_llava_checkpoint(tmp_path_factory.mktemp("stock") / "toy") if family == "llava" else path
     with engine(model=str(stock_path)) as llm:
         stock = generate(llm, processor)
