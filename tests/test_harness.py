@@ -18,6 +18,7 @@ import vtprune
 from vtprune.harness import DecoderShape, RunFailed, load_preset, preset_names
 from vtprune.harness.command import sweep_schedules
 from vtprune.harness.lmm import VTPruneLMM, schedule_from_args
+from vtprune.harness.meter import GenerationMeter
 from vtprune.harness.sweep import run_sweep
 from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH
 
@@ -39,10 +40,17 @@ class Broken(vtprune.Strategy):
         return torch.arange(ctx.keep) + ctx.num_tokens
 
 
-def toy_sweep(schedules: list[str], output: Path, limit: int = LIMIT):
-    """A sweep of the shipped toy VLM on the offline task."""
+def toy_sweep(schedules: list[str], output: Path, limit: int = LIMIT, **timing: int):
+    """A sweep of the shipped toy VLM on the offline task (``timing``: ``timing_rounds``, ``timing_calls``)."""
     return run_sweep(
-        str(DEFAULT_PATH), ["vtprune_shapes"], schedules, output, include_path=TASKS, limit=limit, progress=False
+        str(DEFAULT_PATH),
+        ["vtprune_shapes"],
+        schedules,
+        output,
+        include_path=TASKS,
+        limit=limit,
+        progress=False,
+        **timing,
     )
 
 
@@ -163,16 +171,67 @@ def test_a_sweep_writes_json_table_and_plot_and_its_baseline_is_the_plain_model(
     for run in payload["runs"]:
         assert run["ttft_seconds"] > 0 and run["decode_tokens_per_second"] > 0 and run["failed_generations"] == 0
         assert set(run["scores"]["vtprune_shapes"]) >= {"accuracy", "colour", "shape", "count", "exists", "position"}
-    table = (output / "sweep.md").read_text()
-    assert table.count("\n") == 2 + len(runs) and "| divprune:4 |" in table
+    table, note = (output / "sweep.md").read_text().split("\n\n")
+    assert table.count("\n") == 1 + len(runs) and "| divprune:4 |" in table
+    assert "interleaved rounds" in note
     assert (output / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The same prompts through lmms-eval's own wrapper, without vtprune, score the same.
     assert plain_wrapper_score("llava_hf", DEFAULT_PATH, task_manager) == baseline["score"]
 
-    # Resuming finds every run done and evaluates nothing again.
-    again = toy_sweep(SWEEP, output)
+    # Resuming finds every run done and evaluates nothing again; with the timing off, nothing is timed either.
+    again = toy_sweep(SWEEP, output, timing_rounds=0)
     assert [run.seconds for run in again] == [run["seconds"] for run in payload["runs"]]
+    assert all(run.timing is None for run in again)
+    assert json.loads((output / "sweep.json").read_text())["timing"] is None
+    assert "| – | – |" in (output / "sweep.md").read_text() and "not timed" in (output / "sweep.md").read_text()
+
+
+def test_a_sweep_times_every_schedule_in_interleaved_rotated_rounds_and_reports_median_range_and_load(
+    tmp_path, monkeypatch
+):
+    # Every generate() the meter sees, in order: (schedule, max_new_tokens).
+    calls: list[tuple[str, int]] = []
+    measure = GenerationMeter._generate
+
+    def recording(self, original, args, kwargs):
+        calls.append((str(self.handle.schedule), kwargs["max_new_tokens"]))
+        return measure(self, original, args, kwargs)
+
+    monkeypatch.setattr(GenerationMeter, "_generate", recording)
+    schedules, limit, rounds, per_round = ["divprune:4", "random:4"], 2, 3, 2
+    ordered = ["none", *schedules]
+    expected = [  # round r starts at the r-th schedule; each schedule's calls run back to back
+        (schedule, 1) for r in range(rounds) for schedule in ordered[r:] + ordered[:r] for _ in range(per_round)
+    ]
+    toy_sweep(schedules, tmp_path, limit=limit, timing_rounds=rounds, timing_calls=per_round)
+    accuracy_calls = len(ordered) * limit
+    assert [schedule for schedule, _ in calls[:accuracy_calls]] == [s for s in ordered for _ in range(limit)]
+    assert calls[accuracy_calls:] == expected
+
+    payload = json.loads((tmp_path / "sweep.json").read_text())
+    timing = payload["timing"]
+    assert timing["orders"] == [ordered[r:] + ordered[:r] for r in range(rounds)]
+    assert (timing["rounds"], timing["calls_per_round"]) == (rounds, per_round)
+    assert len(timing["load_average_start"]) == len(timing["load_average_end"]) == 3
+    for run in payload["runs"]:
+        timed = run["timing"]
+        assert timed["calls"] == rounds * per_round
+        for name in ("ttft", "prefill"):
+            assert timed[f"{name}_min_seconds"] <= timed[f"{name}_median_seconds"] <= timed[f"{name}_max_seconds"]
+    table, note = (tmp_path / "sweep.md").read_text().split("\n\n")
+    for run in payload["runs"]:
+        ttft = [1e3 * run["timing"][f"ttft_{stat}_seconds"] for stat in ("median", "min", "max")]
+        assert f"| {run['schedule']} |" in table and "{:.1f} [{:.1f}–{:.1f}]".format(*ttft) in table
+    load = " / ".join(f"{value:.1f}" for value in timing["load_average_start"])
+    assert f"over {rounds} interleaved rounds × {per_round} generate() calls" in note and load in note
+
+    # A resumed sweep evaluates nothing again but re-times every schedule together (after a short evaluation that
+    # supplies the inputs to time), again interleaved.
+    calls.clear()
+    again = toy_sweep(schedules, tmp_path, limit=limit, timing_rounds=rounds, timing_calls=per_round)
+    assert [run.seconds for run in again] == [run["seconds"] for run in payload["runs"]]
+    assert calls == [("none", 3)] * per_round + expected
 
 
 def test_a_broken_strategy_fails_the_sweep_loudly(tmp_path):

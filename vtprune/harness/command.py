@@ -30,6 +30,15 @@ def add_sweep_command(commands: Any) -> None:
     parser.add_argument("--model-args", default="", help="more VTPruneLMM / backbone arguments: k=v,k=v")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-resume", action="store_true", help="start over even if --output has a sweep")
+    parser.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds that time every schedule's prefill after the accuracy runs (0: off)",
+    )
+    parser.add_argument(
+        "--timing-calls", type=int, default=2, help="generate() calls (the task's first) timed per schedule and round"
+    )
     parser.set_defaults(run=run_sweep_command)
 
 
@@ -78,6 +87,8 @@ def run_sweep_command(args: argparse.Namespace) -> None:
         metric=args.metric,
         seed=args.seed,
         resume=not args.no_resume,
+        timing_rounds=args.timing_rounds,
+        timing_calls=args.timing_calls,
     )
     if runs:
         print(markdown_table(runs))

@@ -142,6 +142,10 @@ class GenerationMeter:
         self.shape = DecoderShape.of(handle.adapter.text_model)
         self.calls: list[GenerateMeasurement] = []
         self.failures: list[str] = []
+        self.inputs_to_keep = 0
+        """How many ``generate()`` calls' arguments to keep in :attr:`inputs` (a sweep re-times them)."""
+        self.inputs: list[tuple[tuple, dict[str, Any]]] = []
+        """``(args, kwargs)`` of the first ``inputs_to_keep`` calls; kept across :meth:`reset`."""
         self._call: dict[str, Any] | None = None
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True, prepend=True),
@@ -177,6 +181,8 @@ class GenerationMeter:
         device = next(self.model.parameters()).device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        if len(self.inputs) < self.inputs_to_keep:
+            self.inputs.append((args, dict(kwargs)))
         self._sync()
         self._call = {"start": time.perf_counter(), "prefill_end": None, "decode_steps": 0, "rows": 0}
         try:

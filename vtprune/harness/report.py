@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .sweep import Run
@@ -14,8 +14,35 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _timed_ms(timing: dict[str, float] | None, name: str) -> str:
+    """``median [min–max]`` of the interleaved timing of ``name`` (ttft, prefill) in ms."""
+    if timing is None:
+        return "–"
+    median, low, high = (1e3 * timing[f"{name}_{stat}_seconds"] for stat in ("median", "min", "max"))
+    return f"{median:.1f} [{low:.1f}–{high:.1f}]"
+
+
+def timing_note(timing: dict[str, Any] | None) -> str:
+    """What the table's timed columns are, with the load average during the timing (one paragraph)."""
+    if timing is None:
+        return (
+            "TTFT and prefill: not timed (timing off, no generate() calls in the tasks, or the sweep stopped "
+            "before its timing pass). Decode tok/s and sweep.json's per-run ttft_seconds were measured one run "
+            "after another, so they do not compare across runs under a changing load."
+        )
+    start = " / ".join(f"{load:.1f}" for load in timing["load_average_start"])
+    end = " / ".join(f"{load:.1f}" for load in timing["load_average_end"])
+    return (
+        f"TTFT and prefill ms: median [min–max] over {timing['rounds']} interleaved rounds × "
+        f"{timing['calls_per_round']} generate() calls to the first token (the task's first calls; round r runs "
+        f"every schedule once, in an order rotated by r). Load average (1 / 5 / 15 min): {start} at the start, "
+        f"{end} at the end. Decode tok/s is from each run's own evaluation, one run after another, so it does not "
+        "compare across runs under a changing load."
+    )
+
+
 def markdown_table(runs: Sequence[Run]) -> str:
-    """One row per run: score, retained %, visual tokens, FLOPs, timings, memory."""
+    """One row per run: score, retained %, visual tokens, FLOPs, interleaved timings, memory."""
     header = (
         "| schedule | score | retained % | visual tokens kept | prefill GFLOPs | TTFT ms | prefill ms "
         "| decode tok/s | KV cache MiB | peak GPU MiB | failed |"
@@ -26,14 +53,16 @@ def markdown_table(runs: Sequence[Run]) -> str:
         lines.append(
             f"| {run.schedule} | {run.score:.4f} | {_fmt(run.retained, '.1f')} "
             f"| {run.visual_tokens_kept:.1f} / {run.visual_tokens_before:.1f} | {run.prefill_flops / 1e9:.4g} "
-            f"| {1e3 * run.ttft_seconds:.1f} | {1e3 * run.prefill_seconds:.1f} | {run.decode_tokens_per_second:.1f} "
+            f"| {_timed_ms(run.timing, 'ttft')} | {_timed_ms(run.timing, 'prefill')} "
+            f"| {run.decode_tokens_per_second:.1f} "
             f"| {run.kv_cache_bytes / 2**20:.2f} | {_fmt(peak, '.0f')} | {run.failed_generations} |"
         )
     return "\n".join(lines)
 
 
-def write_table(runs: Sequence[Run], path: Path) -> None:
-    path.write_text(markdown_table(runs) + "\n")
+def write_table(runs: Sequence[Run], path: Path, timing: dict[str, Any] | None = None) -> None:
+    """The table and, under it, what its timed columns are (:func:`timing_note`)."""
+    path.write_text(markdown_table(runs) + "\n\n" + timing_note(timing) + "\n")
 
 
 #: Markers and line styles cycled over strategies, so lines that coincide (e.g. several at the baseline's score)

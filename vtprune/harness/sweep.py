@@ -9,6 +9,12 @@ the same model, tasks and settings are skipped.
 Data parallel: start it under ``torchrun --nproc_per_node N -m vtprune.cli sweep ...``; lmms-eval
 splits the documents across ranks and gathers the scores, and the sweep gathers every rank's
 measurements before rank 0 writes.
+
+Timings: a run's own measurements are taken while it is evaluated, one run after another, so a change of load
+between runs shows up as a difference between them. After the accuracy runs the sweep therefore times the
+prefill of the same few ``generate()`` calls (the task's first ones, to the first token) for every schedule in
+interleaved rounds (round ``r`` runs every schedule once, in an order rotated by ``r``), on rank 0, and reports
+the median and range per schedule with the load average at the start and end (:func:`time_interleaved`).
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -28,6 +35,9 @@ from tqdm import tqdm
 from ..schedule import parse_schedule
 from .meter import GenerateMeasurement, RunMeasurements
 from .report import write_plot, write_table
+
+if TYPE_CHECKING:
+    from .lmm import VTPruneLMM
 
 BASELINE = "none"
 RESULTS_FILE = "sweep.json"
@@ -48,6 +58,9 @@ class Run(RunMeasurements):
     retained: float | None = None
     """``score`` as a percentage of the baseline's."""
     seconds: float = 0.0
+    timing: dict[str, float] | None = None
+    """The interleaved timing of this schedule (:func:`time_interleaved`): TTFT and prefill seconds, median,
+    min and max over every timed call, and the number of calls; None before the timing pass or with it off."""
 
 
 def _strategy_and_budget(schedule: str) -> tuple[str, str | None]:
@@ -110,18 +123,23 @@ def run_sweep(
     seed: int = 0,
     resume: bool = True,
     progress: bool = True,
+    timing_rounds: int = 3,
+    timing_calls: int = 2,
 ) -> list[Run]:
     """Evaluate the baseline and each schedule on ``tasks``; write ``sweep.json``, ``sweep.md`` and ``sweep.png``.
 
     ``model_args`` go to :class:`VTPruneLMM` (and through it to the backbone wrapper), ``metric``
-    names the headline metric (default: the first one the first task reports). Returns the runs,
-    baseline first.
+    names the headline metric (default: the first one the first task reports). After the accuracy runs,
+    ``timing_rounds`` interleaved rounds time the prefill of the task's first ``timing_calls`` ``generate()`` calls
+    for every schedule (0 turns it off; a resumed sweep re-times every schedule). Returns the runs, baseline first.
     """
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     from .lmm import VTPruneLMM
 
+    if timing_rounds < 0 or timing_calls < 1:
+        raise ValueError(f"timing_rounds must be >= 0 and timing_calls >= 1, got {timing_rounds}, {timing_calls}")
     output_dir = Path(output_dir)
     ordered = [BASELINE] + [s for s in dict.fromkeys(schedules) if s != BASELINE]
     for schedule in ordered:
@@ -141,7 +159,9 @@ def run_sweep(
     task_manager = TaskManager(include_path=include_path, model_name="vtprune")  # index the tasks once
     is_writer = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate set RANK and WORLD_SIZE
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    lm.meter.inputs_to_keep = timing_calls if timing_rounds else 0
     runs: list[Run] = []
+    timing: dict[str, Any] | None = None
     try:
         for schedule in tqdm(ordered, desc="vtprune sweep", disable=not (progress and is_writer)):
             if schedule in done:
@@ -173,11 +193,69 @@ def run_sweep(
             run.seconds = time.perf_counter() - start
             runs.append(run)
             _write(output_dir, settings, runs)
+        if timing_rounds:
+            if not lm.meter.inputs:  # every run was resumed: evaluate a few samples once for their inputs
+                lm.set_schedule(BASELINE)
+                simple_evaluate(
+                    model=lm,
+                    tasks=list(tasks),
+                    task_manager=task_manager,
+                    limit=timing_calls * batch_size,
+                    batch_size=batch_size,
+                    bootstrap_iters=0,
+                    distributed_executor_backend="torchrun" if world_size > 1 else "accelerate",
+                )
+            if is_writer and lm.meter.inputs:  # tasks scored by loglikelihood alone call no generate()
+                timing = time_interleaved(lm, runs, timing_rounds)
     finally:
         lm.close()
     if is_writer:
-        _write(output_dir, settings, runs)
+        _write(output_dir, settings, runs, timing)
     return runs
+
+
+def time_interleaved(lm: VTPruneLMM, runs: list[Run], rounds: int) -> dict[str, Any]:
+    """Time the prefill of the meter's kept ``generate()`` inputs for every run's schedule, in interleaved rounds.
+
+    Round ``r`` runs every schedule once, starting at the ``r``-th (a rotation), so that a change of load or a
+    warm-up hits every schedule alike. Each call generates one token through the same model, hooks and meter as
+    the accuracy runs; the meter's TTFT and prefill times of the calls fill each run's :attr:`Run.timing`.
+    Returns the rounds' orders and the load average (1, 5, 15 minutes) at the start and end.
+    """
+    inputs = list(lm.meter.inputs)
+    measured: dict[str, list[GenerateMeasurement]] = {run.schedule: [] for run in runs}
+    orders = []
+    load_start = os.getloadavg()
+    for round_index in range(rounds):
+        shift = round_index % len(runs)
+        order = [run.schedule for run in runs[shift:] + runs[:shift]]
+        orders.append(order)
+        for schedule in order:
+            lm.set_schedule(schedule)
+            for args, kwargs in inputs:
+                lm.model.generate(*args, **{**kwargs, "max_new_tokens": 1})
+            measured[schedule].extend(lm.meter.calls)
+    load_end = os.getloadavg()
+    for run in runs:
+        calls = measured[run.schedule]
+        ttft = [call.ttft_seconds for call in calls]
+        prefill = [call.prefill_seconds for call in calls]
+        run.timing = {
+            "ttft_median_seconds": statistics.median(ttft),
+            "ttft_min_seconds": min(ttft),
+            "ttft_max_seconds": max(ttft),
+            "prefill_median_seconds": statistics.median(prefill),
+            "prefill_min_seconds": min(prefill),
+            "prefill_max_seconds": max(prefill),
+            "calls": len(calls),
+        }
+    return {
+        "rounds": rounds,
+        "calls_per_round": len(inputs),
+        "orders": orders,
+        "load_average_start": list(load_start),
+        "load_average_end": list(load_end),
+    }
 
 
 def _retained(runs: list[Run]) -> None:
@@ -186,12 +264,17 @@ def _retained(runs: list[Run]) -> None:
         run.retained = 100 * run.score / baseline.score if baseline is not None and baseline.score else None
 
 
-def _write(output_dir: Path, settings: dict[str, Any], runs: list[Run]) -> None:
+def _write(output_dir: Path, settings: dict[str, Any], runs: list[Run], timing: dict[str, Any] | None = None) -> None:
     _retained(runs)
     output_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"settings": settings, "versions": library_versions(), "runs": [asdict(run) for run in runs]}
+    payload = {
+        "settings": settings,
+        "versions": library_versions(),
+        "timing": timing,
+        "runs": [asdict(run) for run in runs],
+    }
     (output_dir / RESULTS_FILE).write_text(json.dumps(payload, indent=1))
-    write_table(runs, output_dir / "sweep.md")
+    write_table(runs, output_dir / "sweep.md", timing)
     write_plot(runs, output_dir / "sweep.png", score_label=_score_label(settings, runs))
 
 
@@ -209,4 +292,4 @@ def _load_done(path: Path, settings: dict[str, Any]) -> dict[str, Run]:
     payload = json.loads(path.read_text())
     if payload.get("settings") != settings:
         return {}
-    return {run["schedule"]: Run(**run) for run in payload["runs"]}
+    return {run["schedule"]: Run(**{**run, "timing": None}) for run in payload["runs"]}  # re-timed together
