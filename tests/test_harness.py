@@ -345,3 +345,15 @@ def test_a_qwen_sweep_runs_batched_through_lmms_eval_qwen2_vl_wrapper(tmp_path, 
     assert pruned.visual_tokens_kept == 16 and all(len(s["kept"][0]) == 16 for s in pruned.samples)
     assert pruned.generate_calls == LIMIT // 2 and len(pruned.samples) == LIMIT
     assert plain_wrapper_score("qwen2_vl", QWEN2_VL_PATH, task_manager, batch_size=2) == baseline.score >= 0.75
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--timing-calls", "0"), ("--timing-rounds", "-1"), ("--timing-calls", "x")]
+)
+def test_sweep_refuses_timing_counts_out_of_range_by_name(option, value, capsys):
+    from vtprune.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["sweep", "--output", "unused", option, value])
+    assert refused.value.code == 2
+    assert f"argument {option}: must be" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 import vtprune
 
 from .analysis.command import add_horizon_command
+from .arguments import at_least
 from .harness.command import add_sweep_command
 from .toyvlm.data import TEST_SEED
 
@@ -61,17 +62,6 @@ def demo(args: argparse.Namespace) -> None:
         )
         picture.save(args.out)
         print(f"\nkept tokens of the first {shown.stop} scenes under {args.schedule[0]} drawn in {args.out}")
-
-
-def _positive_int(text: str) -> int:
-    """argparse type for counts: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _hits(answers: Sequence[str], samples: Sequence) -> int:
@@ -137,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="schedules to compare with the unpruned model, e.g. 'divprune:16' 'fastv@2:25%%'",
     )
     demo_parser.add_argument("--model", default=None, help="folder of a saved toy VLM (default: the shipped one)")
-    demo_parser.add_argument("--count", type=_positive_int, default=8, help="questions to ask")
+    demo_parser.add_argument("--count", type=at_least(1), default=8, help="questions to ask")
     demo_parser.add_argument("--seed", type=int, default=TEST_SEED, help="split seed (default: the test split)")
     demo_parser.add_argument("--out", default="vtprune_demo.png", help="PNG of the kept tokens ('' for none)")
     demo_parser.set_defaults(run=demo)

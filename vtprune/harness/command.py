@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..arguments import at_least
 from .presets import load_preset
 
 
@@ -32,12 +33,15 @@ def add_sweep_command(commands: Any) -> None:
     parser.add_argument("--no-resume", action="store_true", help="start over even if --output has a sweep")
     parser.add_argument(
         "--timing-rounds",
-        type=int,
+        type=at_least(0),
         default=3,
         help="interleaved rounds that time every schedule's prefill after the accuracy runs (0: off)",
     )
     parser.add_argument(
-        "--timing-calls", type=int, default=2, help="generate() calls (the task's first) timed per schedule and round"
+        "--timing-calls",
+        type=at_least(1),
+        default=2,
+        help="generate() calls (the task's first) timed per schedule and round",
     )
     parser.set_defaults(run=run_sweep_command)
 
