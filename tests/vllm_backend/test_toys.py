@@ -28,8 +28,10 @@ from vtprune.vllm import SCHEDULE_KEY, UnsupportedScheduleError, engine_args
 from vtprune.vllm.plan import image_key
 
 SAMPLES = make_split(0, 8)
-#: Schedules whose kept sets the transformers path reproduces (random is seeded differently there).
-COMPARED = ("divprune:16", "uniform:25%", "matryoshka:16")
+#: Schedules whose kept sets the transformers path reproduces (random is seeded differently there). DivPrune with
+#: float64 distances: the toy's identical cells are exact duplicates, and which of them a float32 greedy meets
+#: first follows the last bits of the features, which vLLM's CLIP kernels and transformers' do not share.
+COMPARED = ("divprune:16(precision:float64)", "uniform:25%", "matryoshka:16")
 RANDOM = "random:10"
 NEW_TOKENS = 3
 #: vLLM's CPU kernels against transformers' SDPA, float32: the prototype measured < 1e-4.
