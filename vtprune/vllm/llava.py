@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-from vllm.config import VllmConfig
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -23,7 +22,7 @@ from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from .plan import SCHEDULE_KEY, Selections, make_plan, square_grid
+from .plan import SCHEDULE_KEY, make_plan, square_grid
 from .pruning import PruningModel, ScheduleFieldProcessor, per_item
 
 
@@ -52,10 +51,6 @@ class VTPruneLlavaMultiModalProcessor(ScheduleFieldProcessor, LlavaMultiModalPro
     VTPruneLlavaMultiModalProcessor, info=LlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
 class VTPruneLlavaForConditionalGeneration(PruningModel, LlavaForConditionalGeneration):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.vtprune_selections = Selections()
-
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
         schedules = per_item(kwargs.get(SCHEDULE_KEY))
         pixels = kwargs.get("pixel_values")

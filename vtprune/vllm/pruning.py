@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from torch import Tensor
 from transformers import BatchFeature
+from vllm.config import VllmConfig
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import MultiModalDataItems
 
@@ -50,7 +51,9 @@ class ScheduleFieldProcessor:
 class PruningModel:
     """Mixin for a vLLM multimodal model class: selection on projected tokens, remembered per (schedule, image)."""
 
-    vtprune_selections: Selections
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.vtprune_selections = Selections()
 
     def _vtprune_choose(self, schedule: str, features: Tensor, grid: Grid, key: int) -> tuple[Tensor, Tensor | None]:
         """(kept indices, merging weights or None) of one image; the first selection for an image is reused."""

@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLDummyInputsBuilder,
     Qwen2VLForConditionalGeneration,
@@ -30,7 +29,7 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from ..adapters.base import Grid
-from .plan import SCHEDULE_KEY, Selections, decode_schedule, image_key, make_plan
+from .plan import SCHEDULE_KEY, decode_schedule, image_key, make_plan
 from .pruning import PruningModel, ScheduleFieldProcessor, per_item
 
 _IMAGE_KEYS = ("pixel_values", "image_embeds")
@@ -74,10 +73,6 @@ class VTPruneQwen2VLMultiModalProcessor(ScheduleFieldProcessor, Qwen2VLMultiModa
     VTPruneQwen2VLMultiModalProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
 )
 class VTPruneQwen2VLForConditionalGeneration(PruningModel, Qwen2VLForConditionalGeneration):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.vtprune_selections = Selections()
-
     @property
     def _merge(self) -> int:
         return self.config.vision_config.spatial_merge_size
