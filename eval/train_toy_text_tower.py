@@ -62,16 +62,21 @@ def scene_inputs(model, processor, samples, batch_size: int = 50) -> list[tuple[
     return data
 
 
-def build_tower(width: int, folder: Path) -> tuple[CLIPModel, CLIPTokenizer]:
+def char_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A character-level CLIP tokenizer (no merges) written to ``folder``: ids 0 (start), the characters, end last."""
     vocab = {"<|startoftext|>": 0, **{c: 1 + i for i, c in enumerate(CHARS)}}
     vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate(CHARS)})
     vocab["<|endoftext|>"] = len(vocab)  # the largest id, as in CLIP's vocabulary
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    eos = vocab["<|endoftext|>"]
-    text = {"vocab_size": len(vocab), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def build_tower(width: int, folder: Path) -> tuple[CLIPModel, CLIPTokenizer]:
+    tokenizer = char_tokenizer(folder)
+    eos = tokenizer.eos_token_id
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
     text.update(num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=eos, pad_token_id=eos)
     vision = {"hidden_size": width, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 1}
     vision.update(image_size=16, patch_size=16)

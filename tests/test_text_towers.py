@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,23 +19,23 @@ from vtprune.toyvlm import DEFAULT_PATH, load_toy_model, make_split, object_patc
 from vtprune.toyvlm.data import TEST_SEED
 from vtprune.toyvlm.model import QWEN2_VL_PATH, prompt_inputs
 
-TOY_VISION_WIDTH = 64
-MIN_TOP1 = 0.8  # share of questions whose most relevant patch belongs to an object the question asks about  # the shipped toy LLaVA's CLIP tower: what its projector reads (layer -2, no CLS)
+TOY_VISION_WIDTH = 64  # the shipped toy LLaVA's CLIP tower: what its projector reads (layer -2, no CLS)
+MIN_TOP1 = 0.8  # share of questions whose most relevant patch belongs to an object the question asks about
+
+_spec = importlib.util.spec_from_file_location(
+    "train_toy_text_tower", Path(__file__).parents[1] / "eval" / "train_toy_text_tower.py"
+)
+training = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(training)
 
 
 @pytest.fixture(scope="module")
 def hf_clip(tmp_path_factory) -> Path:
     """A random-weight transformers CLIP with a character-level BPE tokenizer, saved like a hub checkpoint."""
     folder = tmp_path_factory.mktemp("clip")
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789?.,")
-    vocab = {"<|startoftext|>": 0, **{c: 1 + i for i, c in enumerate(chars)}}
-    vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate(chars)})
-    vocab["<|endoftext|>"] = len(vocab)  # the largest id, as in CLIP's vocabulary
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    eos = vocab["<|endoftext|>"]
-    text = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    tokenizer = training.char_tokenizer(folder)  # the shipped toy towers' tokenizer
+    eos = tokenizer.eos_token_id
+    text = {"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
     text.update(num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=eos, pad_token_id=eos)
     vision = {"hidden_size": TOY_VISION_WIDTH, "intermediate_size": 32, "num_hidden_layers": 1}
     vision.update(num_attention_heads=2, image_size=16, patch_size=8)
