@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from transformers.masking_utils import create_causal_mask
 
-from vtprune.compat import CACHE_KWARG
 from vtprune.record import PruneRecord
 from vtprune.synthetic import IMAGE, VIDEO
+from vtprune.vocabulary.compat import CACHE_KWARG
 
 
 def kept_columns(inputs: dict, record: PruneRecord, stage: str) -> Tensor:

@@ -6,14 +6,14 @@ import pickle
 import threading
 
 import pytest
-from conftest import STRATEGIES
 import torch
+from conftest import STRATEGIES
 
 import vtprune
-from vtprune.compat import CACHE_KWARG, output_cache
 from vtprune.strategies.base import DECODER_STAGE, INPUT_STAGE
 from vtprune.strategies.registry import strategy_class
 from vtprune.synthetic import MODEL_KINDS, build_model
+from vtprune.vocabulary.compat import CACHE_KWARG, output_cache
 
 
 def stage_arguments(name: str, stage: str) -> dict:

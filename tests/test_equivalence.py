@@ -5,8 +5,8 @@ import torch
 from reference import final_keep, kept_logits, reference
 
 import vtprune
-from vtprune.compat import CACHE_KWARG, output_cache
 from vtprune.synthetic import MODEL_KINDS
+from vtprune.vocabulary.compat import CACHE_KWARG, output_cache
 
 GEN = dict(max_new_tokens=4, do_sample=False)
 

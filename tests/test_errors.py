@@ -3,8 +3,8 @@
 import re
 
 import pytest
-from conftest import STRATEGIES
 import torch
+from conftest import STRATEGIES
 from contexts import full_inputs
 from transformers import StaticCache
 
@@ -17,12 +17,12 @@ from vtprune import (
     UnsupportedCacheError,
     UnsupportedModelError,
 )
-from vtprune.compat import CACHE_KWARG, output_cache
 from vtprune.errors import InputError, RegistrationError, ScheduleError, StrategyOutputError
 from vtprune.schedule import Budget, BudgetWarning, parse_strategy
 from vtprune.selection import TokenInputs, select_tokens
 from vtprune.strategies import Matryoshka, TokenContext
 from vtprune.strategies.registry import list_strategies, make_strategy
+from vtprune.vocabulary.compat import CACHE_KWARG, output_cache
 
 
 def required_inputs(name: str) -> frozenset[str]:

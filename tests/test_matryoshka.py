@@ -6,8 +6,9 @@ import torch
 import vtprune
 from vtprune.pooling import pool_grid
 from vtprune.strategies import Matryoshka
-from vtprune.strategies.base import Segment, TokenContext
+from vtprune.strategies.base import TokenContext
 from vtprune.synthetic import IMAGE, RowSpec, build_inputs
+from vtprune.vocabulary.grids import Segment
 
 
 def llm_inputs(model, inputs, schedule):

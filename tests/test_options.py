@@ -11,8 +11,8 @@ import inspect
 import math
 
 import pytest
-from conftest import STRATEGIES
 import torch
+from conftest import STRATEGIES
 from contexts import assert_valid_selection, full_context
 
 import vtprune

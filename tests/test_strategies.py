@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import STRATEGIES
 import torch
+from conftest import STRATEGIES
 from contexts import assert_valid_selection as assert_valid
 from contexts import full_context, full_inputs
 from hypothesis import given, settings
@@ -302,7 +302,7 @@ def test_fastv_without_matching_attention_explains_where_it_acts(attention: torc
 
 
 def test_uniform_spreads_over_anyres_segments_and_skips_newlines() -> None:
-    from vtprune.strategies.base import Segment
+    from vtprune.vocabulary.grids import Segment
 
     segments = (Segment(0, (1, 4, 4)), Segment(16, (1, 4, 8), row_newlines=True))  # 16 + 4 * 9 tokens
     ctx = TokenContext(features=torch.randn(52, 4), keep=12, segments=segments)

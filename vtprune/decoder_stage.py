@@ -16,11 +16,11 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from .attention import cross_modal_shares, last_token_attention
-from .compat import CACHE_KWARG, get_cache
-from .layout import pack
 from .schedule import Stage
 from .selection import TokenInputs, score_tokens, select_tokens
 from .state import PruneState
+from .vocabulary.compat import CACHE_KWARG, get_cache
+from .vocabulary.layout import pack
 
 if TYPE_CHECKING:
     from .handle import PruneHandle

@@ -9,16 +9,13 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
-from ..strategies.base import Segment
+from ..vocabulary.grids import Grid, Segment
 
 if TYPE_CHECKING:
     from ..state import VisualItem
 
 #: Raw visual inputs the vision encoder consumes.
 PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
-
-#: Grid of one image's tokens, (t, h, w), or None when they are not one raster grid.
-Grid = tuple[int, int, int] | None
 
 
 class ModelAdapter:

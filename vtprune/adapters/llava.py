@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from ..strategies.base import Segment
-from .base import Grid, ModelAdapter
+from ..vocabulary.grids import Grid, Segment
+from .base import ModelAdapter
 
 if TYPE_CHECKING:
     from ..state import VisualItem

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
-from ..compat import CACHE_KWARG
-from ..layout import take
-from .base import Grid, ModelAdapter, reduce_tokens
+from ..vocabulary.compat import CACHE_KWARG
+from ..vocabulary.grids import Grid
+from ..vocabulary.layout import take
+from .base import ModelAdapter, reduce_tokens
 
 if TYPE_CHECKING:
     from ..state import VisualItem

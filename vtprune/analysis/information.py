@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import VTPruneError
-from ..layout import last_valid
 from ..schedule import Stage
 from ..strategies.base import DECODER_STAGE, Strategy, TokenContext
+from ..vocabulary.layout import last_valid
 
 #: Measures computed for every removal (see the module docstring).
 MEASURES = ("kl", "tv", "prob_drop")

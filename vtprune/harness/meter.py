@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compat import get_cache
 from ..handle import PruneHandle
 from ..input_stage import bind_arguments
+from ..vocabulary.compat import get_cache
 from .flops import DecoderShape
 
 

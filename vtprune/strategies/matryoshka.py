@@ -10,7 +10,8 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..pooling import nearest_scale, pool_grid, valid_scales
-from .base import MergingStrategy, Segment, TokenContext
+from ..vocabulary.grids import Segment
+from .base import MergingStrategy, TokenContext
 from .options import Option
 from .registry import register_strategy
 

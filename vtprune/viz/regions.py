@@ -38,7 +38,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 from ..adapters.llava import anyres_segments
 from ..errors import UnsupportedModelError, VTPruneError
 from ..record import ImageRecord, PruneRecord
-from ..strategies.base import Segment
+from ..vocabulary.grids import Segment
 
 #: (height, width) in pixels.
 Size = tuple[int, int]

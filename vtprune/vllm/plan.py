@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..adapters.base import Grid
 from ..errors import VTPruneError
 from ..schedule import Schedule, Stage, parse_schedule
 from ..selection import TokenInputs, merge_tokens, select_tokens
 from ..strategies.base import MergingStrategy
+from ..vocabulary.grids import Grid
 
 #: The key of the schedule string: in hf_overrides (the engine's), in mm_processor_kwargs (one request's), and
 #: as the per-image tensor field that carries it to the model.

@@ -16,7 +16,8 @@ from vllm.config import VllmConfig
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import MultiModalDataItems
 
-from ..adapters.base import Grid, reduce_tokens
+from ..adapters.base import reduce_tokens
+from ..vocabulary.grids import Grid
 from .plan import SCHEDULE_KEY, Selections, decode_schedule, encode_schedule, image_key, make_plan, schedule_for
 
 

@@ -28,7 +28,7 @@ from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from ..adapters.base import Grid
+from ..vocabulary.grids import Grid
 from .plan import SCHEDULE_KEY, decode_schedule, image_key, make_plan
 from .pruning import PruningModel, ScheduleFieldProcessor, per_item
 
