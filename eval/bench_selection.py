@@ -50,8 +50,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 import vtprune
+from vtprune.engine.selection import TokenInputs, select_tokens
 from vtprune.schedule import Budget, parse_strategy
-from vtprune.selection import TokenInputs, select_tokens
 from vtprune.viz.photos import photo_patches, sample_photos
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtprune
+from vtprune.engine.selection import TokenInputs, select_tokens
 from vtprune.errors import VTPruneError
 from vtprune.schedule import Budget
-from vtprune.selection import TokenInputs, select_tokens
 from vtprune.strategies import DivPrune, GreedyStrategy, Strategy
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.registry import make_strategy

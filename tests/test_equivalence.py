@@ -151,7 +151,7 @@ def test_eager_attention_matches_reference(models, make_inputs, kind):
 
 def test_fastv_attention_equals_eager_attention_weights(models, make_inputs):
     """The SDPA-side recomputation of the last token's attention matches eager attention's own weights."""
-    from vtprune.attention import last_token_attention
+    from vtprune.engine.attention import last_token_attention
 
     model = models("qwen3_vl", attn_implementation="eager")
     inputs = make_inputs(model, "qwen3_vl", 3)

@@ -17,9 +17,9 @@ from vtprune import (
     UnsupportedCacheError,
     UnsupportedModelError,
 )
+from vtprune.engine.selection import TokenInputs, select_tokens
 from vtprune.errors import InputError, RegistrationError, ScheduleError, StrategyOutputError
 from vtprune.schedule import Budget, BudgetWarning, parse_strategy
-from vtprune.selection import TokenInputs, select_tokens
 from vtprune.strategies import Matryoshka, TokenContext
 from vtprune.strategies.registry import list_strategies, make_strategy
 from vtprune.vocabulary.compat import CACHE_KWARG, output_cache

@@ -6,8 +6,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import vtprune
+from vtprune.engine.question_words import QuestionTokens
 from vtprune.synthetic import IMAGE
-from vtprune.text import QuestionTokens
 
 
 def probe(name: str, seen: list):

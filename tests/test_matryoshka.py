@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.pooling import pool_grid
 from vtprune.strategies import Matryoshka
 from vtprune.strategies.base import TokenContext
+from vtprune.strategies.pooling import pool_grid
 from vtprune.synthetic import IMAGE, RowSpec, build_inputs
 from vtprune.vocabulary.grids import Segment
 

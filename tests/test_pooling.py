@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from parity import DATA, parity_cases
 
-from vtprune.pooling import M3_SCALES, nearest_scale, pool_grid, valid_scales
+from vtprune.strategies.pooling import M3_SCALES, nearest_scale, pool_grid, valid_scales
 
 CASES = parity_cases("matryoshka")
 

@@ -14,7 +14,7 @@ import vtprune
 from vtprune.errors import TextTowerError
 from vtprune.strategies import CDPruner, Strategy
 from vtprune.strategies.registry import make_strategy
-from vtprune.text_towers import load_text_tower
+from vtprune.strategies.text_towers import load_text_tower
 from vtprune.toyvlm import DEFAULT_PATH, load_toy_model, make_split, object_patch_mask
 from vtprune.toyvlm.data import TEST_SEED
 from vtprune.toyvlm.model import QWEN2_VL_PATH, prompt_inputs

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from reference import final_keep, kept_logits, reference
 
 import vtprune
-from vtprune.attention import cls_attention, cross_modal_shares
+from vtprune.engine.attention import cls_attention, cross_modal_shares
 from vtprune.strategies import ToDRE, ToDRERelevance
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.diversity import cosine_distances, cosine_similarities

@@ -2,6 +2,7 @@
 
 from .adapters import supported_models
 from .api import prune, pruned, scores, select, select_nested
+from .engine.handle import PruneHandle
 from .errors import (
     AlreadyPrunedError,
     BudgetError,
@@ -20,7 +21,6 @@ from .errors import (
     VTPruneError,
     WrappedCopyError,
 )
-from .handle import PruneHandle
 from .record import ImageRecord, PruneRecord
 from .schedule import Budget, Schedule, Stage, make_stage, parse_schedule
 from .strategies import GreedyStrategy, Option, Strategy, TokenContext, list_strategies, register_strategy

@@ -9,10 +9,10 @@ from typing import Any, Iterator, Sequence
 from torch import Tensor, nn
 
 from .adapters import adapter_for
+from .engine.handle import PruneHandle
+from .engine.selection import TokenInputs, check_finite, check_inputs, score_tokens, select_tokens, token_context
 from .errors import BudgetError, LayerError
-from .handle import PruneHandle
 from .schedule import Budget, Schedule, Stage, as_schedule
-from .selection import TokenInputs, check_finite, check_inputs, score_tokens, select_tokens, token_context
 from .strategies.base import GreedyStrategy, Strategy
 from .strategies.registry import make_strategy
 

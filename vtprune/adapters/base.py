@@ -12,7 +12,7 @@ from transformers.modeling_outputs import ModelOutput
 from ..vocabulary.grids import Grid, Segment
 
 if TYPE_CHECKING:
-    from ..state import VisualItem
+    from ..engine.state import VisualItem
 
 #: Raw visual inputs the vision encoder consumes.
 PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")

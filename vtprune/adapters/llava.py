@@ -11,7 +11,7 @@ from ..vocabulary.grids import Grid, Segment
 from .base import ModelAdapter
 
 if TYPE_CHECKING:
-    from ..state import VisualItem
+    from ..engine.state import VisualItem
 
 
 class LlavaAdapter(ModelAdapter):

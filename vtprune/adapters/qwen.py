@@ -14,7 +14,7 @@ from ..vocabulary.layout import take
 from .base import ModelAdapter, reduce_tokens
 
 if TYPE_CHECKING:
-    from ..state import VisualItem
+    from ..engine.state import VisualItem
 
 
 class QwenVLAdapter(ModelAdapter):

@@ -24,7 +24,7 @@ from loguru import logger
 from transformers import AutoConfig
 
 from ..api import prune
-from ..handle import PruneHandle
+from ..engine.handle import PruneHandle
 from ..schedule import Schedule, as_schedule, make_stage, parse_strategy
 from .meter import GenerationMeter, RunFailed, RunMeasurements
 from .presets import preset_schedule

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..handle import PruneHandle
-from ..input_stage import bind_arguments
+from ..engine.handle import PruneHandle
+from ..engine.input_stage import bind_arguments
 from ..vocabulary.compat import get_cache
 from .flops import DecoderShape
 

@@ -76,7 +76,7 @@ class CDPruner(GreedyStrategy):
     and V the projected tokens — OpenVINO's form, on every family. With ``text_tower=`` (a
     transformers CLIP id or folder, or ``open_clip:<model>/<pretrained>``) T is the instruction
     encoded by that CLIP text tower (one row per 77-token segment) and V the CLIP image embeddings
-    of the features the projector read (:mod:`vtprune.text_towers`), which then also give S — the
+    of the features the projector read (:mod:`vtprune.strategies.text_towers`), which then also give S — the
     paper's form. The paper negates the relevance for CLIP-tower LLaVA models (their patch features
     anti-correlate with the text); ``negative_relevance`` is that switch, off by default.
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
-from ..pooling import nearest_scale, pool_grid, valid_scales
 from ..vocabulary.grids import Segment
 from .base import MergingStrategy, TokenContext
 from .options import Option
+from .pooling import nearest_scale, pool_grid, valid_scales
 from .registry import register_strategy
 
 

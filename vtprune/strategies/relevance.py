@@ -7,7 +7,7 @@ CDPruner and TRIM score each visual token by its similarity to the instruction. 
   GenAI ships; it needs nothing beyond the model and works on every family.
 - ``text_tower="<CLIP id or folder>"`` or ``"open_clip:<model>/<pretrained>"``: the papers' form, the
   instruction text (``ctx.instruction``) encoded by a CLIP text tower against the CLIP image embeddings
-  of the features the projector read (``ctx.pre_features``); see :mod:`vtprune.text_towers`.
+  of the features the projector read (``ctx.pre_features``); see :mod:`vtprune.strategies.text_towers`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..text_towers import TextTower, load_text_tower
 from .base import TokenContext
+from .text_towers import TextTower, load_text_tower
 
 
 def unit_rows(x: Tensor) -> Tensor:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..engine.selection import TokenInputs, merge_tokens, select_tokens
 from ..errors import VTPruneError
 from ..schedule import Schedule, Stage, parse_schedule
-from ..selection import TokenInputs, merge_tokens, select_tokens
 from ..strategies.base import MergingStrategy
 from ..vocabulary.grids import Grid
 

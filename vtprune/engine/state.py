@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .record import ImageRecord
-from .vocabulary.layout import Layout, take
+from ..record import ImageRecord
+from ..vocabulary.layout import Layout, take
 
 #: Attribute name of the state on a cache object.
 STATE_ATTR = "_vtprune_state"

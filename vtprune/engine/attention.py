@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .vocabulary.layout import last_valid
+from ..vocabulary.layout import last_valid
 
 
 def _rotate_half(x: Tensor) -> Tensor:

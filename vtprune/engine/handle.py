@@ -11,17 +11,17 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import ModelAdapter
+from ..adapters import ModelAdapter
+from ..errors import AlreadyPrunedError, ConcurrentCallError, VTPruneError, WrappedCopyError
+from ..record import PruneRecord
+from ..schedule import Schedule
 from .attention import cls_attention
 from .decoder_stage import DecoderStages
-from .errors import AlreadyPrunedError, ConcurrentCallError, VTPruneError, WrappedCopyError
 from .input_stage import InputStage
 from .projector_inputs import ProjectorInputs
-from .record import PruneRecord
-from .schedule import Schedule
+from .question_words import QuestionTokens
 from .selection import NEWLINE_POLICIES
 from .state import PruneState
-from .text import QuestionTokens
 
 #: Attribute marking a model instance as wrapped.
 HANDLE_ATTR = "_vtprune_handle"

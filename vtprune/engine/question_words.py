@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .errors import TextTowerError
+from ..errors import TextTowerError
 
 STOP_WORDS = frozenset(
     """a an the of to in on at by for with from and or but if then than as is are was were be been being

@@ -18,14 +18,14 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from .adapters.base import PIXEL_INPUTS
-from .errors import UnsupportedCacheError, UnsupportedTrainingError, VTPruneError
-from .record import ImageRecord
+from ..adapters.base import PIXEL_INPUTS
+from ..errors import UnsupportedCacheError, UnsupportedTrainingError, VTPruneError
+from ..record import ImageRecord
+from ..strategies.base import INPUT_STAGE, MergingStrategy
+from ..vocabulary.compat import CACHE_KWARG, get_cache
+from ..vocabulary.layout import Layout, last_valid, pack
 from .selection import TokenInputs, merge_tokens, score_tokens, select_tokens
 from .state import STATE_ATTR, PruneState, VisualItem, ones_mask
-from .strategies.base import INPUT_STAGE, MergingStrategy
-from .vocabulary.compat import CACHE_KWARG, get_cache
-from .vocabulary.layout import Layout, last_valid, pack
 
 if TYPE_CHECKING:
     from .handle import PruneHandle

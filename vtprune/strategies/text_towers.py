@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .errors import TextTowerError
+from ..errors import TextTowerError
 
 OPEN_CLIP_PREFIX = "open_clip:"
 

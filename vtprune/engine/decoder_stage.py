@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from ..schedule import Stage
+from ..vocabulary.compat import CACHE_KWARG, get_cache
+from ..vocabulary.layout import pack
 from .attention import cross_modal_shares, last_token_attention
-from .schedule import Stage
 from .selection import TokenInputs, score_tokens, select_tokens
 from .state import PruneState
-from .vocabulary.compat import CACHE_KWARG, get_cache
-from .vocabulary.layout import pack
 
 if TYPE_CHECKING:
     from .handle import PruneHandle

@@ -12,10 +12,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .errors import InputError, StrategyOutputError, VTPruneError
-from .schedule import Budget
-from .strategies.base import MergingStrategy, Strategy, TokenContext
-from .vocabulary.grids import Grid, Segment
+from ..errors import InputError, StrategyOutputError, VTPruneError
+from ..schedule import Budget
+from ..strategies.base import MergingStrategy, Strategy, TokenContext
+from ..vocabulary.grids import Grid, Segment
 
 #: What to do with LLaVA-NeXT / OneVision row-separator ("newline") tokens.
 NEWLINE_POLICIES = ("candidate", "drop")
