@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
 from vtprune.strategies.registry import list_strategies  # noqa: E402
-from vtprune.synthetic import MODEL_KINDS, RowSpec, build_inputs, build_model  # noqa: E402
+from vtprune.testing import MODEL_KINDS, RowSpec, build_inputs, build_model  # noqa: E402
 
 #: The enrolment every generic test runs over: what vtprune itself registers (taken before any test module
 #: registers a probe), so a new built-in strategy is covered without editing the tests.

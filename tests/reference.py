@@ -16,7 +16,7 @@ from transformers.masking_utils import create_causal_mask
 
 from vtprune.compat import CACHE_KWARG
 from vtprune.record import PruneRecord
-from vtprune.synthetic import IMAGE, VIDEO
+from vtprune.testing import IMAGE, VIDEO
 
 
 def kept_columns(inputs: dict, record: PruneRecord, stage: str) -> Tensor:

@@ -17,7 +17,7 @@ from vtprune.analysis import (
 )
 from vtprune.record import ImageRecord, PruneRecord
 from vtprune.schedule import Stage
-from vtprune.synthetic import MODEL_KINDS, RowSpec, build_inputs
+from vtprune.testing import MODEL_KINDS, RowSpec, build_inputs
 
 
 def two_items(kind: str) -> RowSpec:

@@ -13,7 +13,7 @@ import vtprune
 from vtprune.compat import CACHE_KWARG, output_cache
 from vtprune.strategies.base import DECODER_STAGE, INPUT_STAGE
 from vtprune.strategies.registry import strategy_class
-from vtprune.synthetic import MODEL_KINDS, build_model
+from vtprune.testing import MODEL_KINDS, build_model
 
 
 def stage_arguments(name: str, stage: str) -> dict:

@@ -6,7 +6,7 @@ from reference import final_keep, kept_logits, reference
 
 import vtprune
 from vtprune.compat import CACHE_KWARG, output_cache
-from vtprune.synthetic import MODEL_KINDS
+from vtprune.testing import MODEL_KINDS
 
 GEN = dict(max_new_tokens=4, do_sample=False)
 

@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import vtprune
-from vtprune.synthetic import IMAGE
+from vtprune.testing import IMAGE
 from vtprune.text import QuestionTokens
 
 

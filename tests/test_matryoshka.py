@@ -7,7 +7,7 @@ import vtprune
 from vtprune.pooling import pool_grid
 from vtprune.strategies import Matryoshka
 from vtprune.strategies.base import Segment, TokenContext
-from vtprune.synthetic import IMAGE, RowSpec, build_inputs
+from vtprune.testing import IMAGE, RowSpec, build_inputs
 
 
 def llm_inputs(model, inputs, schedule):

@@ -27,7 +27,7 @@ from transformers import (
 
 import vtprune
 from vtprune import viz
-from vtprune.synthetic import RowSpec, build_inputs
+from vtprune.testing import RowSpec, build_inputs
 
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
