@@ -10,10 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from . import anyres, llava, qwen
+from . import anyres, gemma3, internvl, llava, qwen
 from .base import Architecture, ModelAdapter
 
-FAMILIES = (llava, anyres, qwen)
+FAMILIES = (llava, anyres, qwen, internvl, gemma3)
 ARCHITECTURES: tuple[Architecture, ...] = tuple(arch for family in FAMILIES for arch in family.ARCHITECTURES)
 
 
