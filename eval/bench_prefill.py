@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import vtprune
-from vtprune.synthetic import MID, MODEL_KINDS, RowSpec, build_inputs, build_model
+from vtprune.testing import MID, MODEL_KINDS, RowSpec, build_inputs, build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import peak_extra_bytes  # next to this script

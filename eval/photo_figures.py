@@ -2,7 +2,7 @@
 feature space. Writes docs/photo_kept.png, docs/photo_kept_anyres.png and docs/photo_feature_space.png.
 
 The photos are scikit-learn's two sample images (``sklearn.datasets.load_sample_images``: china.jpg and
-flower.jpg, CC BY 2.0, attribution in README). The models have RANDOM weights (``vtprune.synthetic`` at the
+flower.jpg, CC BY 2.0, attribution in README). The models have RANDOM weights (``vtprune.testing`` at the
 LLaVA-1.5 geometry: CLIP 336 px, patch 14, 576 tokens; LLaVA-NeXT AnyRes on 336 px tiles; Qwen2.5-VL: patch 14, 2 × 2 merge, a dynamic grid from
 the photo's own size): the pictures show the token -> region mapping and how a strategy spreads its picks over a
 real image's features, not what a trained model would keep.
@@ -21,7 +21,7 @@ from PIL import Image
 
 import vtprune
 from vtprune import viz
-from vtprune.synthetic import IMAGE, MID, VISION_END, VISION_START, build_model
+from vtprune.testing import IMAGE, MID, VISION_END, VISION_START, build_model
 from vtprune.viz.photos import llava_photo_inputs, sample_photos
 
 SCHEDULES = ("divprune:64", "random:64", "fastv@2:64", "mmtok:64")

@@ -12,12 +12,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
+import vtprune  # noqa: E402
+from vtprune.adapters import architecture, architecture_of  # noqa: E402
+from vtprune.errors import VTPruneError  # noqa: E402
+from vtprune.schedule import as_schedule  # noqa: E402
 from vtprune.strategies.registry import list_strategies  # noqa: E402
-from vtprune.synthetic import MODEL_KINDS, RowSpec, build_inputs, build_model  # noqa: E402
+from vtprune.testing import MODEL_KINDS, RowSpec, build_inputs, build_model  # noqa: E402
 
 #: The enrolment every generic test runs over: what vtprune itself registers (taken before any test module
 #: registers a probe), so a new built-in strategy is covered without editing the tests.
 STRATEGIES = tuple(list_strategies())
+#: The families every generic test runs over (``MODEL_KINDS``): every architecture the registry in
+#: ``vtprune.adapters`` declares, so a new family is covered without editing the tests.
+FAMILIES = MODEL_KINDS
 
 torch.set_num_threads(2)
 
@@ -39,14 +46,44 @@ def models():
 def batch_rows(kind: str, rows: int) -> list[RowSpec]:
     """B=1: one image. B=3: rows with different visual token counts, two images in a row, a text-only row
     (and a video where the class takes video)."""
-    # LLaVA family: image sizes in base tiles; Qwen: the merged-token grid (h, w) of each image.
-    square, wide = ((2, 2), (2, 3)) if kind.startswith("qwen") else ((1, 1), (1, 1) if kind == "llava" else (1, 2))
+    arch = architecture(kind)
+    square, wide = arch.test_images  # in the family's own image units (base tiles, merged-token grids, ...)
     if rows == 1:
         return [RowSpec(images=[square])]
     spec = [RowSpec(images=[square]), RowSpec(images=[wide, square], text_before=1), RowSpec(images=[], text_before=2)]
-    if kind in ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if arch.takes_video:
         spec[2] = RowSpec(images=[], videos=1, text_before=2)
     return spec
+
+
+def refusal(model, schedule, **options) -> str | None:
+    """What ``prune(model, schedule)`` must refuse, from what the family declares (None: it must run it).
+
+    Decoder stages with sliding-window layers from their layer on (the layer types of the config), and strategies
+    that read an input the family's adapter cannot give (``unavailable_inputs``).
+    """
+    config = model.config.get_text_config()
+    resolved = as_schedule(schedule, **options).resolved(config.num_hidden_layers)
+    layer_types = getattr(config, "layer_types", None) or []
+    for stage in resolved.decoder_stages:
+        if any(kind != "full_attention" for kind in layer_types[stage.layer :]):
+            return "sliding-window"
+    unavailable = architecture_of(model).adapter.unavailable_inputs
+    if any(stage.strategy.needs & unavailable.keys() for stage in resolved.stages):
+        return "cannot give"
+    return None
+
+
+def refuses(model, schedule, **options) -> bool:
+    """True (after checking the refusal is loud and leaves no hook) where the family cannot run ``schedule``."""
+    why = refusal(model, schedule, **options)
+    if why is None:
+        return False
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(VTPruneError, match=why):
+        vtprune.prune(model, schedule, **options)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
+    return True
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +110,7 @@ def _quiet_budget_warnings():
         yield
 
 
-__all__ = ["MODEL_KINDS", "STRATEGIES"]
+__all__ = ["FAMILIES", "MODEL_KINDS", "STRATEGIES", "refuses"]
 
 
 @pytest.fixture(autouse=True)

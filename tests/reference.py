@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers.masking_utils import create_causal_mask
 
 from vtprune.record import PruneRecord
-from vtprune.synthetic import IMAGE, VIDEO
+from vtprune.testing import IMAGE, VIDEO
 from vtprune.vocabulary.compat import CACHE_KWARG
 
 

@@ -6,7 +6,7 @@ import torch
 import vtprune
 from vtprune import Budget, Schedule, Stage
 from vtprune.strategies import DivPrune, FastV, RandomPruning
-from vtprune.synthetic import RowSpec, build_inputs
+from vtprune.testing import RowSpec, build_inputs
 
 
 def test_schedule_strings_round_trip():

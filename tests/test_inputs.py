@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerFast
 
 import vtprune
 from vtprune.engine.question_words import QuestionTokens
-from vtprune.synthetic import IMAGE
+from vtprune.testing import IMAGE
 
 
 def probe(name: str, seen: list):

@@ -7,7 +7,7 @@ import vtprune
 from vtprune.strategies import Matryoshka
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.pooling import pool_grid
-from vtprune.synthetic import IMAGE, RowSpec, build_inputs
+from vtprune.testing import IMAGE, RowSpec, build_inputs
 from vtprune.vocabulary.grids import Segment
 
 

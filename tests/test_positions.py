@@ -10,7 +10,7 @@ import torch
 from reference import final_keep
 
 import vtprune
-from vtprune.synthetic import MODEL_KINDS
+from vtprune.testing import MODEL_KINDS
 
 
 def text_model_positions(model, inputs: dict) -> torch.Tensor:

@@ -13,7 +13,7 @@ from vtprune.strategies import TRIM
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.registry import make_strategy
 from vtprune.strategies.trim import iqr_outliers
-from vtprune.synthetic import IMAGE, MODEL_KINDS
+from vtprune.testing import IMAGE, MODEL_KINDS
 
 fast = settings(max_examples=30, deadline=None)
 

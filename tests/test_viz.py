@@ -27,7 +27,7 @@ from transformers import (
 
 import vtprune
 from vtprune import viz
-from vtprune.synthetic import RowSpec, build_inputs
+from vtprune.testing import MODEL_KINDS, RowSpec, build_inputs
 
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -323,6 +323,42 @@ def assert_drawn(panel_image: Image.Image, picture: Image.Image, view: viz.View,
     assert (drawn[mask] == original[mask]).all()
     assert (drawn[~mask] <= np.floor(original[~mask] * viz.draw.DIM) + 1).all()
     assert (drawn[~mask] < original[~mask]).any()
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_every_family_draws_its_kept_tokens(models, make_inputs, kind):
+    """Every family of the registry maps a pruned batch's tokens to regions: boxes inside their picture, none
+    overlapping another of its view, and a panel per view that shows the kept boxes and dims the rest."""
+    model = models(kind)
+    inputs = make_inputs(model, kind, 3)
+    with torch.no_grad(), vtprune.pruned(model, "random:50%") as handle:
+        model(**inputs)
+    regions = viz.token_regions(model, inputs)
+    pairs = viz.match_records(handle.last_record, regions, inputs["input_ids"].shape[0])
+    assert len(pairs) == len(handle.last_record.images) > 0
+    pictures = {
+        (r.modality, r.index): gradient(*r.size, 60) if r.modality == "image" else [gradient(*r.size, 180)] * 8
+        for r in regions
+    }
+    images = [pictures[("image", i)] for i in range(sum(r.modality == "image" for r in regions))]
+    videos = [pictures[("video", i)] for i in range(sum(r.modality == "video" for r in regions))]
+    drawn = 0
+    for item, region in pairs:
+        height, width = region.size
+        for view in region.views:
+            x0, y0, x1, y1 = view.boxes.unbind(-1)
+            assert bool(((x0 >= 0) & (y0 >= 0) & (x1 <= width) & (y1 <= height) & (x1 > x0) & (y1 > y0)).all())
+            overlap_w = (torch.minimum(x1[:, None], x1[None]) - torch.maximum(x0[:, None], x0[None])).clamp(min=0)
+            overlap_h = (torch.minimum(y1[:, None], y1[None]) - torch.maximum(y0[:, None], y0[None])).clamp(min=0)
+            overlap = (overlap_w * overlap_h).fill_diagonal_(0)
+            assert float(overlap.max()) < 1e-6, f"{kind} {view.label}: boxes overlap"
+        for view, panel in zip(region.views, viz.kept_panels([(item, region)], images, videos), strict=True):
+            kept = torch.isin(view.tokens, item.kept)
+            if kept.any() and not kept.all():
+                picture = pictures[(region.modality, region.index)]
+                assert_drawn(panel.image, picture if region.modality == "image" else picture[0], view, item.kept)
+                drawn += 1
+    assert drawn > 0
 
 
 def test_show_kept_anyres_batch(models):

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
-from .adapters import adapter_for
+from .adapters import ModelAdapter, adapter_for
 from .engine.handle import PruneHandle
 from .engine.selection import TokenInputs, check_finite, check_inputs, score_tokens, select_tokens, token_context
-from .errors import BudgetError, LayerError
+from .errors import BudgetError, LayerError, UnsupportedModelError
 from .schedule import Budget, Schedule, Stage, as_schedule
 from .strategies.base import GreedyStrategy, Strategy
 from .strategies.registry import make_strategy
@@ -53,6 +54,7 @@ def prune(
     schedule = as_schedule(strategy, layer=layer, keep=keep, keep_ratio=keep_ratio, **options)
     schedule = schedule.resolved(len(adapter.layers))
     _check_sliding_window(adapter.text_config, schedule)
+    _check_inputs(adapter, schedule)
     handle = PruneHandle(
         model,
         adapter,
@@ -156,4 +158,13 @@ def _check_sliding_window(text_config: Any, schedule: Schedule) -> None:
             raise LayerError(
                 f"{stage.strategy.name} at layer {stage.layer}: layers from there on use sliding-window "
                 "attention, which vtprune cannot shorten inside the decoder; prune before the LLM instead"
+            )
+
+
+def _check_inputs(adapter: ModelAdapter, schedule: Schedule) -> None:
+    for stage in schedule.stages:
+        for name in sorted(stage.strategy.needs & adapter.unavailable_inputs.keys()):
+            raise UnsupportedModelError(
+                f"{stage.strategy.name} reads {name}, which {type(adapter.model).__name__} cannot give: "
+                f"{adapter.unavailable_inputs[name]}; choose a strategy that does not read it"
             )

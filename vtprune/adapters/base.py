@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 from transformers.modeling_outputs import ModelOutput
 
+from ..errors import UnsupportedModelError
 from ..vocabulary.grids import Grid, Segment
+from .geometry import ItemRegions, PixelSize
+from .random_weights import RowSpec, Size
 
 if TYPE_CHECKING:
     from ..engine.state import VisualItem
@@ -26,10 +32,12 @@ class ModelAdapter:
     built; the engine shortens those outputs and the sequence together.
     """
 
-    #: ``type(model).__name__`` values this adapter handles.
-    model_classes: ClassVar[tuple[str, ...]] = ()
     #: Position ids are (B, L) for 1-D RoPE; M-RoPE models override with their (rows, B, L) layout.
     position_seq_dim: ClassVar[int] = 1
+
+    #: Strategy inputs (``TokenContext`` fields) this family cannot provide, with why; strategies that read
+    #: one are refused at ``prune()``.
+    unavailable_inputs: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -141,6 +149,49 @@ class ModelAdapter:
         such state need nothing.
         """
         return lambda: None
+
+    def regions(
+        self,
+        inputs: Mapping[str, Any],
+        image_sizes: list[PixelSize] | None,
+        video_sizes: list[PixelSize] | None,
+        processor: Any | None,
+    ) -> list[ItemRegions]:
+        """The image region of every visual token of the processed ``inputs``, per image then per video.
+
+        ``image_sizes`` / ``video_sizes``: (height, width) of the pictures given to the processor, when known
+        (boxes then land on them); ``processor`` gives resize / crop settings where the geometry needs them.
+        """
+        raise UnsupportedModelError(f"vtprune.viz has no token geometry for {type(self.model).__name__}")
+
+
+#: (token ids of each row, unpadded; pixel inputs) for a batch of ``RowSpec`` rows, laid out as the processor would.
+RandomInputs = Callable[[nn.Module, list[RowSpec], torch.Generator], tuple[list[list[int]], dict[str, Tensor]]]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One supported ``*ForConditionalGeneration`` class and everything vtprune knows about it.
+
+    Family modules declare these (``ARCHITECTURES``); the engine, ``viz``, the harness and ``vtprune.testing``
+    look them up in ``vtprune.adapters`` instead of keeping tables of their own.
+    """
+
+    model_class: str
+    """``type(model).__name__`` (subclasses are served too)."""
+    model_type: str
+    """``config.model_type``; also the name tests and benchmarks build it by."""
+    adapter: type[ModelAdapter]
+    random_config: Callable[[Size], PretrainedConfig]
+    """A small random-weight config of this class (tests: ``TINY``, benchmarks: ``MID``)."""
+    random_inputs: RandomInputs
+    test_images: tuple[tuple[int, int], tuple[int, int]]
+    """A square and a wide image, in the units ``random_inputs`` reads, for the test batches."""
+    takes_video: bool = False
+    token_types: str | None = None
+    """Input naming each token's modality (1 image, 2 video), which this class's forward reads, if any."""
+    backbone: tuple[str, str] | None = None
+    """lmms-eval's simple wrapper (module, class) that loads and prompts this class, if lmms-eval has one."""
 
 
 def reduce_tokens(items: list[Tensor], kept: list[Tensor], weights: list[Tensor | None]) -> list[Tensor]:

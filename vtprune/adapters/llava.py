@@ -1,46 +1,42 @@
-"""LLaVA family: LLaVA-1.5, LLaVA-NeXT (AnyRes + newline tokens), LLaVA-OneVision (adds video)."""
+"""LLaVA-1.5: one CLIP image, one square raster of projector outputs (1-D RoPE positions)."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
+from transformers import LlavaConfig
+from transformers.image_transforms import get_resize_output_image_size
+from transformers.image_utils import ChannelDimension
 
-from ..vocabulary.grids import Grid, Segment
-from .base import ModelAdapter
+from ..vocabulary.grids import Grid
+from .base import Architecture, ModelAdapter
+from .geometry import ItemRegions, PixelSize, setting, shape_only, square_grid_regions
+from .random_weights import BOS, IMAGE, VIDEO, RowSpec, Size, clip_vision, llama_text, text_ids
 
 if TYPE_CHECKING:
     from ..engine.state import VisualItem
 
 
 class LlavaAdapter(ModelAdapter):
-    """1-D RoPE positions; features are projector outputs, packed per image by AnyRes on NeXT/OneVision."""
-
-    model_classes = (
-        "LlavaForConditionalGeneration",
-        "LlavaNextForConditionalGeneration",
-        "LlavaOnevisionForConditionalGeneration",
-    )
+    """Features are projector outputs, one (S/p) x (S/p) raster per image."""
 
     def grids(self, items: list[VisualItem], positions: Tensor) -> list[Grid]:
-        # LLaVA-1.5 images are one square grid; AnyRes packing (base tile + unpadded tiles + newlines)
-        # and OneVision videos are not one raster grid, so strategies get no grid for them.
-        if type(self.model).__name__ != "LlavaForConditionalGeneration":
-            return [None] * len(items)
-        sizes = [item.columns.numel() for item in items]
-        return [(1, math.isqrt(n), math.isqrt(n)) if math.isqrt(n) ** 2 == n else None for n in sizes]
+        return square_grids(items)
 
     def projector_module(self) -> nn.Module:
         return self.inner.multi_modal_projector
 
     def cls_attention_layer(self) -> nn.Module | None:
         # The layer whose output the projector reads (hidden_states[k] is the output of layers[k] for k < 0).
-        # Only LLaVA-1.5 maps one tower pass to one image's tokens; SigLIP towers have no [CLS].
+        # One tower pass maps to one image's tokens; SigLIP towers have no [CLS].
         layer = self.model.config.vision_feature_layer
         tower = self.inner.vision_tower
         encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # nesting varies by version
-        if type(self.model).__name__ != "LlavaForConditionalGeneration" or not isinstance(layer, int) or layer >= 0:
+        if not isinstance(layer, int) or layer >= 0:
             return None
         if encoder is None or getattr(self.model.config.vision_config, "model_type", "") != "clip_vision_model":
             return None
@@ -48,36 +44,104 @@ class LlavaAdapter(ModelAdapter):
             return None
         return encoder.layers[layer].self_attn
 
-    def segments(self, item: VisualItem) -> tuple[Segment, ...] | None:
-        if item.newline is None:
-            return None
-        vision = self.model.config.vision_config
-        return anyres_segments(item.newline, vision.image_size // vision.patch_size)
+    def regions(
+        self,
+        inputs: Mapping[str, Any],
+        image_sizes: list[PixelSize] | None,
+        video_sizes: list[PixelSize] | None,
+        processor: Any | None,
+    ) -> list[ItemRegions]:
+        # The raster of the processed S x S image, mapped back through pad-to-square / resize / centre crop.
+        pixel_values = inputs["pixel_values"]
+        processed = int(pixel_values.shape[-1])
+        side = processed // self.model.config.vision_config.patch_size
 
-    def newline_embedding(self) -> Tensor | None:
-        return getattr(self.inner, "image_newline", None)
+        def to_original(boxes: Tensor, size: PixelSize) -> Tensor:
+            return clip_geometry(size, processed, processor)(boxes)
+
+        return square_grid_regions(pixel_values, side, image_sizes, to_original)
 
 
-def anyres_segments(newline: Tensor, side: int) -> tuple[Segment, ...] | None:
-    """The grids of one LLaVA-NeXT / OneVision item, read off its newline tokens (``newline``: (N,) bool).
+def square_grids(items: list[VisualItem]) -> list[Grid]:
+    """(1, s, s) for items of s * s tokens: one square raster image each."""
+    sizes = [item.columns.numel() for item in items]
+    return [(1, math.isqrt(n), math.isqrt(n)) if math.isqrt(n) ** 2 == n else None for n in sizes]
 
-    A base tile of side ``side`` (the vision grid), then, for tiled images, an unpadded h x w grid with a
-    newline after each row; a single tile or OneVision's pooled video frames end with one newline instead.
-    None when the item has no newline or a packing this does not recognise.
+
+def clip_geometry(size: PixelSize, processed: int, processor: Any | None) -> Callable[[Tensor], Tensor]:
+    """Processed-image pixels -> original pixels through pad-to-square, resize and centre crop.
+
+    ``processor`` (or its image processor) gives the settings; without it the CLIP default (shortest-edge
+    resize, centre crop) is assumed.
     """
-    if not bool(newline.any()):
-        return None
-    n, newlines = newline.numel(), newline.nonzero()[:, 0].tolist()
-    base = side * side
-    if newlines == [n - 1]:
-        frame = math.ceil(side / 2)  # OneVision pools video frames 2x2
-        if n - 1 == base:
-            return (Segment(0, (1, side, side)),)
-        if (n - 1) % (frame * frame) == 0:
-            return (Segment(0, ((n - 1) // (frame * frame), frame, frame)),)
-        return None
-    width = newlines[0] - base
-    rows = len(newlines)
-    if width < 1 or newlines != [base + (r + 1) * (width + 1) - 1 for r in range(rows)] or n != newlines[-1] + 1:
-        return None
-    return (Segment(0, (1, side, side)), Segment(base, (1, rows, width), row_newlines=True))
+    image_processor = getattr(processor, "image_processor", processor)
+    height, width = size
+    pad_x = pad_y = 0
+    if getattr(image_processor, "do_pad", False):
+        side = max(height, width)
+        pad_x, pad_y = (side - width) // 2, (side - height) // 2
+        height = width = side
+    resize = getattr(image_processor, "size", None) or {"shortest_edge": processed}
+    if getattr(image_processor, "do_resize", True):
+        target = setting(resize, "shortest_edge") or (setting(resize, "height"), setting(resize, "width"))
+        resized = get_resize_output_image_size(
+            shape_only(height, width), target, default_to_square=False, input_data_format=ChannelDimension.FIRST
+        )
+    else:
+        resized = (height, width)
+    top = left = 0
+    if getattr(image_processor, "do_center_crop", True):
+        top, left = (resized[0] - processed) // 2, (resized[1] - processed) // 2
+    scale = torch.tensor([width / resized[1], height / resized[0]] * 2, dtype=torch.float64)
+    offset = torch.tensor([left, top] * 2, dtype=torch.float64)
+    shift = torch.tensor([pad_x, pad_y] * 2, dtype=torch.float64)
+    return lambda boxes: (boxes + offset) * scale - shift
+
+
+def llava_sequences(
+    rows: list[RowSpec], image_counts: list[int], video_count: int, vocab: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Token ids of each row the way the LLaVA processors lay them out: BOS, text, then each image's
+    (and video's) placeholders followed by one text token."""
+    counts = iter(image_counts)
+    sequences = []
+    for row in rows:
+        ids = [BOS] + text_ids(row.text_before, vocab, generator)
+        for _ in row.images:
+            ids += [IMAGE] * next(counts) + text_ids(1, vocab, generator)
+        for _ in range(row.videos):
+            ids += [VIDEO] * video_count + text_ids(1, vocab, generator)
+        sequences.append(ids + text_ids(row.text_after, vocab, generator))
+    return sequences
+
+
+def _random_config(size: Size) -> LlavaConfig:
+    return LlavaConfig(
+        vision_config=clip_vision(size), text_config=llama_text(size), vision_feature_layer=-2, image_token_id=IMAGE
+    )
+
+
+def _random_inputs(
+    model: nn.Module, rows: list[RowSpec], generator: torch.Generator
+) -> tuple[list[list[int]], dict[str, Tensor]]:
+    """Images are (1, 1): one S x S image each."""
+    config = model.config
+    side = config.vision_config.image_size
+    images = sum(len(row.images) for row in rows)
+    pixel_values = torch.randn(images, 3, side, side, generator=generator)
+    counts = [(side // config.vision_config.patch_size) ** 2] * images
+    sequences = llava_sequences(rows, counts, 0, config.text_config.vocab_size, generator)
+    return sequences, ({"pixel_values": pixel_values} if images else {})
+
+
+ARCHITECTURES = (
+    Architecture(
+        model_class="LlavaForConditionalGeneration",
+        model_type="llava",
+        adapter=LlavaAdapter,
+        random_config=_random_config,
+        random_inputs=_random_inputs,
+        test_images=((1, 1), (1, 1)),
+        backbone=("lmms_eval.models.simple.llava_hf", "LlavaHf"),
+    ),
+)

@@ -1,17 +1,27 @@
-"""Qwen-VL family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (M-RoPE positions; Qwen3-VL adds deepstack)."""
+"""Qwen-VL family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (M-RoPE positions; Qwen3-VL adds deepstack).
+
+Token geometry: the raster of merged (2 x 2 patch) tokens of each smart-resized image or frame group,
+frame by frame (2.5-VL's window order is undone by the model before the LLM sees tokens).
+"""
 
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Callable
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
+from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 from transformers.modeling_outputs import ModelOutput
 
 from ..vocabulary.compat import CACHE_KWARG
-from ..vocabulary.grids import Grid
+from ..vocabulary.grids import Grid, Segment
 from ..vocabulary.layout import take
-from .base import ModelAdapter, reduce_tokens
+from .base import Architecture, ModelAdapter, reduce_tokens
+from .geometry import ItemRegions, PixelSize, View, cell_boxes, clip_boxes, no_tokens, stretch
+from .random_weights import IMAGE, VIDEO, VISION_END, VISION_START, RowSpec, Size, text_fields, text_ids
 
 if TYPE_CHECKING:
     from ..engine.state import VisualItem
@@ -20,11 +30,6 @@ if TYPE_CHECKING:
 class QwenVLAdapter(ModelAdapter):
     """Features are merger outputs in raster order of the merged (t, h/m, w/m) grid."""
 
-    model_classes = (
-        "Qwen2VLForConditionalGeneration",
-        "Qwen2_5_VLForConditionalGeneration",
-        "Qwen3VLForConditionalGeneration",
-    )
     # (3, B, L) t/h/w rows, or (4, B, L) with the text positions first as generate() passes them.
     position_seq_dim = 2
 
@@ -92,3 +97,162 @@ class QwenVLAdapter(ModelAdapter):
         # An attribute on this one instance; removing it brings back the class method.
         text_model._deepstack_process = deepstack_process
         return lambda: delattr(text_model, "_deepstack_process")
+
+    def regions(
+        self,
+        inputs: Mapping[str, Any],
+        image_sizes: list[PixelSize] | None,
+        video_sizes: list[PixelSize] | None,
+        processor: Any | None,
+    ) -> list[ItemRegions]:
+        vision = self.model.config.vision_config
+        patch, merge, temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+        items = []
+        for modality, key, sizes in (
+            ("image", "image_grid_thw", image_sizes),
+            ("video", "video_grid_thw", video_sizes),
+        ):
+            grids = inputs.get(key)
+            for i, (t, h, w) in enumerate([] if grids is None else grids.tolist()):
+                rows, cols = h // merge, w // merge
+                resized = (h * patch, w * patch)
+                size = sizes[i] if sizes else resized
+                boxes = clip_boxes(stretch(cell_boxes(rows, cols, merge * patch), resized, size), size)
+                cells = Segment(0, (t, rows, cols)).cells().view(t, rows * cols)
+                views = tuple(
+                    View(
+                        "image" if modality == "image" else f"frames {f * temporal}-{(f + 1) * temporal - 1}",
+                        f * temporal,
+                        cells[f],
+                        boxes,
+                    )
+                    for f in range(t)
+                )
+                items.append(ItemRegions(modality, i, t * rows * cols, size, views, no_tokens()))
+        return items
+
+
+def _text(size: Size, mrope_interleaved: bool = False) -> dict:
+    head_dim = size.hidden // size.heads
+    quarter = head_dim // 8  # M-RoPE sections (t, h, w) must add up to head_dim / 2
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
+    }
+    if mrope_interleaved:
+        rope["mrope_interleaved"] = True
+    return dict(text_fields(size), head_dim=head_dim, rope_parameters=rope)
+
+
+def _vision(size: Size) -> dict:
+    return {
+        "depth": size.vision_layers,
+        "hidden_size": size.vision_hidden,
+        "num_heads": 2,
+        "in_channels": 3,
+        "patch_size": size.patch,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "intermediate_size": 2 * size.vision_hidden,
+        "out_hidden_size": size.hidden,
+    }
+
+
+_TOKENS = {
+    "image_token_id": IMAGE,
+    "video_token_id": VIDEO,
+    "vision_start_token_id": VISION_START,
+    "vision_end_token_id": VISION_END,
+}
+
+
+def _qwen2_config(size: Size) -> PretrainedConfig:
+    vision = {k: v for k, v in _vision(size).items() if k not in ("intermediate_size", "out_hidden_size")}
+    vision.update(embed_dim=size.vision_hidden, hidden_size=size.hidden, mlp_ratio=2)
+    return Qwen2VLConfig(text_config=_text(size), vision_config=vision, **_TOKENS)
+
+
+def _qwen2_5_config(size: Size) -> PretrainedConfig:
+    vision = dict(_vision(size), window_size=4 * size.patch, fullatt_block_indexes=[size.vision_layers - 1])
+    return Qwen2_5_VLConfig(text_config=_text(size), vision_config=vision, **_TOKENS)
+
+
+def _qwen3_config(size: Size) -> PretrainedConfig:
+    deepstack = list(range(min(2, size.vision_layers)))
+    vision = dict(_vision(size), num_position_embeddings=64, deepstack_visual_indexes=deepstack)
+    return Qwen3VLConfig(text_config=_text(size, mrope_interleaved=True), vision_config=vision, **_TOKENS)
+
+
+def _random_inputs(
+    model: nn.Module, rows: list[RowSpec], generator: torch.Generator, *, frame_groups: bool = False
+) -> tuple[list[list[int]], dict[str, Tensor]]:
+    """Images are their merged-token grid (h, w); a video is 2 frames of 2 x 2 merged tokens. ``frame_groups``:
+    each video frame gets its own placeholder group after its timestamp text (Qwen3-VL)."""
+    config = model.config
+    vision, vocab = config.vision_config, config.text_config.vocab_size
+    patch, temporal, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
+    pixels, grids, video_pixels, video_grids, sequences = [], [], [], [], []
+    for row in rows:
+        ids = text_ids(row.text_before, vocab, generator)
+        for h, w in row.images:
+            grid = (1, h * merge, w * merge)
+            grids.append(grid)
+            pixels.append(torch.randn(math.prod(grid), 3 * temporal * patch * patch, generator=generator))
+            ids += [VISION_START] + [IMAGE] * (h * w) + [VISION_END]
+        for _ in range(row.videos):
+            grid = (2, 2 * merge, 2 * merge)
+            video_grids.append(grid)
+            video_pixels.append(torch.randn(math.prod(grid), 3 * temporal * patch * patch, generator=generator))
+            if frame_groups:
+                for _ in range(2):
+                    ids += text_ids(1, vocab, generator) + [VISION_START] + [VIDEO] * 4 + [VISION_END]
+            else:
+                ids += [VISION_START] + [VIDEO] * (2 * 2 * 2) + [VISION_END]
+        sequences.append(ids + text_ids(row.text_after, vocab, generator))
+    extra = {}
+    if pixels:
+        extra.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(grids))
+    if video_pixels:
+        extra.update(pixel_values_videos=torch.cat(video_pixels), video_grid_thw=torch.tensor(video_grids))
+    return sequences, extra
+
+
+def _qwen3_inputs(
+    model: nn.Module, rows: list[RowSpec], generator: torch.Generator
+) -> tuple[list[list[int]], dict[str, Tensor]]:
+    return _random_inputs(model, rows, generator, frame_groups=True)
+
+
+_QWEN = {
+    "adapter": QwenVLAdapter,
+    "test_images": ((2, 2), (2, 3)),
+    "takes_video": True,
+    "token_types": "mm_token_type_ids",
+}
+ARCHITECTURES = (
+    Architecture(
+        model_class="Qwen2VLForConditionalGeneration",
+        model_type="qwen2_vl",
+        random_config=_qwen2_config,
+        random_inputs=_random_inputs,
+        backbone=("lmms_eval.models.simple.qwen2_vl", "Qwen2_VL"),
+        **_QWEN,
+    ),
+    Architecture(
+        model_class="Qwen2_5_VLForConditionalGeneration",
+        model_type="qwen2_5_vl",
+        random_config=_qwen2_5_config,
+        random_inputs=_random_inputs,
+        backbone=("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VL"),
+        **_QWEN,
+    ),
+    Architecture(
+        model_class="Qwen3VLForConditionalGeneration",
+        model_type="qwen3_vl",
+        random_config=_qwen3_config,
+        random_inputs=_qwen3_inputs,
+        backbone=("lmms_eval.models.simple.qwen3_vl", "Qwen3_VL"),
+        **_QWEN,
+    ),
+)

@@ -1,6 +1,6 @@
 """``--model vtprune`` for lmms-eval: the backbone's own lmms-eval wrapper, with its model pruned.
 
-The backbone wrapper (lmms-eval's ``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl`` or ``qwen3_vl``) is
+The backbone wrapper (lmms-eval's own wrapper of the family, ``Architecture.backbone``) is
 chosen from the checkpoint's ``config.model_type`` and does all prompting, batching and decoding
 exactly as it does without vtprune; this class only prunes the model it loaded, measures every
 ``generate()`` and makes failures loud. Arguments vtprune reads are taken out of ``--model_args``;
@@ -23,6 +23,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from transformers import AutoConfig
 
+from ..adapters import ARCHITECTURES
 from ..api import prune
 from ..engine.handle import PruneHandle
 from ..schedule import Schedule, as_schedule, make_stage, parse_strategy
@@ -30,15 +31,9 @@ from .meter import GenerationMeter, RunFailed, RunMeasurements
 from .presets import preset_schedule
 from .sweep import gather_calls, library_versions
 
-#: config.model_type -> lmms-eval simple wrapper (module, class) that loads and prompts that family.
-BACKBONES: dict[str, tuple[str, str]] = {
-    "llava": ("lmms_eval.models.simple.llava_hf", "LlavaHf"),
-    "llava_next": ("lmms_eval.models.simple.llava_hf", "LlavaHf"),
-    "llava_onevision": ("lmms_eval.models.simple.llava_hf", "LlavaHf"),
-    "qwen2_vl": ("lmms_eval.models.simple.qwen2_vl", "Qwen2_VL"),
-    "qwen2_5_vl": ("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VL"),
-    "qwen3_vl": ("lmms_eval.models.simple.qwen3_vl", "Qwen3_VL"),
-}
+#: config.model_type -> lmms-eval simple wrapper (module, class) that loads and prompts that family, as each
+#: family declares it (``Architecture.backbone``).
+BACKBONES: dict[str, tuple[str, str]] = {arch.model_type: arch.backbone for arch in ARCHITECTURES if arch.backbone}
 #: Backbone wrappers that generate one sample at a time (lmms-eval's simple ``llava_hf`` asserts it mid-run).
 SINGLE_SAMPLE_BACKBONES = {("lmms_eval.models.simple.llava_hf", "LlavaHf")}
 ON_ERROR = ("raise", "count")

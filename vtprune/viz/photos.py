@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..synthetic import IMAGE
+from ..testing import IMAGE
 
 LLAVA_TOKENS = 576  # LLaVA-1.5: CLIP 336 px, patch 14 -> 24 x 24
 
@@ -41,7 +41,7 @@ def photo_patches(photo: Image.Image, count: int, patch: int = 14) -> torch.Tens
 
 
 def llava_photo_inputs(photo: Image.Image) -> tuple:
-    """(processor, inputs) for one photo and a short prompt on ``vtprune.synthetic``'s LLaVA at the LLaVA-1.5
+    """(processor, inputs) for one photo and a short prompt on ``vtprune.testing``'s LLaVA at the LLaVA-1.5
     geometry (``build_model("llava", MID)``): CLIP's 336 px resize and centre crop, 576 image tokens."""
     from transformers import CLIPImageProcessor
 

@@ -1,0 +1,69 @@
+"""Random-weight models of every supported class, built from configs, with matching inputs: fixtures for tests
+and benchmarks, not library code.
+
+They prove the mechanics (and time them) without any download: tests use the tiny sizes,
+``eval/bench_prefill.py`` the mid sizes. Each family declares its config and input layout in its adapter module
+(``Architecture.random_config`` / ``random_inputs``): placeholder tokens where the images go, the counts taken
+from the model's own vision encoder.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from .adapters import ARCHITECTURES, architecture, architecture_of
+from .adapters.random_weights import (
+    BOS,
+    FIRST_TEXT_ID,
+    IMAGE,
+    MID,
+    PAD,
+    TINY,
+    VIDEO,
+    VISION_END,
+    VISION_START,
+    RowSpec,
+    Size,
+)
+
+#: Every supported class by the name tests and benchmarks build it by (its ``config.model_type``).
+MODEL_KINDS = tuple(arch.model_type for arch in ARCHITECTURES)
+
+
+def build_model(kind: str, size: Size = TINY, *, attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
+    """A randomly initialised ``*ForConditionalGeneration`` of ``kind`` (one of ``MODEL_KINDS``), in eval mode."""
+    arch = architecture(kind)
+    torch.manual_seed(seed)
+    config = arch.random_config(size)
+    config._attn_implementation = attn_implementation
+    model = getattr(transformers, arch.model_class)(config)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def build_inputs(model: nn.Module, rows: list[RowSpec], *, seed: int = 0) -> dict[str, Tensor]:
+    """Left-padded inputs for ``rows``, as the model's processor would lay them out.
+
+    Image sizes are in the units of the model's family (``Architecture.test_images`` gives a square and a wide
+    one): base tiles for the LLaVA family ((1, 1) one tile, (1, 2) a wide AnyRes image), the merged-token grid
+    (h, w) for Qwen.
+    """
+    arch = architecture_of(model)
+    sequences, extra = arch.random_inputs(model, rows, torch.Generator().manual_seed(seed))
+    length = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        input_ids[i, length - len(ids) :] = torch.tensor(ids)
+        attention_mask[i, length - len(ids) :] = 1
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **extra)
+    if arch.token_types is not None:
+        inputs[arch.token_types] = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
+    return inputs
+
+
+__all__ = ["BOS", "FIRST_TEXT_ID", "IMAGE", "MID", "MODEL_KINDS", "PAD", "TINY", "VIDEO", "VISION_END"]
+__all__ += ["VISION_START", "RowSpec", "Size", "build_inputs", "build_model"]
