@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vtprune
+from vtprune.engine.question_words import QuestionTokens
 from vtprune.errors import OptionError
 from vtprune.strategies import CDPruner
 from vtprune.strategies.base import TokenContext
@@ -150,7 +151,7 @@ def test_in_the_model_it_selects_what_select_gives_on_the_question_embeddings(mo
         model(**inputs)
     ids = inputs["input_ids"][0]
     adapter = vtprune.adapters.adapter_for(model)
-    words = handle.question_tokens.select(ids[inputs["attention_mask"][0].bool()])
+    words = QuestionTokens(adapter.special_token_ids()).select(ids[inputs["attention_mask"][0].bool()])
     question = model.get_input_embeddings()(words)
     with torch.no_grad():
         encoded = adapter.encode(dict(inputs))["mm_encoder_outputs"]["image"].pooler_output[0]

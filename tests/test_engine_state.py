@@ -167,7 +167,7 @@ def test_inner_modules_run_unpruned_after_a_generate_with_a_decoder_stage(models
         inner = model.model(**inputs).last_hidden_state
         with vtprune.pruned(model, "divprune:50%+fastv@2:50%") as handle:
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
-            assert handle.active is None
+            assert handle.session.state is None
             assert torch.equal(model.model(**inputs).last_hidden_state, inner)
 
 
@@ -276,11 +276,11 @@ def test_projector_calls_outside_a_prefill_are_not_recorded(models, make_inputs,
     pixels = {key: inputs[key] for key in ("pixel_values", "image_grid_thw", "image_sizes") if key in inputs}
     with torch.no_grad(), vtprune.pruned(model, "mmtok:50%") as handle:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        after_generate = list(handle.projector_inputs._calls)
+        after_generate = list(handle.capture.projector_inputs._calls)
         assert len(after_generate) == 1  # the one encoding that prefill read
         for _ in range(5):
             model.model.get_image_features(**pixels)
-        assert [id(call) for call in handle.projector_inputs._calls] == [id(call) for call in after_generate]
+        assert [id(call) for call in handle.capture.projector_inputs._calls] == [id(call) for call in after_generate]
 
 
 # --- training inputs a decoder stage cannot honour are refused up front (item 13) ----------------------------
