@@ -2,7 +2,7 @@
 
 Default: DivPrune and MMTok against plain implementations of the papers' formulations
 (``eval/paper_selectors.py``: DivPrune's float32 cosine matrix and O(k²N) re-gather loop, MMTok's
-dense coverage loop; both reproduce the authors' recorded picks, tests/test_parity.py) on the same
+dense coverage loop; both reproduce the authors' recorded picks, tests/strategies/test_parity.py) on the same
 inputs, at N in {576, 1752, 2880} tokens, D in {1024, 4096}, k in {64, 10 %}, float32 and bfloat16
 tokens, batches of 1 and 8 images (each image its own keep set: vtprune runs the engine's
 ``select_tokens`` for the batch, the paper one call per image). ``--inputs`` picks what the tokens are: ``gaussian``

@@ -12,8 +12,8 @@ from ..errors import AlreadyPrunedError, VTPruneError
 from ..record import PruneRecord
 from ..schedule import Schedule
 from .capture import EncodingCapture
-from .decoder_stage import DecoderStages
-from .input_stage import InputStage
+from .decoder_hooks import DecoderHooks
+from .input_hook import InputHook
 from .session import Session, Uncopyable
 from .settings import PruneSettings
 
@@ -57,8 +57,8 @@ class PruneHandle(Uncopyable):
         try:
             setattr(self.model, HANDLE_ATTR, self)
             self.add_undo(lambda: delattr(self.model, HANDLE_ATTR))
-            input_stage = InputStage(self.adapter, self.settings, self.session, self.capture)
-            self.add_hook(self.model.register_forward_pre_hook(input_stage, with_kwargs=True))
+            input_hook = InputHook(self.adapter, self.settings, self.session, self.capture)
+            self.add_hook(self.model.register_forward_pre_hook(input_hook, with_kwargs=True))
             self.add_hook(self.model.register_forward_hook(self._end_forward, always_call=True))
             self._record_encodings()
             stage = self.schedule.input_stage
@@ -70,7 +70,7 @@ class PruneHandle(Uncopyable):
                 hook = self.capture.projector_inputs.hook
                 self.add_hook(projector.register_forward_hook(hook, with_kwargs=True))
             if self.schedule.decoder_stages:
-                DecoderStages(self.adapter, self.settings, self.session).install(self.add_undo)
+                DecoderHooks(self.adapter, self.settings, self.session).install(self.add_undo)
         except BaseException:
             self.remove()  # never leave a model half-patched
             raise

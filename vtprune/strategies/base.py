@@ -21,8 +21,8 @@ from ..vocabulary.grids import Segment
 from .options import constructor_defaults, declared_options
 
 #: Where a strategy can act: before the language model, or on decoder hidden states at layer K.
-INPUT_STAGE = "input"
-DECODER_STAGE = "decoder"
+INPUT_PLACE = "input"
+DECODER_PLACE = "decoder"
 
 
 @dataclass
@@ -97,7 +97,7 @@ class Strategy:
     """Optional :class:`TokenContext` fields this strategy reads (e.g. ``{"attention"}``)."""
     optional_needs: ClassVar[frozenset[str]] = frozenset()
     """Those of ``needs`` the strategy has a documented fallback for; :func:`vtprune.select` requires the others."""
-    stages: ClassVar[frozenset[str]] = frozenset({INPUT_STAGE, DECODER_STAGE})
+    places: ClassVar[frozenset[str]] = frozenset({INPUT_PLACE, DECODER_PLACE})
     """Where the strategy can act."""
     needs_budget: ClassVar[bool] = True
     """False for strategies that decide the count themselves (``none``)."""
@@ -197,7 +197,7 @@ class MergingStrategy(Strategy):
     then documents how it rounds).
     """
 
-    stages: ClassVar[frozenset[str]] = frozenset({INPUT_STAGE})
+    places: ClassVar[frozenset[str]] = frozenset({INPUT_PLACE})
 
     def merge(self, ctx: TokenContext) -> tuple[Tensor, Tensor]:
         """(places (k,), weights (k, N)) for this image."""

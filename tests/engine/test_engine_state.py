@@ -10,7 +10,7 @@ import torch
 from conftest import STRATEGIES
 
 import vtprune
-from vtprune.strategies.base import DECODER_STAGE, INPUT_STAGE
+from vtprune.strategies.base import DECODER_PLACE, INPUT_PLACE
 from vtprune.strategies.registry import strategy_class
 from vtprune.synthetic import MODEL_KINDS, build_model
 from vtprune.vocabulary.compat import CACHE_KWARG, output_cache
@@ -20,13 +20,13 @@ def stage_arguments(name: str, stage: str) -> dict:
     """``prune`` keywords that run strategy ``name`` at ``stage`` (decoder: layer 2) and really prune."""
     cls = strategy_class(name)
     arguments = {"keep_ratio": 0.5} if cls.needs_budget else {}
-    if stage == DECODER_STAGE:
+    if stage == DECODER_PLACE:
         arguments["layer"] = 2
     return arguments
 
 
 def every_strategy_and_stage() -> list[tuple[str, str]]:
-    return [(name, stage) for name in STRATEGIES for stage in sorted(strategy_class(name).stages)]
+    return [(name, stage) for name in STRATEGIES for stage in sorted(strategy_class(name).places)]
 
 
 # --- (a) nothing left behind ------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_remove_restores_every_submodules_state(models, make_inputs, kind):
     own = {("model", "rope_deltas")} & {(name, key) for name, attributes in before.items() for key in attributes}
     assert changed(before, module_state(model)) <= own
     probes = every_strategy_and_stage()
-    assert {stage for _, stage in probes} == {INPUT_STAGE, DECODER_STAGE}
+    assert {stage for _, stage in probes} == {INPUT_PLACE, DECODER_PLACE}
     for name, stage in probes:
         handle = vtprune.prune(model, name, **stage_arguments(name, stage))
         run_forward_and_generate(model, inputs)
@@ -112,7 +112,7 @@ def kept_per_prefill(model, inputs: dict, schedule_name: str, stage: str, use_ca
 
 
 def stage_key(stage: str) -> str:
-    return "input" if stage == INPUT_STAGE else "layer 2"
+    return "input" if stage == INPUT_PLACE else "layer 2"
 
 
 def as_lists(kept: list) -> list:

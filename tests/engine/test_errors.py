@@ -21,7 +21,7 @@ from vtprune.engine.selection import select_tokens
 from vtprune.errors import InputError, RegistrationError, ScheduleError, StrategyOutputError
 from vtprune.schedule import Budget, BudgetWarning, parse_strategy
 from vtprune.strategies import Matryoshka, TokenContext
-from vtprune.strategies.registry import list_strategies, make_strategy
+from vtprune.strategies.registry import make_strategy
 from vtprune.vocabulary.compat import CACHE_KWARG, output_cache
 
 

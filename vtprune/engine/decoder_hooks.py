@@ -1,4 +1,4 @@
-"""Stage B: prune visual tokens inside the decoder, from layer K on, during prefill.
+"""The decoder stages' hooks: prune visual tokens inside the decoder, from layer K on, during prefill.
 
 The text model hands the same causal mask and the same (cos, sin) tables to every layer, so a
 pre-hook sits on every layer from the first pruning layer on. At a pruning layer it selects for
@@ -27,7 +27,7 @@ from .settings import PruneSettings
 from .state import PruneState
 
 
-class DecoderStages:
+class DecoderHooks:
     """Pre-hooks for decoder layers, shared by every decoder stage of one schedule."""
 
     def __init__(self, adapter: ModelAdapter, settings: PruneSettings, session: Session) -> None:
@@ -131,7 +131,7 @@ class DecoderStages:
                 if scores is not None:  # from the slots still present to the item's own token order
                     full = torch.full((item.record.num_tokens,), torch.nan)
                     full[state.token_of_slot[item.row, slots].cpu()] = scores
-                    item.record.scores_by_stage[f"layer {layer}"] = full
+                    item.record.scores_by_stage[stage.key] = full
             dropped = slots.new_ones(slots.numel(), dtype=keep.dtype)
             dropped[kept.to(slots.device)] = False
             keep[item.row, slots[dropped]] = False
@@ -156,7 +156,7 @@ class DecoderStages:
             )
             state.layer_inputs = (mask, (layout.take(cos), layout.take(sin)), position_ids)
         for index, item in enumerate(state.items):
-            item.record.kept_by_stage[f"layer {layer}"] = state.kept_tokens(index)
+            item.record.kept_by_stage[stage.key] = state.kept_tokens(index)
         return hidden_states
 
     def _decode_mask(self, state: PruneState, governing: int, hidden_states: Any, kwargs: dict[str, Any]) -> Any:

@@ -1,4 +1,4 @@
-"""Stage A: a forward pre-hook on the ``XxxForConditionalGeneration`` that prunes before the LLM.
+"""The input stage's hook: a forward pre-hook on the ``XxxForConditionalGeneration`` that prunes before the LLM.
 
 At prefill it selects for all images at once (images of the same size run as one group),
 shortens the encoder outputs, and packs every sequence tensor with one :class:`Layout`, so kept
@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from ..adapters.base import PIXEL_INPUTS, ModelAdapter
 from ..errors import UnsupportedCacheError, UnsupportedTrainingError, VTPruneError
 from ..record import ImageRecord
-from ..strategies.base import INPUT_STAGE, MergingStrategy, TokenContext
+from ..strategies.base import MergingStrategy, TokenContext
 from ..vocabulary.compat import CACHE_KWARG, get_cache
 from ..vocabulary.layout import Layout, last_valid, pack
 from .capture import EncodingCapture
@@ -49,7 +49,7 @@ def item_seed(base: int, ids: Tensor, modality: str, index: int) -> int:
     return zlib.crc32(data)
 
 
-class InputStage:
+class InputHook:
     """The forward pre-hook: starts the session's forward, prunes at prefill, maps each decode step."""
 
     def __init__(
@@ -268,7 +268,7 @@ class InputStage:
             if self.settings.record_scores:  # outside the timing: scores are for looking, not for pruning
                 scores = score_tokens(strategy, image, newlines=newlines)
                 if scores is not None:
-                    item.record.scores_by_stage[INPUT_STAGE] = scores
+                    item.record.scores_by_stage[self.stage.key] = scores
             kept_by_modality[item.modality].append(kept)
             weights_by_modality[item.modality].append(weights)
             dropped = torch.ones(item.columns.numel(), dtype=torch.bool, device=input_ids.device)
@@ -301,7 +301,7 @@ class InputStage:
 
     def _record(self, state: PruneState) -> None:
         for index, item in enumerate(state.items):
-            item.record.kept_by_stage[INPUT_STAGE] = state.kept_tokens(index)
+            item.record.kept_by_stage[self.stage.key] = state.kept_tokens(index)
 
     def _shorten(
         self,
