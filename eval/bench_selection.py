@@ -2,7 +2,7 @@
 
 Default: DivPrune and MMTok against plain implementations of the papers' formulations
 (``eval/paper_selectors.py``: DivPrune's float32 cosine matrix and O(k²N) re-gather loop, MMTok's
-dense coverage loop; both reproduce the authors' recorded picks, tests/test_parity.py) on the same
+dense coverage loop; both reproduce the authors' recorded picks, tests/strategies/test_parity.py) on the same
 inputs, at N in {576, 1752, 2880} tokens, D in {1024, 4096}, k in {64, 10 %}, float32 and bfloat16
 tokens, batches of 1 and 8 images (each image its own keep set: vtprune runs the engine's
 ``select_tokens`` for the batch, the paper one call per image). ``--inputs`` picks what the tokens are: ``gaussian``
@@ -50,8 +50,9 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 import vtprune
-from vtprune.engine.selection import TokenInputs, select_tokens
+from vtprune.engine.selection import select_tokens
 from vtprune.schedule import Budget, parse_strategy
+from vtprune.strategies.base import TokenContext
 from vtprune.viz.photos import photo_patches, sample_photos
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -127,7 +128,7 @@ def paper_cases(
     its own keep set."""
     dtype, device = images[0].dtype, images[0].device
     if method == "divprune":
-        inputs = [TokenInputs() for _ in images]
+        inputs = [TokenContext(features=x, keep=x.shape[0]) for x in images]
         strategy = parse_strategy("divprune")
 
         def paper() -> list[torch.Tensor]:
@@ -135,7 +136,9 @@ def paper_cases(
 
     else:
         inputs = [
-            TokenInputs(
+            TokenContext(
+                features=x,
+                keep=x.shape[0],
                 text_embeds=torch.randn(WORDS, x.shape[1], generator=generator).to(device, dtype),
                 pre_features=pre.to(device, dtype),
             )
@@ -149,10 +152,8 @@ def paper_cases(
                 for x, extra in zip(images, inputs)
             ]
 
-    batch = list(zip(images, inputs))
-
     def ours() -> list[torch.Tensor]:
-        return select_tokens(strategy, Budget(keep=k), batch)
+        return select_tokens(strategy, Budget(keep=k), inputs)
 
     return ours, paper
 
@@ -235,7 +236,7 @@ def selection_calls(strategy, features: list[torch.Tensor], inputs: list[dict], 
     """(one call per image, one engine call for the batch) selecting 25 % of ``features``; each writes its picks
     into ``kept`` under "per image" / "batched"."""
     ratio = {"keep_ratio": 0.25} if strategy.needs_budget else {}
-    batch = [(image, TokenInputs(**extra)) for image, extra in zip(features, inputs)]
+    batch = [TokenContext(features=image, keep=image.shape[0], **extra) for image, extra in zip(features, inputs)]
 
     def per_image() -> None:
         kept["per image"] = [

@@ -1,6 +1,6 @@
 """The papers' own selection formulations, written plainly from the papers and the authors' loops.
 
-They are what ``eval/bench_selection.py`` times vtprune against and what ``tests/test_parity.py``
+They are what ``eval/bench_selection.py`` times vtprune against and what ``tests/strategies/test_parity.py``
 checks against the authors' recorded outputs; nothing in the library uses them.
 """
 

@@ -5,7 +5,7 @@ Examples: python eval/readme_figures.py --threads 2                  # both toy 
 Each table sits in README.md between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``; NAME is
 ``<model>-summary`` (overall accuracy per strategy and budget) or ``<model>-full`` (per question type, with the
 oracles and seconds per sample). Every registered strategy is run (``vtprune.list_strategies()``), so a new strategy
-appears after the next run, and the option settings the README discusses (:func:`variants`). tests/test_readme_figures.py recomputes some cells and fails when they drift.
+appears after the next run, and the option settings the README discusses (:func:`variants`). tests/integration/test_readme_figures.py recomputes some cells and fails when they drift.
 """
 
 from __future__ import annotations

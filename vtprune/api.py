@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import fields
 from typing import Any
 
 from torch import Tensor, nn
 
 from .adapters import ModelAdapter, adapter_for
 from .engine.handle import PruneHandle
-from .engine.selection import TokenInputs, check_finite, check_inputs, score_tokens, select_tokens, token_context
+from .engine.selection import check_features, check_finite, check_inputs, restrict, score_tokens, select_tokens
+from .engine.settings import PruneSettings
 from .errors import BudgetError, LayerError, UnsupportedModelError
 from .schedule import Budget, Schedule, Stage, as_schedule
-from .strategies.base import GreedyStrategy, Strategy
-from .strategies.registry import make_strategy
+from .strategies.base import GreedyStrategy, Strategy, TokenContext
+from .strategies.registry import NEEDABLE, make_strategy
 
 StrategySpec = str | Strategy | Stage | Schedule | Sequence[Stage]
 
@@ -55,17 +55,10 @@ def prune(
     schedule = schedule.resolved(len(adapter.layers))
     _check_sliding_window(adapter.text_config, schedule)
     _check_inputs(adapter, schedule)
-    handle = PruneHandle(
-        model,
-        adapter,
-        schedule,
-        seed=seed,
-        newlines=newlines,
-        renumber=renumber,
-        tokenizer=tokenizer,
-        record_scores=record_scores,
+    settings = PruneSettings(
+        schedule, seed=seed, newlines=newlines, renumber=renumber, tokenizer=tokenizer, record_scores=record_scores
     )
-    return handle.install()
+    return PruneHandle(model, adapter, settings).install()
 
 
 @contextmanager
@@ -89,19 +82,19 @@ def select(
 ) -> Tensor:
     """Sorted kept indices for one image's tokens ``features`` (N, D), exactly as the hooks select.
 
-    Keywords named like :class:`TokenInputs` fields are per-image inputs: ``seed``, ``grid``
+    Keywords named like :class:`TokenContext` fields are per-image inputs: ``seed``, ``grid``
     (t, h, w), ``layer``, ``attention`` (N,) last-token attention (fastv), ``newline`` (N,) bool
     AnyRes newline tokens, ``text_embeds`` (m, D) question words and ``pre_features`` (N, Dc)
     (mmtok), ``projector`` (zoo), ``cls_attention`` (N,) (todre), ``cross_shares`` (2,)
     (todre_relevance). Every other keyword is a strategy option.
     """
-    inputs, options = _split_inputs(inputs_and_options)
+    image, options = _describe(features, inputs_and_options)
     chosen = make_strategy(strategy, **options)
     budget = None if keep is None and keep_ratio is None else Budget(keep=keep, keep_ratio=keep_ratio)
     if chosen.needs_budget and budget is None:
         raise BudgetError(f"strategy {chosen.name!r} needs a budget: pass keep= or keep_ratio=")
-    check_inputs(chosen, features, inputs)
-    return select_tokens(chosen, budget, [(features, inputs)], newlines=newlines)[0]
+    check_inputs(chosen, image)
+    return select_tokens(chosen, budget, [image], newlines=newlines)[0]
 
 
 def scores(
@@ -114,10 +107,10 @@ def scores(
     the attention (``attention=``), other greedy strategies the pick order. NaN for tokens that are not
     candidates (``newlines="drop"``). Inputs and options as in :func:`select`; no budget is needed.
     """
-    inputs, options = _split_inputs(inputs_and_options)
+    image, options = _describe(features, inputs_and_options)
     chosen = make_strategy(strategy, **options)
-    check_inputs(chosen, features, inputs)
-    return score_tokens(chosen, features, inputs, newlines=newlines)
+    check_inputs(chosen, image)
+    return score_tokens(chosen, image, newlines=newlines)
 
 
 def select_nested(
@@ -129,26 +122,29 @@ def select_nested(
     at the largest budget serves a whole sweep (the sets are nested). Inputs and options as in
     :func:`select`.
     """
-    inputs, options = _split_inputs(inputs_and_options)
+    image, options = _describe(features, inputs_and_options)
     chosen = make_strategy(strategy, **options)
     if not isinstance(chosen, GreedyStrategy):
         raise TypeError(
             f"strategy {chosen.name!r} is not greedy, so its keep sets are not nested; call select() per budget"
         )
-    check_inputs(chosen, features, inputs)
-    n = features.shape[0]
+    check_inputs(chosen, image)
+    n = image.num_tokens
     if not budgets or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n for k in budgets):
         raise BudgetError(f"budgets must be token counts in [1, {n}], got {list(budgets)}")
-    context = token_context(features, max(budgets), inputs)
+    context = restrict(image, max(budgets))
     check_finite(0, context)
     order = chosen.order(context)
     return {k: order[:k].sort().values for k in budgets}
 
 
-def _split_inputs(kwargs: dict[str, Any]) -> tuple[TokenInputs, dict[str, Any]]:
-    names = {field.name for field in fields(TokenInputs)}
-    inputs = TokenInputs(**{key: value for key, value in kwargs.items() if key in names})
-    return inputs, {key: value for key, value in kwargs.items() if key not in names}
+def _describe(features: Tensor, kwargs: dict[str, Any]) -> tuple[TokenContext, dict[str, Any]]:
+    """One image's whole-image context from ``features`` and the keywords that are context fields (per-image
+    inputs); the other keywords (strategy options)."""
+    check_features(features)
+    inputs = {key: value for key, value in kwargs.items() if key in NEEDABLE}
+    image = TokenContext(features=features, keep=features.shape[0], **inputs)
+    return image, {key: value for key, value in kwargs.items() if key not in NEEDABLE}
 
 
 def _check_sliding_window(text_config: Any, schedule: Schedule) -> None:

@@ -20,7 +20,7 @@ from numbers import Integral, Real
 from typing import Any, Sequence
 
 from .errors import BudgetError, LayerError, ScheduleError
-from .strategies.base import DECODER_STAGE, INPUT_STAGE, Strategy
+from .strategies.base import DECODER_PLACE, INPUT_PLACE, Strategy
 from .strategies.options import constructor_defaults, declared_options, parse_value
 from .strategies.registry import NAME_PATTERN, make_strategy
 
@@ -84,17 +84,23 @@ class Stage:
 
     @property
     def place(self) -> str:
-        if self.layer is None and INPUT_STAGE in self.strategy.stages:
-            return INPUT_STAGE
-        return DECODER_STAGE
+        """Where the stage acts: ``"input"`` (before the LLM) or ``"decoder"``."""
+        if self.layer is None and INPUT_PLACE in self.strategy.places:
+            return INPUT_PLACE
+        return DECODER_PLACE
+
+    @property
+    def key(self) -> str:
+        """What records call the stage (``ImageRecord.kept_by_stage``): ``"input"``, or ``"layer K"`` in the decoder."""
+        return INPUT_PLACE if self.place == INPUT_PLACE else f"layer {self.layer}"
 
     def __post_init__(self) -> None:
         name = self.strategy.name
         has_default = type(self.strategy).default_layer is not Strategy.default_layer
-        if self.layer is None and self.place == DECODER_STAGE and not has_default:
+        if self.layer is None and self.place == DECODER_PLACE and not has_default:
             raise LayerError(f"strategy {name!r} acts inside the decoder: give layer=K")
-        if self.place not in self.strategy.stages:
-            where = "inside the decoder: give layer=K" if self.place == INPUT_STAGE else "before the LLM: drop layer="
+        if self.place not in self.strategy.places:
+            where = "inside the decoder: give layer=K" if self.place == INPUT_PLACE else "before the LLM: drop layer="
             raise LayerError(f"strategy {name!r} acts {where}")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise LayerError(f"layer must be an int decoder layer index, got {self.layer!r}")
@@ -131,7 +137,7 @@ class Schedule:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ScheduleError("a schedule needs at least one stage")
-        if sum(stage.place == INPUT_STAGE for stage in self.stages) > 1:
+        if sum(stage.place == INPUT_PLACE for stage in self.stages) > 1:
             raise ScheduleError("a schedule can have only one stage before the LLM; chain decoder stages with layer=K")
         layers = [stage.layer for stage in self.stages if stage.layer is not None]
         if len(set(layers)) != len(layers):
@@ -140,17 +146,17 @@ class Schedule:
 
     @property
     def input_stage(self) -> Stage | None:
-        return next((stage for stage in self.stages if stage.place == INPUT_STAGE), None)
+        return next((stage for stage in self.stages if stage.place == INPUT_PLACE), None)
 
     @property
     def decoder_stages(self) -> list[Stage]:
-        return [stage for stage in self.stages if stage.place == DECODER_STAGE]
+        return [stage for stage in self.stages if stage.place == DECODER_PLACE]
 
     def resolved(self, num_layers: int) -> Schedule:
         """This schedule for a decoder of ``num_layers``: default depths filled in, every layer checked."""
         stages = [
             replace(stage, layer=min(num_layers - 1, max(1, stage.strategy.default_layer(num_layers))))
-            if stage.place == DECODER_STAGE and stage.layer is None
+            if stage.place == DECODER_PLACE and stage.layer is None
             else stage
             for stage in self.stages
         ]

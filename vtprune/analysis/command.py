@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..strategies.base import INPUT_STAGE
+from ..strategies.base import INPUT_PLACE
 from ..strategies.registry import strategy_class
 from .horizon import RULES, Horizon, horizon
 from .information import MEASURES, token_information
@@ -127,7 +127,7 @@ def suggest(found: Horizon, quality: ScoreQuality, budget: str, ratio: str) -> s
     rated = {
         name: sum(quality.auc[name][row] for row in before) / len(before)
         for name in quality.auc
-        if INPUT_STAGE in strategy_class(name.split("(")[0]).stages and before
+        if INPUT_PLACE in strategy_class(name.split("(")[0]).places and before
     }
     first = max(rated, key=rated.get) if rated else "divprune"
     schedule = f"{first}:{budget}"

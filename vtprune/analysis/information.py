@@ -11,7 +11,7 @@ Three measures come out of the same forward (all in nats or probability, all zer
 
 Removals are batched: the sample is repeated G times in one batch and row g drops a different token through
 vtprune's own decoder stage (a :class:`LeaveOut` stage at K), so a group of G removals costs one forward. The
-removal is therefore exactly vtprune's pruning, which ``tests/test_analysis.py`` checks against the masking
+removal is therefore exactly vtprune's pruning, which ``tests/integration/test_analysis.py`` checks against the masking
 reference (the unpruned model with that token masked out of attention from layer K on).
 """
 
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import VTPruneError
 from ..schedule import Stage
-from ..strategies.base import DECODER_STAGE, Strategy, TokenContext
+from ..strategies.base import DECODER_PLACE, Strategy, TokenContext
 from ..vocabulary.layout import last_valid
 
 #: Measures computed for every removal (see the module docstring).
@@ -45,7 +45,7 @@ class LeaveOut(Strategy):
     """
 
     name = "leave_out"
-    stages = frozenset({DECODER_STAGE})
+    places = frozenset({DECODER_PLACE})
     needs_budget = False
 
     def __init__(self, removals: Mapping[tuple[int, str, int], int | None]) -> None:

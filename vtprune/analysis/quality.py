@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import VTPruneError
 from ..schedule import Budget, Stage
-from ..strategies.base import INPUT_STAGE, Strategy
+from ..strategies.base import INPUT_PLACE, Strategy
 from ..strategies.registry import make_strategy
 from .information import SampleInformation
 
@@ -68,7 +68,7 @@ def strategy_scores(
     from ..api import pruned
 
     chosen = make_strategy(strategy)
-    if INPUT_STAGE in chosen.stages:
+    if INPUT_PLACE in chosen.places:
         places: list[int | None] = [None]
     else:
         places = [layer for layer in layers if layer >= 1 or "attention" not in chosen.needs]
@@ -78,7 +78,7 @@ def strategy_scores(
         stage = Stage(make_strategy(strategy), layer=place, budget=budget)
         with pruned(model, stage, record_scores=True, tokenizer=tokenizer) as handle:
             model(**inputs)
-        name = INPUT_STAGE if place is None else f"layer {place}"
+        name = INPUT_PLACE if place is None else f"layer {place}"
         images = handle.last_record.images
         if all(name in image.scores_by_stage for image in images):
             found[place] = torch.cat([image.scores_by_stage[name] for image in images])

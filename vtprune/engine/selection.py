@@ -6,8 +6,8 @@ what researchers run on plain tensors is exactly what runs inside a model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import replace
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -15,29 +15,9 @@ from torch import Tensor
 from ..errors import InputError, StrategyOutputError, VTPruneError
 from ..schedule import Budget
 from ..strategies.base import MergingStrategy, Strategy, TokenContext
-from ..vocabulary.grids import Grid, Segment
 
 #: What to do with LLaVA-NeXT / OneVision row-separator ("newline") tokens.
 NEWLINE_POLICIES = ("candidate", "drop")
-
-
-@dataclass
-class TokenInputs:
-    """Per-image inputs beyond the features; each is optional."""
-
-    seed: int = 0
-    grid: Grid = None
-    segments: tuple[Segment, ...] | None = None
-    layer: int | None = None
-    attention: Tensor | None = None
-    newline: Tensor | None = None
-    """(N,) bool: which tokens are AnyRes newline tokens."""
-    text_embeds: Tensor | None = None
-    instruction: str | None = None
-    pre_features: Tensor | None = None
-    projector: Callable[[Tensor], Tensor] | None = None
-    cls_attention: Tensor | None = None
-    cross_shares: Tensor | None = None
 
 
 #: What each per-image input is on the plain-tensor path, for N tokens of width D (what error messages say).
@@ -55,16 +35,20 @@ INPUT_SHAPES = {
 }
 
 
-def check_inputs(strategy: Strategy, features: object, inputs: TokenInputs) -> None:
-    """What :func:`vtprune.select` and its siblings get from a user: one image's (N, D) tokens, every input the
-    strategy needs (those with a documented fallback excepted), each with one row per token."""
+def check_features(features: object) -> None:
+    """What :func:`vtprune.select` and its siblings get from a user as tokens: one image's (N, D) tensor."""
     if not isinstance(features, Tensor) or features.ndim != 2:
         got = f"shape {tuple(features.shape)}" if isinstance(features, Tensor) else type(features).__name__
         raise InputError(
             f"features must be one image's tokens as an (N, D) tensor, got {got}; for several images or a batch, "
             "call once per image"
         )
-    n, width = features.shape
+
+
+def check_inputs(strategy: Strategy, inputs: TokenContext) -> None:
+    """What :func:`vtprune.select` and its siblings get from a user beyond the tokens: every input the strategy
+    needs (those with a documented fallback excepted), each with one row per token."""
+    n, width = inputs.features.shape
     missing = sorted(name for name in strategy.needs - strategy.optional_needs if getattr(inputs, name) is None)
     if missing:
         wanted = "; ".join(f"{name}= {INPUT_SHAPES[name]}" for name in missing)
@@ -92,10 +76,11 @@ def check_inputs(strategy: Strategy, features: object, inputs: TokenInputs) -> N
 def select_tokens(
     strategy: Strategy,
     budget: Budget | None,
-    images: Sequence[tuple[Tensor, TokenInputs]],
+    images: Sequence[TokenContext],
     newlines: str = "candidate",
 ) -> list[Tensor]:
-    """For each image, given as its features (N, D) and inputs, the sorted indices ``strategy`` keeps under ``budget``.
+    """For each image, described by a whole-image context (``keep`` = N), the sorted indices ``strategy`` keeps
+    under ``budget``.
 
     Consecutive images whose candidates have the same count, width and budget go to the strategy as
     one group (``Strategy.select_batch``: the greedy strategies run one loop for the group, not one
@@ -107,8 +92,9 @@ def select_tokens(
     pending: dict[int, tuple[Tensor, TokenContext]] = {}  # image -> (candidates, what the strategy sees)
     groups: list[list[int]] = []
     last = None  # the (count, width, keep) of the group being filled
-    for image, (features, inputs) in enumerate(images):
-        candidates = _candidates(features, inputs, newlines)
+    for image, inputs in enumerate(images):
+        features = inputs.features
+        candidates = _candidates(inputs, newlines)
         available = candidates.numel()
         if available == 0:
             kept[image] = candidates
@@ -119,7 +105,7 @@ def select_tokens(
             continue
         if "attention" in strategy.needs and inputs.attention is None:
             raise VTPruneError(f"strategy {strategy.name!r} needs attention scores; run it inside the decoder")
-        pending[image] = candidates, token_context(features, keep, inputs, candidates)
+        pending[image] = candidates, restrict(inputs, keep, candidates)
         check_finite(image, pending[image][1])
         key = (available, features.shape[1], keep)
         if key != last:
@@ -144,16 +130,15 @@ def select_tokens(
 
 
 @torch.no_grad()
-def score_tokens(
-    strategy: Strategy, features: Tensor, inputs: TokenInputs, newlines: str = "candidate"
-) -> Tensor | None:
-    """(N,) float32 CPU: the score ``strategy`` ranks each token of one image by, NaN where a token is not a
-    candidate (``newlines="drop"``); None when the strategy has no score (random, uniform, pooling)."""
-    n = features.shape[0]
-    candidates = _candidates(features, inputs, newlines)
+def score_tokens(strategy: Strategy, inputs: TokenContext, newlines: str = "candidate") -> Tensor | None:
+    """(N,) float32 CPU: the score ``strategy`` ranks each token of one image (a whole-image context) by, NaN where
+    a token is not a candidate (``newlines="drop"``); None when the strategy has no score (random, uniform,
+    pooling)."""
+    n = inputs.num_tokens
+    candidates = _candidates(inputs, newlines)
     if candidates.numel() == 0:
         return None
-    context = token_context(features, candidates.numel(), inputs, candidates)
+    context = restrict(inputs, candidates.numel(), candidates)
     check_finite(0, context)
     values = strategy.scores(context)
     if values is None:
@@ -165,15 +150,16 @@ def score_tokens(
 
 @torch.no_grad()  # selection is never part of a training graph
 def merge_tokens(
-    strategy: MergingStrategy, budget: Budget | None, features: Tensor, inputs: TokenInputs
+    strategy: MergingStrategy, budget: Budget | None, inputs: TokenContext
 ) -> tuple[Tensor, Tensor | None]:
-    """(places, weights) a merging strategy makes for one image; (all, None) at full budget. Strategies that
-    decide the count themselves (``needs_budget = False``) take no budget and always run."""
+    """(places, weights) a merging strategy makes for one image (a whole-image context); (all, None) at full
+    budget. Strategies that decide the count themselves (``needs_budget = False``) take no budget and always run."""
+    features = inputs.features
     n = features.shape[0]
     keep = n if budget is None else budget.tokens(n)
     if keep == n and strategy.needs_budget:
         return torch.arange(n, device=features.device), None
-    places, weights = strategy.merge(token_context(features, keep, inputs))
+    places, weights = strategy.merge(restrict(inputs, keep))
     _check(strategy.name, places, None, n)
     if not isinstance(weights, Tensor) or weights.shape != (places.numel(), n):
         raise StrategyOutputError(
@@ -182,37 +168,39 @@ def merge_tokens(
     return places.to(features.device), weights.float()
 
 
-def token_context(features: Tensor, keep: int, inputs: TokenInputs, candidates: Tensor | None = None) -> TokenContext:
-    """The strategy's view of one image: float32 tensors, restricted to ``candidates`` (default: all)."""
+def restrict(image: TokenContext, keep: int, candidates: Tensor | None = None) -> TokenContext:
+    """What the strategy sees of a whole-image context: ``keep`` of the ``candidates`` (default: all tokens), its
+    tensors float32."""
     # A grid describes all N tokens; once some are excluded it no longer does.
-    whole = candidates is None or candidates.numel() == features.shape[0]
+    whole = candidates is None or candidates.numel() == image.num_tokens
 
     def per_token(x: Tensor | None) -> Tensor | None:
         # All candidates are all tokens in order: the tensor itself, not an indexed copy of it.
-        return None if x is None else (x if whole else x[candidates]).float()
+        return None if x is None else (x if whole else x[candidates])
 
-    return TokenContext(
-        features=per_token(features),
+    def as_float(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.float()
+
+    return replace(
+        image,
+        features=as_float(per_token(image.features)),
         keep=keep,
-        seed=inputs.seed,
-        grid=inputs.grid if whole else None,
-        segments=inputs.segments if whole else None,
-        layer=inputs.layer,
-        attention=per_token(inputs.attention),
-        text_embeds=None if inputs.text_embeds is None else inputs.text_embeds.float(),
-        instruction=inputs.instruction,
-        pre_features=per_token(inputs.pre_features),
-        projector=inputs.projector,
-        cls_attention=per_token(inputs.cls_attention),
-        cross_shares=inputs.cross_shares,
+        grid=image.grid if whole else None,
+        segments=image.segments if whole else None,
+        attention=as_float(per_token(image.attention)),
+        text_embeds=as_float(image.text_embeds),
+        pre_features=as_float(per_token(image.pre_features)),
+        cls_attention=as_float(per_token(image.cls_attention)),
+        newline=per_token(image.newline),
     )
 
 
-def _candidates(features: Tensor, inputs: TokenInputs, newlines: str) -> Tensor:
+def _candidates(image: TokenContext, newlines: str) -> Tensor:
     """Indices of the tokens that may be kept: all, or all but the newline tokens (``newlines="drop"``)."""
+    features = image.features
     candidates = torch.arange(features.shape[0], device=features.device)
-    if newlines == "drop" and inputs.newline is not None:
-        candidates = candidates[~inputs.newline.to(features.device)]
+    if newlines == "drop" and image.newline is not None:
+        candidates = candidates[~image.newline.to(features.device)]
     return candidates
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..engine.handle import PruneHandle
-from ..engine.input_stage import bind_arguments
+from ..engine.input_hook import bind_arguments
 from ..vocabulary.compat import get_cache
 from .flops import DecoderShape
 

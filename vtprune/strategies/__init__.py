@@ -1,6 +1,6 @@
 """Built-in strategies. Importing this package registers them under their names."""
 
-from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, MergingStrategy, Strategy, TokenContext
+from .base import DECODER_PLACE, INPUT_PLACE, GreedyStrategy, MergingStrategy, Strategy, TokenContext
 from .cdpruner import CDPruner
 from .divprune import DivPrune
 from .fastv import FastV
@@ -17,8 +17,8 @@ from .uniform import UniformPruning
 from .zoo import ZOOPrune
 
 __all__ = [
-    "DECODER_STAGE",
-    "INPUT_STAGE",
+    "DECODER_PLACE",
+    "INPUT_PLACE",
     "TRIM",
     "CDPruner",
     "DivPrune",

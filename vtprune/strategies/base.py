@@ -21,8 +21,8 @@ from ..vocabulary.grids import Segment
 from .options import constructor_defaults, declared_options
 
 #: Where a strategy can act: before the language model, or on decoder hidden states at layer K.
-INPUT_STAGE = "input"
-DECODER_STAGE = "decoder"
+INPUT_PLACE = "input"
+DECODER_PLACE = "decoder"
 
 
 @dataclass
@@ -30,7 +30,9 @@ class TokenContext:
     """Everything a strategy may look at when it chooses the tokens of one image.
 
     ``features`` are float32 whatever the model dtype. Optional fields are filled by the engine
-    only when the strategy lists them in ``Strategy.needs``.
+    only when the strategy lists them in ``Strategy.needs``. The engine (and :func:`vtprune.select`) first
+    describes a whole image with ``keep`` = N, and hands the strategy that description restricted to the
+    candidate tokens with ``keep`` set by the budget; a new per-image input is one field here.
     """
 
     features: Tensor
@@ -60,12 +62,15 @@ class TokenContext:
     cross_shares: Tensor | None = None
     """(2,) for this token's row at this layer: share of text-query attention on visual keys, and of
     visual-query attention on text keys (heads averaged)."""
+    newline: Tensor | None = None
+    """(N,) bool: which tokens are AnyRes row-separator ("newline") tokens (LLaVA-NeXT / OneVision)."""
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2:
             raise InputError(f"features must be (N, D) for one image, got shape {tuple(self.features.shape)}")
         n = self.features.shape[0]
-        if not 1 <= self.keep <= n:
+        # An image without tokens is described (keep = N = 0) but never handed to a strategy.
+        if not (1 <= self.keep <= n or self.keep == n == 0):
             raise InputError(f"keep must be in [1, {n}] for {n} tokens, got {self.keep}")
 
     @property
@@ -92,7 +97,7 @@ class Strategy:
     """Optional :class:`TokenContext` fields this strategy reads (e.g. ``{"attention"}``)."""
     optional_needs: ClassVar[frozenset[str]] = frozenset()
     """Those of ``needs`` the strategy has a documented fallback for; :func:`vtprune.select` requires the others."""
-    stages: ClassVar[frozenset[str]] = frozenset({INPUT_STAGE, DECODER_STAGE})
+    places: ClassVar[frozenset[str]] = frozenset({INPUT_PLACE, DECODER_PLACE})
     """Where the strategy can act."""
     needs_budget: ClassVar[bool] = True
     """False for strategies that decide the count themselves (``none``)."""
@@ -192,7 +197,7 @@ class MergingStrategy(Strategy):
     then documents how it rounds).
     """
 
-    stages: ClassVar[frozenset[str]] = frozenset({INPUT_STAGE})
+    places: ClassVar[frozenset[str]] = frozenset({INPUT_PLACE})
 
     def merge(self, ctx: TokenContext) -> tuple[Tensor, Tensor]:
         """(places (k,), weights (k, N)) for this image."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import INPUT_STAGE, GreedyStrategy, TokenContext
+from .base import INPUT_PLACE, GreedyStrategy, TokenContext
 from .diversity import rows
 from .options import Option
 from .registry import register_strategy
@@ -84,7 +84,7 @@ class CDPruner(GreedyStrategy):
     the strategy is a DPP on S. The paper prunes the tokens before the LLM; so does this strategy.
     """
 
-    stages = frozenset({INPUT_STAGE})
+    places = frozenset({INPUT_PLACE})
 
     theta = Option(float, at_least=0, below=1, optional=True)
     negative_relevance = Option(bool)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import DECODER_STAGE, Strategy, TokenContext
+from .base import DECODER_PLACE, Strategy, TokenContext
 from .registry import register_strategy
 
 
@@ -17,7 +17,7 @@ class FastV(Strategy):
     """
 
     needs = frozenset({"attention"})
-    stages = frozenset({DECODER_STAGE})
+    places = frozenset({DECODER_PLACE})
 
     def select(self, ctx: TokenContext) -> Tensor:
         attention = ctx.attention

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import LayerError, OptionError, VTPruneError
-from .base import DECODER_STAGE, TokenContext
+from .base import DECODER_PLACE, TokenContext
 from .options import Option
 from .random import RandomPruning
 from .registry import register_strategy
@@ -30,7 +30,7 @@ class RandomDeepPruning(RandomPruning):
     must have found a horizon, and an explicit ``@layer`` other than it is refused.
     """
 
-    stages = frozenset({DECODER_STAGE})
+    places = frozenset({DECODER_PLACE})
 
     horizon = Option(str, optional=True)
 

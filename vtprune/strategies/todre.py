@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import DECODER_STAGE, INPUT_STAGE, GreedyStrategy, Strategy, TokenContext
+from .base import DECODER_PLACE, INPUT_PLACE, GreedyStrategy, Strategy, TokenContext
 from .diversity import (
     farthest_point_order,
     matrix_bytes,
@@ -65,7 +65,7 @@ class ToDRE(GreedyStrategy):
 
     needs = frozenset({"cls_attention"})
     optional_needs = frozenset({"cls_attention"})  # the most isolated token is the pivot without it
-    stages = frozenset({INPUT_STAGE})
+    places = frozenset({INPUT_PLACE})
     method = Option(str, choices=METHODS)
 
     def __init__(self, method: str = "k-center") -> None:
@@ -112,7 +112,7 @@ class ToDRERelevance(Strategy):
     """
 
     needs = frozenset({"cross_shares"})
-    stages = frozenset({DECODER_STAGE})
+    places = frozenset({DECODER_PLACE})
     needs_budget = False
     tau = Option(float, at_least=0, at_most=1)
     """0: never drops (no share is below 0); 1: drops unless a share is 1 (the shares are in [0, 1])."""

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import INPUT_STAGE, GreedyStrategy, TokenContext
+from .base import INPUT_PLACE, GreedyStrategy, TokenContext
 from .diversity import matrix_bytes, memory_groups, rows, stacked_cosines
 from .options import Option
 from .registry import register_strategy
@@ -38,7 +38,7 @@ class ZOOPrune(GreedyStrategy):
     """
 
     needs = frozenset({"pre_features", "projector"})
-    stages = frozenset({INPUT_STAGE})
+    places = frozenset({INPUT_PLACE})
     directions = Option(int, at_least=1)
     step = Option(float, above=0)
     rank = Option(int, at_least=1, optional=True)

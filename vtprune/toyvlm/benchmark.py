@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 import vtprune
 from vtprune.schedule import parse_strategy
-from vtprune.strategies import INPUT_STAGE
+from vtprune.strategies import INPUT_PLACE
 from vtprune.toyvlm.data import QUESTION_TYPES, Sample, object_patch_mask
 from vtprune.toyvlm.model import accuracy, evaluate, predict
 
@@ -49,7 +49,7 @@ def schedules_for(name: str, budgets: Sequence[int], num_layers: int) -> list[tu
     """
     instance = parse_strategy(name)
     base, options = instance.name, name.replace(" ", "")[len(instance.name) :]
-    if INPUT_STAGE in instance.stages:
+    if INPUT_PLACE in instance.places:
         place = ""
     else:
         place = "" if instance.default_layer(num_layers) is not None else f"@{DECODER_LAYER}"

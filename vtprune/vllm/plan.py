@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..engine.selection import TokenInputs, merge_tokens, select_tokens
+from ..engine.selection import merge_tokens, select_tokens
 from ..errors import VTPruneError
 from ..schedule import Schedule, Stage, parse_schedule
-from ..strategies.base import MergingStrategy
+from ..strategies.base import MergingStrategy, TokenContext
 from ..vocabulary.grids import Grid
 
 #: The key of the schedule string: in hf_overrides (the engine's), in mm_processor_kwargs (one request's), and
@@ -90,17 +90,18 @@ class PruningPlan:
         strategy, budget = self.stage.strategy, self.stage.budget
         if isinstance(strategy, MergingStrategy):
             # A merge's count depends on the grid and the budget only: measure it on blank tokens.
-            places, _ = merge_tokens(strategy, budget, torch.zeros(num_tokens, 1), TokenInputs(grid=grid))
+            blank = TokenContext(features=torch.zeros(num_tokens, 1), keep=num_tokens, grid=grid)
+            places, _ = merge_tokens(strategy, budget, blank)
             return places.numel()
         return budget.tokens(num_tokens)
 
     def select(self, features: Tensor, grid: Grid, seed: int) -> tuple[Tensor, Tensor | None]:
         """(kept indices, merging weights or None) for one image's projected tokens ``features`` (N, D)."""
-        inputs = TokenInputs(seed=seed, grid=grid)
+        image = TokenContext(features=features, keep=features.shape[0], seed=seed, grid=grid)
         strategy, budget = self.stage.strategy, self.stage.budget
         if isinstance(strategy, MergingStrategy):
-            return merge_tokens(strategy, budget, features, inputs)
-        return select_tokens(strategy, budget, [(features, inputs)])[0], None
+            return merge_tokens(strategy, budget, image)
+        return select_tokens(strategy, budget, [image])[0], None
 
 
 class Selections:

@@ -20,7 +20,7 @@ from vtprune.errors import OptionError, VTPruneError
 from vtprune.schedule import Budget, Stage, make_stage, parse_schedule
 from vtprune.strategies.base import Strategy
 from vtprune.strategies.options import Option, constructor_defaults, declared_options
-from vtprune.strategies.registry import list_strategies, make_strategy, strategy_class
+from vtprune.strategies.registry import make_strategy, strategy_class
 
 EVERY = list(STRATEGIES)
 OPTIONS = [(name, option) for name in EVERY for option in declared_options(strategy_class(name))]
@@ -139,7 +139,7 @@ def other_values(spec: Option, default: object) -> list:
 def stages_of(name: str) -> list[Stage]:
     cls = strategy_class(name)
     strategy = make_strategy(name)
-    layer = 2 if strategy.stages == {"decoder"} and strategy.default_layer(8) is None else None
+    layer = 2 if strategy.places == {"decoder"} and strategy.default_layer(8) is None else None
     budgets = [Budget(keep=7), Budget(keep_ratio=0.25), Budget(keep_ratio=1 / 3), Budget(keep_ratio=1e-05)]
     stages = [Stage(strategy, layer=layer, budget=budget) for budget in budgets] if strategy.needs_budget else []
     stages.append(Stage(strategy, layer=layer, budget=Budget(keep=7) if strategy.needs_budget else None))

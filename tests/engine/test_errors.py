@@ -17,11 +17,11 @@ from vtprune import (
     UnsupportedCacheError,
     UnsupportedModelError,
 )
-from vtprune.engine.selection import TokenInputs, select_tokens
+from vtprune.engine.selection import select_tokens
 from vtprune.errors import InputError, RegistrationError, ScheduleError, StrategyOutputError
 from vtprune.schedule import Budget, BudgetWarning, parse_strategy
 from vtprune.strategies import Matryoshka, TokenContext
-from vtprune.strategies.registry import list_strategies, make_strategy
+from vtprune.strategies.registry import make_strategy
 from vtprune.vocabulary.compat import CACHE_KWARG, output_cache
 
 
@@ -280,7 +280,7 @@ def test_non_finite_tokens_are_refused_naming_the_image(strategy, bad):
 def test_non_finite_inputs_are_refused_in_a_batch_naming_the_image():
     good, bad = torch.randn(8, 4), torch.randn(8, 4)
     bad[5] = float("nan")
-    images = [(good, TokenInputs()), (bad, TokenInputs())]
+    images = [TokenContext(features=good, keep=8), TokenContext(features=bad, keep=8)]
     with pytest.raises(InputError, match="features of image 1 contain NaN"):
         select_tokens(make_strategy("divprune"), Budget(keep=3), images)
     attention = torch.rand(8)

@@ -23,7 +23,7 @@ TOY_VISION_WIDTH = 64  # the shipped toy LLaVA's CLIP tower: what its projector 
 MIN_TOP1 = 0.8  # share of questions whose most relevant patch belongs to an object the question asks about
 
 _spec = importlib.util.spec_from_file_location(
-    "train_toy_text_tower", Path(__file__).parents[1] / "eval" / "train_toy_text_tower.py"
+    "train_toy_text_tower", Path(__file__).parents[2] / "eval" / "train_toy_text_tower.py"
 )
 training = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(training)

@@ -22,7 +22,7 @@ from vtprune.harness.meter import GenerationMeter
 from vtprune.harness.sweep import run_sweep
 from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = str(ROOT / "eval" / "tasks")
 LIMIT = 8
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vtprune
+from vtprune.engine.question_words import QuestionTokens
 from vtprune.errors import OptionError
 from vtprune.strategies import CDPruner
 from vtprune.strategies.base import TokenContext
@@ -134,7 +135,7 @@ def test_theta_outside_its_range_is_refused(theta):
 
 
 def test_relevance_source_declares_what_the_engine_computes():
-    assert make_strategy("cdpruner").needs == frozenset({"text_embeds"})  # with a tower: tests/test_text_towers.py
+    assert make_strategy("cdpruner").needs == frozenset({"text_embeds"})  # with a tower: tests/strategies/test_text_towers.py
 
 
 def test_a_text_tower_that_does_not_load_is_refused_when_the_strategy_is_built():
@@ -150,7 +151,7 @@ def test_in_the_model_it_selects_what_select_gives_on_the_question_embeddings(mo
         model(**inputs)
     ids = inputs["input_ids"][0]
     adapter = vtprune.adapters.adapter_for(model)
-    words = handle.question_tokens.select(ids[inputs["attention_mask"][0].bool()])
+    words = QuestionTokens(adapter.special_token_ids()).select(ids[inputs["attention_mask"][0].bool()])
     question = model.get_input_embeddings()(words)
     with torch.no_grad():
         encoded = adapter.encode(dict(inputs))["mm_encoder_outputs"]["image"].pooler_output[0]

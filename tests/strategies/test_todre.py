@@ -142,7 +142,7 @@ def test_llava_pivot_comes_from_cls_attention_even_with_beams(models, make_input
         model(**inputs)
         first = handle.last_record
         single = [image.kept.tolist() for image in first.images]
-        cls = handle.vision_cls_attention
+        cls = handle.capture.cls_attention
         model.generate(**inputs, max_new_tokens=2, num_beams=2)
         beams = handle.last_record
     for row in range(6):  # beam rows 2r and 2r+1 belong to sample r
@@ -167,5 +167,5 @@ def test_features_read_before_any_vision_attention_fall_back_to_the_isolated_piv
     ids = torch.tensor([[7, 8] + [2] * 16 + [9]])
     with torch.no_grad(), vtprune.pruned(model, "todre", keep=4) as handle:
         model(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16))
-    assert handle.vision_cls_attention is None
+    assert handle.capture.cls_attention is None
     assert handle.last_record.images[0].kept.numel() == 4

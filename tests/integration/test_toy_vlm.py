@@ -24,7 +24,7 @@ from vtprune.toyvlm.data import CELL, GRID, TEST_SEED, from_record
 from vtprune.toyvlm.model import QWEN2_VL_PATH, image_placeholder
 from vtprune.toyvlm.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generator_is_deterministic_and_balanced():

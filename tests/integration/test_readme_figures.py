@@ -15,7 +15,7 @@ from vtprune.toyvlm import load_toy_model, make_split
 from vtprune.toyvlm.benchmark import parse_summary, run_schedule, schedules_for, series_name
 from vtprune.toyvlm.data import TEST_SEED
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("readme_figures", ROOT / "eval" / "readme_figures.py")
 figures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(figures)

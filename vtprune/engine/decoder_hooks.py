@@ -1,4 +1,4 @@
-"""Stage B: prune visual tokens inside the decoder, from layer K on, during prefill.
+"""The decoder stages' hooks: prune visual tokens inside the decoder, from layer K on, during prefill.
 
 The text model hands the same causal mask and the same (cos, sin) tables to every layer, so a
 pre-hook sits on every layer from the first pruning layer on. At a pruning layer it selects for
@@ -9,57 +9,60 @@ Decode steps give layers >= K a mask sized against cache layer K.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from ..adapters import ModelAdapter
 from ..schedule import Stage
+from ..strategies.base import TokenContext
 from ..vocabulary.compat import CACHE_KWARG, get_cache
 from ..vocabulary.layout import pack
 from .attention import cross_modal_shares, last_token_attention
-from .selection import TokenInputs, score_tokens, select_tokens
+from .selection import score_tokens, select_tokens
+from .session import Session
+from .settings import PruneSettings
 from .state import PruneState
 
-if TYPE_CHECKING:
-    from .handle import PruneHandle
 
-
-class DecoderStages:
+class DecoderHooks:
     """Pre-hooks for decoder layers, shared by every decoder stage of one schedule."""
 
-    def __init__(self, handle: PruneHandle) -> None:
-        self.handle = handle
-        self.adapter = handle.adapter
-        self.stages: dict[int, Stage] = {stage.layer: stage for stage in handle.schedule.decoder_stages}
+    def __init__(self, adapter: ModelAdapter, settings: PruneSettings, session: Session) -> None:
+        self.adapter = adapter
+        self.settings = settings
+        self.session = session
+        self.stages: dict[int, Stage] = {stage.layer: stage for stage in settings.schedule.decoder_stages}
 
     @property
     def first_layer(self) -> int:
         return min(self.stages)
 
-    def install(self) -> None:
-        handle, layers = self.handle, self.adapter.layers
+    def install(self, add_undo: Callable[[Callable[[], None]], None]) -> None:
+        """Register the hooks, handing each one's undo to ``add_undo`` as soon as it is in place."""
+        layers = self.adapter.layers
         for index in range(self.first_layer, len(layers)):
-            handle.add_hook(layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+            add_undo(layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True).remove)
         for layer, stage in self.stages.items():
             if stage.strategy.needs & {"attention", "cross_shares"}:
                 attn = layers[layer - 1].self_attn
-                handle.add_hook(attn.register_forward_hook(self._attention_hook(layer), with_kwargs=True))
-        handle.add_undo(self.adapter.install_decoder_remap(self._current_source))
+                add_undo(attn.register_forward_hook(self._attention_hook(layer), with_kwargs=True).remove)
+        add_undo(self.adapter.install_decoder_remap(self._current_source))
 
     def _current_source(self) -> Any:
-        state = self.handle.active
+        state = self.session.state
         return None if state is None or not state.prefilling else state.decoder_source
 
     def _attention_hook(self, layer: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-            state = self.handle.active
+            state = self.session.state
             if state is None or not state.prefilling:
                 return
             hidden_states = args[0] if args else kwargs["hidden_states"]
             needs, tables = self.stages[layer].strategy.needs, kwargs["position_embeddings"]
-            with self.handle.timing("hook_seconds"), self.handle.timing("selection_seconds"):
+            with self.session.timing("hook_seconds"), self.session.timing("selection_seconds"):
                 # Scored on the prompt: the steps of a cache-less generate() append tokens that must not count.
                 if "attention" in needs:
                     state.attention[layer] = last_token_attention(module, hidden_states, tables, state.prompt)
@@ -71,10 +74,10 @@ class DecoderStages:
 
     def _layer_hook(self, layer: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-            state = self.handle.active
+            state = self.session.state
             if state is None:
                 return None
-            with self.handle.timing("hook_seconds"):
+            with self.session.timing("hook_seconds"):
                 return self._layer_inputs(layer, state, args, kwargs)
 
         return hook
@@ -85,7 +88,7 @@ class DecoderStages:
         if state.prefilling:
             if layer in self.stages:
                 hidden_states = self._prune(layer, state, hidden_states, kwargs)
-            self.handle.record_layer(layer, state)
+            self.session.record_layer(layer, state)
             if state.layer_inputs is not None:
                 mask, position_embeddings, position_ids = state.layer_inputs
                 kwargs.update(attention_mask=mask, position_embeddings=position_embeddings)
@@ -107,24 +110,28 @@ class DecoderStages:
             slots = (state.item_of_slot[item.row] == index).nonzero(as_tuple=True)[0]
             if slots.numel() == 0:
                 continue
-            inputs = TokenInputs(
-                seed=item.seed_at(layer),
-                layer=layer,
-                attention=None if attention is None else attention[item.row, slots],
-                cross_shares=None if shares is None else shares[item.row],
-                newline=None if item.newline is None else item.newline[state.token_of_slot[item.row, slots]],
-            )
             present.append((item, slots))
-            images.append((hidden_states[item.row, slots], inputs))
-        with self.handle.timing("selection_seconds"):
-            kept_per_item = select_tokens(stage.strategy, stage.budget, images, newlines=self.handle.newlines)
-        for (item, slots), (features, inputs), kept in zip(present, images, kept_per_item):
-            if self.handle.record_scores:
-                scores = score_tokens(stage.strategy, features, inputs, newlines=self.handle.newlines)
+            images.append(
+                TokenContext(
+                    features=hidden_states[item.row, slots],
+                    keep=slots.numel(),
+                    seed=item.seed_at(layer),
+                    layer=layer,
+                    attention=None if attention is None else attention[item.row, slots],
+                    cross_shares=None if shares is None else shares[item.row],
+                    newline=None if item.newline is None else item.newline[state.token_of_slot[item.row, slots]],
+                )
+            )
+        newlines = self.settings.newlines
+        with self.session.timing("selection_seconds"):
+            kept_per_item = select_tokens(stage.strategy, stage.budget, images, newlines=newlines)
+        for (item, slots), image, kept in zip(present, images, kept_per_item):
+            if self.settings.record_scores:
+                scores = score_tokens(stage.strategy, image, newlines=newlines)
                 if scores is not None:  # from the slots still present to the item's own token order
                     full = torch.full((item.record.num_tokens,), torch.nan)
                     full[state.token_of_slot[item.row, slots].cpu()] = scores
-                    item.record.scores_by_stage[f"layer {layer}"] = full
+                    item.record.scores_by_stage[stage.key] = full
             dropped = slots.new_ones(slots.numel(), dtype=keep.dtype)
             dropped[kept.to(slots.device)] = False
             keep[item.row, slots[dropped]] = False
@@ -149,7 +156,7 @@ class DecoderStages:
             )
             state.layer_inputs = (mask, (layout.take(cos), layout.take(sin)), position_ids)
         for index, item in enumerate(state.items):
-            item.record.kept_by_stage[f"layer {layer}"] = state.kept_tokens(index)
+            item.record.kept_by_stage[stage.key] = state.kept_tokens(index)
         return hidden_states
 
     def _decode_mask(self, state: PruneState, governing: int, hidden_states: Any, kwargs: dict[str, Any]) -> Any:

@@ -1,4 +1,4 @@
-"""Stage A: a forward pre-hook on the ``XxxForConditionalGeneration`` that prunes before the LLM.
+"""The input stage's hook: a forward pre-hook on the ``XxxForConditionalGeneration`` that prunes before the LLM.
 
 At prefill it selects for all images at once (images of the same size run as one group),
 shortens the encoder outputs, and packs every sequence tensor with one :class:`Layout`, so kept
@@ -9,26 +9,28 @@ decode step it maps generate()'s original-length mask into the pruned layout.
 from __future__ import annotations
 
 import inspect
+import threading
 import weakref
 import zlib
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from ..adapters.base import PIXEL_INPUTS
+from ..adapters.base import PIXEL_INPUTS, ModelAdapter
 from ..errors import UnsupportedCacheError, UnsupportedTrainingError, VTPruneError
 from ..record import ImageRecord
-from ..strategies.base import INPUT_STAGE, MergingStrategy
+from ..strategies.base import MergingStrategy, TokenContext
 from ..vocabulary.compat import CACHE_KWARG, get_cache
 from ..vocabulary.layout import Layout, last_valid, pack
-from .selection import TokenInputs, merge_tokens, score_tokens, select_tokens
+from .capture import EncodingCapture
+from .question_words import QuestionTokens
+from .selection import merge_tokens, score_tokens, select_tokens
+from .session import Session
+from .settings import PruneSettings
 from .state import STATE_ATTR, PruneState, VisualItem, ones_mask
-
-if TYPE_CHECKING:
-    from .handle import PruneHandle
 
 
 def bind_arguments(forward: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -47,15 +49,25 @@ def item_seed(base: int, ids: Tensor, modality: str, index: int) -> int:
     return zlib.crc32(data)
 
 
-class InputStage:
-    def __init__(self, handle: PruneHandle) -> None:
-        self.handle = handle
-        self.adapter = handle.adapter
-        self.stage = handle.schedule.input_stage
+class InputHook:
+    """The forward pre-hook: starts the session's forward, prunes at prefill, maps each decode step."""
+
+    def __init__(
+        self, adapter: ModelAdapter, settings: PruneSettings, session: Session, capture: EncodingCapture
+    ) -> None:
+        self.adapter = adapter
+        self.settings = settings
+        self.session = session
+        self.capture = capture
+        self.stage = settings.schedule.input_stage
+        #: Picks question words out of a row's text tokens (for strategies that read ``text_embeds``).
+        self.question_tokens = QuestionTokens(adapter.special_token_ids(), settings.tokenizer)
+        #: Per thread, ``prompt``: what its last prefill saw (see ``_prompt_length``).
+        self._local = threading.local()
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-        self.handle.begin_forward()
-        with self.handle.timing("hook_seconds"):
+        self.session.begin()
+        with self.session.timing("hook_seconds"):
             return self._run(module, args, kwargs)
 
     def _run(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
@@ -64,9 +76,9 @@ class InputStage:
         check_cache(cache)
         state = getattr(cache, STATE_ATTR, None)
         if state is not None:
-            self.handle.active = state
+            self.session.state = state
             return (), self.decode_step(state, kwargs)
-        self.handle.active = None
+        self.session.state = None
         if cache is not None and cache.get_seq_length() > 0:
             if self._has_visual_tokens(kwargs):
                 raise UnsupportedCacheError(
@@ -93,7 +105,7 @@ class InputStage:
         prompt_length = self._prompt_length(input_ids, encoder_outputs)
         items = self._locate(input_ids, valid, encoder_outputs)
         if not items:  # text-only batch: nothing to prune, nothing to remember
-            self.handle.begin_record(None, valid)
+            self.session.begin_record(None, valid)
             return kwargs
         state = PruneState(
             items=items,
@@ -111,19 +123,19 @@ class InputStage:
         if cache is None and kwargs.get("use_cache", self.adapter.text_config.use_cache):
             # Own the cache so decode steps can find this state; the text model would make one anyway.
             cache = kwargs[CACHE_KWARG] = DynamicCache(config=self.adapter.text_config)
-        self.handle.active = state
-        self.handle.begin_record(state, state.valid)
+        self.session.state = state
+        self.session.begin_record(state, state.valid)
         if self.stage is not None:
             kwargs = self._prune(kwargs, state, encoder_outputs)
-            self.handle.record_layer(0, state)
+            self.session.record_layer(0, state)
         if cache is not None:
             setattr(cache, STATE_ATTR, state)
-            cache.update = CacheGuard(cache, self.handle, state)
+            cache.update = CacheGuard(cache, self.session, state)
         return kwargs
 
     def _check_training(self, kwargs: dict[str, Any]) -> None:
         """Refuse up front what a decoder stage cannot honour, before anything runs."""
-        if not self.handle.schedule.decoder_stages:
+        if not self.settings.schedule.decoder_stages:
             return
         if kwargs.get("labels") is not None:
             raise UnsupportedTrainingError(
@@ -146,14 +158,14 @@ class InputStage:
         appended; selection must see the prompt only, so every step picks what a cached run picks.
         """
         first = next(iter(encoder_outputs.values()), None)
-        last = getattr(self.handle.local, "prompt", None)
+        last = getattr(self._local, "prompt", None)
         if first is not None and last is not None and last[0]() is first:
             ids = last[1]
             length = ids.shape[1]
             same_rows = ids.shape[0] == input_ids.shape[0] and length < input_ids.shape[1]
             if same_rows and torch.equal(input_ids[:, :length], ids):
                 return length
-        self.handle.local.prompt = None if first is None else (weakref.ref(first), input_ids)
+        self._local.prompt = None if first is None else (weakref.ref(first), input_ids)
         return input_ids.shape[1]
 
     def _locate(self, input_ids: Tensor, valid: Tensor, encoder_outputs: dict[str, Any]) -> list[VisualItem]:
@@ -189,7 +201,7 @@ class InputStage:
                         row=row,
                         modality=modality,
                         columns=columns,
-                        seed=item_seed(self.handle.seed, prefix, modality, index),
+                        seed=item_seed(self.settings.seed, prefix, modality, index),
                         newline=is_newline,
                         record=ImageRecord(row=row, modality=modality, index=index, num_tokens=size),
                     )
@@ -205,12 +217,12 @@ class InputStage:
         if "text_embeds" in needs or "instruction" in needs:
             embed = self.adapter.model.get_input_embeddings()
             for row in {item.row for item in state.items}:
-                words = self.handle.question_tokens.select(input_ids[row][state.prompt[row]])
+                words = self.question_tokens.select(input_ids[row][state.prompt[row]])
                 if "text_embeds" in needs:
                     question[row] = embed(words)
                 if "instruction" in needs:
-                    instruction[row] = self.handle.question_tokens.decode(words)
-        if "pre_features" in needs and not self.handle.projector_inputs.has_calls:
+                    instruction[row] = self.question_tokens.decode(words)
+        if "pre_features" in needs and not self.capture.projector_inputs.has_calls:
             raise VTPruneError(
                 f"{self.stage.strategy.name} reads the projector's inputs, which vtprune records while the model "
                 "encodes pixels for this call; these images came as precomputed mm_encoder_outputs. Pass the "
@@ -218,42 +230,45 @@ class InputStage:
             )
         cls_rows = self._cls_rows(encoder_outputs) if "cls_attention" in needs else None
         projector = self.adapter.projector() if "projector" in needs else None
-        images = []  # per item: its features and the inputs selection sees
+        images = []  # per item: what selection sees of it
         counts: Counter[str] = Counter()
         for item, grid in zip(state.items, grids):
             index = counts[item.modality]  # the item's place among its modality's encoder outputs
             counts[item.modality] += 1
-            inputs = TokenInputs(
-                seed=item.seed,
-                grid=grid,
-                segments=self.adapter.segments(item),
-                newline=item.newline,
-                text_embeds=question.get(item.row),
-                instruction=instruction.get(item.row),
-                pre_features=None,
-                cls_attention=None if cls_rows is None or item.modality != "image" else cls_rows[index],
-                projector=projector,
-            )
             features = encoder_outputs[item.modality].pooler_output[index]
+            pre_features = None
             if "pre_features" in needs:
-                inputs.pre_features = self.handle.projector_inputs.lookup(features, item.newline)
-            images.append((features, inputs))
+                pre_features = self.capture.projector_inputs.lookup(features, item.newline)
+            images.append(
+                TokenContext(
+                    features=features,
+                    keep=features.shape[0],
+                    seed=item.seed,
+                    grid=grid,
+                    segments=self.adapter.segments(item),
+                    newline=item.newline,
+                    text_embeds=question.get(item.row),
+                    instruction=instruction.get(item.row),
+                    pre_features=pre_features,
+                    cls_attention=None if cls_rows is None or item.modality != "image" else cls_rows[index],
+                    projector=projector,
+                )
+            )
         strategy, budget = self.stage.strategy, self.stage.budget
-        with self.handle.timing("selection_seconds"):
+        newlines = self.settings.newlines
+        with self.session.timing("selection_seconds"):
             if isinstance(strategy, MergingStrategy):
-                chosen = [merge_tokens(strategy, budget, features, inputs) for features, inputs in images]
+                chosen = [merge_tokens(strategy, budget, image) for image in images]
             else:
-                chosen = [
-                    (kept, None) for kept in select_tokens(strategy, budget, images, newlines=self.handle.newlines)
-                ]
+                chosen = [(kept, None) for kept in select_tokens(strategy, budget, images, newlines=newlines)]
         kept_by_modality: dict[str, list[Tensor]] = {modality: [] for modality in encoder_outputs}
         weights_by_modality: dict[str, list[Tensor | None]] = {modality: [] for modality in encoder_outputs}
         keep = state.valid.clone()
-        for item, (features, inputs), (kept, weights) in zip(state.items, images, chosen):
-            if self.handle.record_scores:  # outside the timing: scores are for looking, not for pruning
-                scores = score_tokens(strategy, features, inputs, newlines=self.handle.newlines)
+        for item, image, (kept, weights) in zip(state.items, images, chosen):
+            if self.settings.record_scores:  # outside the timing: scores are for looking, not for pruning
+                scores = score_tokens(strategy, image, newlines=newlines)
                 if scores is not None:
-                    item.record.scores_by_stage[INPUT_STAGE] = scores
+                    item.record.scores_by_stage[self.stage.key] = scores
             kept_by_modality[item.modality].append(kept)
             weights_by_modality[item.modality].append(weights)
             dropped = torch.ones(item.columns.numel(), dtype=torch.bool, device=input_ids.device)
@@ -274,7 +289,7 @@ class InputStage:
         generate() repeats the same feature tensors for beams and returned sequences, so an item's
         image is the rank of its tensor among the distinct ones, in order of first appearance.
         """
-        cls = self.handle.vision_cls_attention
+        cls = self.capture.cls_attention
         features = encoder_outputs.get("image")
         if cls is None or features is None:
             return None
@@ -286,7 +301,7 @@ class InputStage:
 
     def _record(self, state: PruneState) -> None:
         for index, item in enumerate(state.items):
-            item.record.kept_by_stage[INPUT_STAGE] = state.kept_tokens(index)
+            item.record.kept_by_stage[self.stage.key] = state.kept_tokens(index)
 
     def _shorten(
         self,
@@ -321,7 +336,7 @@ class InputStage:
         kept = layout.take(positions, seq_dim=self.adapter.position_seq_dim, fill=0)
         rows = torch.arange(state.valid.shape[0], device=positions.device)
         last = last_valid(state.valid)
-        if self.handle.renumber:
+        if self.settings.renumber:
             renumbered = (state.valid.long().cumsum(dim=1) - 1).clamp(min=0)
             # generate() keeps numbering decode steps in the original layout; shift them by this much.
             state.position_shift = kept[rows, last] - renumbered[rows, last]
@@ -368,14 +383,14 @@ class CacheGuard:
 
     A later call that does not know the cache's layout (after ``handle.remove()``, under another handle, an
     inner module called directly) would write and read the wrong slots; it gets an error instead. A callable
-    object, not a closure, so copying such a cache reaches the handle, which refuses to be copied.
+    object, not a closure, so copying such a cache reaches the handle's session, which refuses to be copied.
     """
 
-    def __init__(self, cache: Cache, handle: PruneHandle, state: PruneState) -> None:
-        self.cache, self.handle, self.state = cache, handle, state
+    def __init__(self, cache: Cache, session: Session, state: PruneState) -> None:
+        self.cache, self.session, self.state = cache, session, state
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.handle.active is not self.state:
+        if self.session.state is not self.state:
             raise UnsupportedCacheError(
                 "this cache holds a prefill that vtprune pruned, and only a forward of the same wrapped model "
                 "under the same handle can continue it (the handle maps each step into the pruned layout). It "

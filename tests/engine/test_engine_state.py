@@ -10,7 +10,7 @@ import torch
 from conftest import STRATEGIES, refuses
 
 import vtprune
-from vtprune.strategies.base import DECODER_STAGE, INPUT_STAGE
+from vtprune.strategies.base import DECODER_PLACE, INPUT_PLACE
 from vtprune.strategies.registry import strategy_class
 from vtprune.testing import MODEL_KINDS, build_model
 from vtprune.vocabulary.compat import CACHE_KWARG, output_cache
@@ -20,13 +20,13 @@ def stage_arguments(name: str, stage: str) -> dict:
     """``prune`` keywords that run strategy ``name`` at ``stage`` (decoder: layer 2) and really prune."""
     cls = strategy_class(name)
     arguments = {"keep_ratio": 0.5} if cls.needs_budget else {}
-    if stage == DECODER_STAGE:
+    if stage == DECODER_PLACE:
         arguments["layer"] = 2
     return arguments
 
 
 def every_strategy_and_stage() -> list[tuple[str, str]]:
-    return [(name, stage) for name in STRATEGIES for stage in sorted(strategy_class(name).stages)]
+    return [(name, stage) for name in STRATEGIES for stage in sorted(strategy_class(name).places)]
 
 
 # --- (a) nothing left behind ------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_remove_restores_every_submodules_state(models, make_inputs, kind):
     own = {("model", "rope_deltas")} & {(name, key) for name, attributes in before.items() for key in attributes}
     assert changed(before, module_state(model)) <= own
     probes = every_strategy_and_stage()
-    assert {stage for _, stage in probes} == {INPUT_STAGE, DECODER_STAGE}
+    assert {stage for _, stage in probes} == {INPUT_PLACE, DECODER_PLACE}
     for name, stage in probes:
         arguments = stage_arguments(name, stage)
         if not refuses(model, name, **arguments):  # a refusal must leave nothing behind either
@@ -114,7 +114,7 @@ def kept_per_prefill(model, inputs: dict, schedule_name: str, stage: str, use_ca
 
 
 def stage_key(stage: str) -> str:
-    return "input" if stage == INPUT_STAGE else "layer 2"
+    return "input" if stage == INPUT_PLACE else "layer 2"
 
 
 def as_lists(kept: list) -> list:
@@ -169,7 +169,7 @@ def test_inner_modules_run_unpruned_after_a_generate_with_a_decoder_stage(models
         inner = model.model(**inputs).last_hidden_state
         with vtprune.pruned(model, "divprune:50%+fastv@2:50%") as handle:
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
-            assert handle.active is None
+            assert handle.session.state is None
             assert torch.equal(model.model(**inputs).last_hidden_state, inner)
 
 
@@ -278,11 +278,11 @@ def test_projector_calls_outside_a_prefill_are_not_recorded(models, make_inputs,
     pixels = {key: inputs[key] for key in ("pixel_values", "image_grid_thw", "image_sizes") if key in inputs}
     with torch.no_grad(), vtprune.pruned(model, "mmtok:50%") as handle:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        after_generate = list(handle.projector_inputs._calls)
+        after_generate = list(handle.capture.projector_inputs._calls)
         assert len(after_generate) == 1  # the one encoding that prefill read
         for _ in range(5):
             model.model.get_image_features(**pixels)
-        assert [id(call) for call in handle.projector_inputs._calls] == [id(call) for call in after_generate]
+        assert [id(call) for call in handle.capture.projector_inputs._calls] == [id(call) for call in after_generate]
 
 
 # --- training inputs a decoder stage cannot honour are refused up front (item 13) ----------------------------

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtprune
-from vtprune.engine.selection import TokenInputs, select_tokens
+from vtprune.engine.selection import select_tokens
 from vtprune.errors import VTPruneError
 from vtprune.schedule import Budget
 from vtprune.strategies import DivPrune, GreedyStrategy, Strategy
@@ -113,8 +113,9 @@ def test_the_engine_groups_images_of_a_forward_and_selects_each_as_alone(name: s
         n = data.draw(st.sampled_from([1, 9, 12]))
         newline = torch.rand(n, generator=gen) < 0.2 if data.draw(st.booleans()) else None
         words = data.draw(st.sampled_from([0, 3]))
-        inputs = TokenInputs(newline=newline, text_embeds=torch.randn(words, 4, generator=gen))
-        images.append((torch.randn(n, 4, generator=gen), inputs))
+        text_embeds = torch.randn(words, 4, generator=gen)
+        features = torch.randn(n, 4, generator=gen)
+        images.append(TokenContext(features=features, keep=n, newline=newline, text_embeds=text_embeds))
     strategy = make_strategy(name)
     together = select_tokens(strategy, budget, images, newlines="drop")
     for image, kept in zip(images, together, strict=True):
@@ -152,7 +153,7 @@ def test_hooks_select_same_sized_images_as_one_group(models, make_inputs, layer)
 def test_groups_are_runs_of_consecutive_same_sized_images_so_strategies_see_batch_order():
     counting = Counting()
     sizes = [8, 8, 12, 8, 2, 8]  # the 2-token image is kept whole (budget 2) and never reaches the strategy
-    images = [(torch.randn(n, 3), TokenInputs()) for n in sizes]
+    images = [TokenContext(features=torch.randn(n, 3), keep=n) for n in sizes]
     kept = select_tokens(counting, Budget(keep=2), images)
     assert counting.groups == [2, 1, 2]
     assert [k.tolist() for k in kept] == [select_tokens(DivPrune(), Budget(keep=2), [im])[0].tolist() for im in images]
@@ -175,7 +176,7 @@ def test_a_strategy_that_drops_images_from_a_group_is_refused():
         def select_batch(self, contexts):
             return [torch.arange(ctx.keep) for ctx in contexts[1:]]
 
-    images = [(torch.randn(5, 2), TokenInputs()) for _ in range(2)]
+    images = [TokenContext(features=torch.randn(5, 2), keep=5) for _ in range(2)]
     with pytest.raises(VTPruneError, match="1 selections for 2 images"):
         select_tokens(Forgetful(), Budget(keep=2), images)
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import vtprune
 from vtprune.errors import UnknownStrategyError
 from vtprune.strategies import DivPrune, FastV, GreedyStrategy, NoPruning, RandomPruning, UniformPruning
-from vtprune.strategies.base import DECODER_STAGE, TokenContext
+from vtprune.strategies.base import DECODER_PLACE, TokenContext
 from vtprune.strategies.diversity import cosine_distances
 from vtprune.strategies.registry import list_strategies, make_strategy
 
@@ -276,7 +276,7 @@ def test_divprune_starts_from_the_most_isolated_token() -> None:
 
 def test_fastv_declares_attention_at_the_decoder() -> None:
     assert FastV.needs == frozenset({"attention"})
-    assert FastV.stages == frozenset({DECODER_STAGE})
+    assert FastV.places == frozenset({DECODER_PLACE})
 
 
 @fast
