@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 import vtprune
+from vtprune.adapters import architecture
+from vtprune.errors import VTPruneError
 from vtprune.testing import MID, MODEL_KINDS, RowSpec, build_inputs, build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -41,9 +43,9 @@ SCHEDULES = ["uniform:50%", "uniform:25%", "uniform:11%", "divprune:25%", "divpr
 
 
 def image_rows(kind: str, batch: int) -> list[RowSpec]:
-    # LLaVA: one 336 px image (576 tokens); NeXT/OneVision: a wide AnyRes image (base + 2 tiles);
-    # Qwen: a 24x24 merged grid (576 tokens).
-    image = {"llava": (1, 1), "llava_next": (1, 2), "llava_onevision": (1, 2)}.get(kind, (24, 24))
+    # The family's benchmark image: LLaVA, Gemma 3, InternVL, Qwen: about 576 tokens; NeXT/OneVision: a wide
+    # AnyRes image (base + 2 tiles).
+    image = architecture(kind).bench_image
     return [RowSpec(images=[image], text_before=16, text_after=24) for _ in range(batch)]
 
 
@@ -57,6 +59,16 @@ def prefill_inputs(model: torch.nn.Module, inputs: dict) -> dict:
     adapter = vtprune.adapters.adapter_for(model)
     with torch.no_grad():
         return adapter.encode(dict(inputs))
+
+
+def runs(model: torch.nn.Module, schedule: str) -> bool:
+    """Whether the model's family runs ``schedule`` (it refuses, e.g., decoder stages over sliding-window layers)."""
+    try:
+        vtprune.prune(model, schedule).remove()
+    except VTPruneError as error:
+        print(f"<!-- {type(model).__name__} {schedule}: refused: {error} -->", flush=True)
+        return False
+    return True
 
 
 def timed_prefill(model: torch.nn.Module, inputs: dict, device: torch.device) -> float:
@@ -75,6 +87,7 @@ def bench_kind(kind: str, schedules: list[str], args: argparse.Namespace) -> lis
     inputs = build_inputs(model, image_rows(kind, args.batch))
     inputs = {k: v.to(device) if not v.is_floating_point() else v.to(device, args.dtype) for k, v in inputs.items()}
     inputs = prefill_inputs(model, inputs)
+    schedules = [name for name in schedules if runs(model, name)]
     times: dict[str, list[float]] = {name: [] for name in ["none", *schedules]}
     records = {}
     for _ in range(args.warmup + args.repeats):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -15,11 +16,13 @@ from lmms_eval.models import get_model
 from lmms_eval.tasks import TaskManager
 
 import vtprune
+from vtprune.adapters import architecture
 from vtprune.harness import DecoderShape, RunFailed, load_preset, preset_names
 from vtprune.harness.command import sweep_schedules
-from vtprune.harness.lmm import VTPruneLMM, schedule_from_args
+from vtprune.harness.lmm import VTPruneLMM, backbone_class, schedule_from_args
 from vtprune.harness.meter import GenerationMeter
 from vtprune.harness.sweep import run_sweep
+from vtprune.testing import MODEL_KINDS, TINY
 from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,6 +139,21 @@ def test_a_backbone_failure_outside_generate_stops_the_run(monkeypatch):
 def test_llava_backbone_refuses_batches_before_loading(monkeypatch):
     with pytest.raises(RunFailed, match="--batch_size 2: lmms-eval's llava_hf wrapper.*pass --batch_size 1"):
         VTPruneLMM(str(DEFAULT_PATH), strategy="divprune", keep=4, batch_size=2)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_every_family_finds_the_lmms_eval_backbone_it_declares(tmp_path, kind):
+    """The checkpoint's model_type picks the wrapper its family declares, and lmms-eval really has it."""
+    arch = architecture(kind)
+    arch.random_config(TINY).save_pretrained(tmp_path)
+    if arch.backbone is None:
+        with pytest.raises(ValueError, match=f"is a {kind!r} checkpoint; vtprune's lmms-eval model supports"):
+            backbone_class(str(tmp_path))
+        return
+    module, name = arch.backbone
+    backbone = backbone_class(str(tmp_path))
+    assert backbone is getattr(importlib.import_module(module), name)
+    assert backbone.is_simple
 
 
 def test_flops_formula_is_twice_fastv_for_multi_head_two_matrix_layers():

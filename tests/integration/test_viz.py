@@ -11,6 +11,7 @@ picture its pixels were: it must lie at the centre of the box ``token_regions`` 
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -70,13 +71,55 @@ def colour_probe(model: nn.Module) -> nn.Module:
             visual.pos_embed.weight.data.zero_()
         blocks = visual.blocks
         visual.merger = TakeColour(hidden, rows=probe.config.vision_config.spatial_merge_size**2)
+    pass_colours(patch, blocks)
+    return probe
+
+
+class ShuffledColour(nn.Module):
+    """Stands in for InternVL's projector: the mean colour channels of the patches pixel-shuffled into a token."""
+
+    def __init__(self, width: int, patches: int = 4) -> None:
+        super().__init__()
+        self.width, self.patches = width, patches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        colour = x.reshape(*x.shape[:-1], self.patches, -1)[..., :3].mean(-2)
+        return nn.functional.pad(colour, (0, self.width - 3))
+
+
+def square_colour_probe(model: nn.Module) -> nn.Module:
+    """``colour_probe`` for the square-grid families: InternVL (pixel shuffle, then the stand-in projector) and
+    Gemma 3 (the model's own average pooling, its norm and projection made colour-preserving)."""
+    probe = copy.deepcopy(model)
+    inner, hidden = probe.model, probe.config.text_config.hidden_size
+    tower = inner.vision_tower
+    embeddings = tower.embeddings
+    if hasattr(embeddings, "cls_token"):  # InternVL
+        embeddings.cls_token.data.zero_()
+        embeddings.position_embeddings.data.zero_()
+        patch, blocks = embeddings.patch_embeddings.projection, tower.encoder.layer
+        inner.multi_modal_projector = ShuffledColour(hidden)
+    else:  # Gemma 3's SigLIP
+        embeddings.position_embedding.weight.data.zero_()
+        tower.post_layernorm = nn.Identity()
+        patch, blocks = embeddings.patch_embedding, tower.encoder.layers
+        projector = inner.multi_modal_projector
+        projector.mm_soft_emb_norm = nn.Identity()
+        projector.mm_input_projection_weight.data = torch.eye(*projector.mm_input_projection_weight.shape)
+    pass_colours(patch, blocks)
+    return probe
+
+
+def pass_colours(patch: nn.Module, blocks: nn.ModuleList) -> None:
+    """Patch embedding = the patch's mean colour channels, and every residual branch of ``blocks`` zeroed, so each
+    patch keeps its own embedding through the tower."""
     with torch.no_grad():
         patch.weight.zero_()
         for c in range(3):
             patch.weight[c, c] = 1 / patch.weight[c, c].numel()
         if patch.bias is not None:
             patch.bias.zero_()
-        for block in blocks:  # zero every residual branch: each patch keeps its own embedding
+        for block in blocks:
             for name, module in block.named_modules():
                 if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in {
                     "out_proj",
@@ -84,11 +127,11 @@ def colour_probe(model: nn.Module) -> nn.Module:
                     "proj",
                     "down_proj",
                     "linear_fc2",
+                    "projection_layer",
                 }:
                     module.weight.zero_()
                     if module.bias is not None:
                         module.bias.zero_()
-    return probe
 
 
 def token_colours(probe: nn.Module, inputs: dict, modality: str, image_processor) -> list[torch.Tensor]:
@@ -323,6 +366,25 @@ def assert_drawn(panel_image: Image.Image, picture: Image.Image, view: viz.View,
     assert (drawn[mask] == original[mask]).all()
     assert (drawn[~mask] <= np.floor(original[~mask] * viz.draw.DIM) + 1).all()
     assert (drawn[~mask] < original[~mask]).any()
+
+
+@pytest.mark.parametrize(("kind", "original"), [("internvl", None), ("gemma3", (24, 40)), ("gemma3", (40, 24))])
+def test_square_grid_tokens_map_to_their_patches(models, kind, original):
+    """InternVL tiles and Gemma 3 images: token (r, c) of the raster covers its 2 x 2 patches (pixel shuffle) or
+    pooled block; Gemma 3's boxes stretch back onto the original picture the processor resized."""
+    model = models(kind)
+    side = model.config.vision_config.image_size
+    side = side if isinstance(side, int) else side[0]
+    pictures = [gradient(*(original or (side, side)), blue) for blue in (60, 180)]
+    resized = [np.asarray(picture.resize((side, side), Image.BILINEAR)) for picture in pictures]
+    inputs = {"pixel_values": torch.stack([torch.from_numpy(r).permute(2, 0, 1).float() / 127.5 - 1 for r in resized])}
+    processor = SimpleNamespace(image_mean=[0.5] * 3, image_std=[0.5] * 3)  # the normalisation just used
+    colours = token_colours(square_colour_probe(model), inputs, "image", processor)
+    regions = viz.token_regions(model, inputs, images=pictures if original else None)
+    assert len(regions) == len(colours) == 2
+    for item, colour, blue in zip(regions, colours, (60, 180), strict=True):
+        assert item.size == (original or (side, side))
+        assert_regions_match(item, colour, [blue])
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)

@@ -242,6 +242,7 @@ ARCHITECTURES = (
         random_config=_next_config,
         random_inputs=_random_inputs,
         test_images=((1, 1), (1, 2)),
+        bench_image=(1, 2),
         backbone=("lmms_eval.models.simple.llava_hf", "LlavaHf"),
     ),
     Architecture(
@@ -251,6 +252,7 @@ ARCHITECTURES = (
         random_config=_onevision_config,
         random_inputs=_random_inputs,
         test_images=((1, 1), (1, 2)),
+        bench_image=(1, 2),
         takes_video=True,
         backbone=("lmms_eval.models.simple.llava_hf", "LlavaHf"),
     ),

@@ -187,6 +187,8 @@ class Architecture:
     random_inputs: RandomInputs
     test_images: tuple[tuple[int, int], tuple[int, int]]
     """A square and a wide image, in the units ``random_inputs`` reads, for the test batches."""
+    bench_image: tuple[int, int] = (1, 1)
+    """One image for benchmarks at ``MID`` size, in the same units (about LLaVA-1.5's 576 tokens, or a wide one)."""
     takes_video: bool = False
     token_types: str | None = None
     """Input naming each token's modality (1 image, 2 video), which this class's forward reads, if any."""

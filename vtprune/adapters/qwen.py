@@ -227,6 +227,7 @@ def _qwen3_inputs(
 _QWEN = {
     "adapter": QwenVLAdapter,
     "test_images": ((2, 2), (2, 3)),
+    "bench_image": (24, 24),
     "takes_video": True,
     "token_types": "mm_token_type_ids",
 }
