@@ -81,9 +81,13 @@ class PruneHandle:
         try:
             setattr(self.model, HANDLE_ATTR, self)
             self.add_undo(lambda: delattr(self.model, HANDLE_ATTR))
-            self.add_hook(self.model.register_forward_pre_hook(InputStage(self), with_kwargs=True))
+            prefill = InputStage(self)
+            self.add_hook(self.model.register_forward_pre_hook(prefill, with_kwargs=True))
             self.add_hook(self.model.register_forward_hook(self._end_forward, always_call=True))
-            self._record_encodings()
+            if self.adapter.splices_visual_rows:
+                self.add_undo(self.adapter.intercept_splice(prefill.prefill_spliced))
+            else:
+                self._record_encodings()
             input_stage = self.schedule.input_stage
             cls_layer = self.adapter.cls_attention_layer()
             if input_stage is not None and "cls_attention" in input_stage.strategy.needs and cls_layer is not None:
@@ -105,12 +109,18 @@ class PruneHandle:
         encode = self.model._prepare_multimodal_encoder_kwargs_for_generation
 
         def encode_for_prefill(*args: Any, **kwargs: Any) -> Any:
-            self.local.cls_attention = None
-            with self.projector_inputs.recording():
+            with self.encoding():
                 return encode(*args, **kwargs)
 
         self.model._prepare_multimodal_encoder_kwargs_for_generation = encode_for_prefill
         self.add_undo(lambda: delattr(self.model, "_prepare_multimodal_encoder_kwargs_for_generation"))
+
+    @contextmanager
+    def encoding(self) -> Iterator[None]:
+        """The block encodes images for a prefill: hooks on the vision side keep what it makes."""
+        self.local.cls_attention = None
+        with self.projector_inputs.recording():
+            yield
 
     def _capture_cls_attention(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         # The vision tower runs before the prefill inside generate(); keep its [CLS] row for it.
@@ -134,6 +144,10 @@ class PruneHandle:
                 "Serialise the calls (a lock around generate()/forward) or prune one model instance per thread."
             )
         self._forward_thread = threading.get_ident()
+
+    def owns_forward(self) -> bool:
+        """Whether this thread is inside a forward of the wrapped model."""
+        return self._forward_thread == threading.get_ident()
 
     def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         # Runs after every forward of the model, failed ones included: the forward's state ends with it (it

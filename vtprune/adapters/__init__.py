@@ -7,9 +7,10 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import ModelAdapter
 from .llava import LlavaAdapter
+from .llava_torch import LlavaTorchAdapter
 from .qwen import QwenVLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, QwenVLAdapter, LlavaTorchAdapter)
 
 
 def supported_models() -> list[str]:
@@ -19,9 +20,8 @@ def supported_models() -> list[str]:
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``'s class, or a clear error naming the supported classes."""
     name = type(model).__name__
-    lineage = {cls.__name__ for cls in type(model).__mro__}  # subclasses of a supported class work too
     for adapter in ADAPTERS:
-        if lineage.intersection(adapter.model_classes):
+        if adapter.serves(model):  # subclasses of a supported class work too
             return adapter(model)
     raise UnsupportedModelError(
         f"vtprune does not support {name}; supported model classes: {', '.join(supported_models())}. "
@@ -29,4 +29,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ModelAdapter", "LlavaAdapter", "QwenVLAdapter", "adapter_for", "supported_models"]
+__all__ = ["LlavaAdapter", "LlavaTorchAdapter", "ModelAdapter", "QwenVLAdapter", "adapter_for", "supported_models"]

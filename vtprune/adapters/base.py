@@ -20,6 +20,10 @@ PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
 #: Grid of one image's tokens, (t, h, w), or None when they are not one raster grid.
 Grid = tuple[int, int, int] | None
 
+#: The engine's prefill for models that splice visual rows themselves: called with a function that runs the
+#: model's own splice and returns it in the engine's form, it returns that prefill pruned.
+SplicePrefill = Callable[[Callable[[], dict[str, Any]]], dict[str, Any]]
+
 
 class ModelAdapter:
     """Base adapter for ``XxxForConditionalGeneration`` models whose inner model is ``model.model``.
@@ -34,8 +38,17 @@ class ModelAdapter:
     #: Position ids are (B, L) for 1-D RoPE; M-RoPE models override with their (rows, B, L) layout.
     position_seq_dim: ClassVar[int] = 1
 
+    #: Whether the model splices its visual rows into ``inputs_embeds`` itself, before its LLM (see
+    #: ``intercept_splice``), instead of receiving placeholder ids and encoder outputs in its forward.
+    splices_visual_rows: ClassVar[bool] = False
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    @classmethod
+    def serves(cls, model: nn.Module) -> bool:
+        """Whether this adapter handles ``model`` (its class or a parent class is listed in ``model_classes``)."""
+        return bool({klass.__name__ for klass in type(model).__mro__}.intersection(cls.model_classes))
 
     @property
     def inner(self) -> nn.Module:
@@ -135,6 +148,18 @@ class ModelAdapter:
             pooled = torch.stack(pooled)
         shortened.pooler_output = pooled
         return shortened
+
+    def intercept_splice(self, prefill: SplicePrefill) -> Callable[[], None]:
+        """Route the model's own splicing of visual rows through ``prefill``; return an undo function.
+
+        Only for ``splices_visual_rows`` models. The function given to ``prefill`` encodes the images, splices
+        them, and returns the prefill as the engine knows it: ``input_ids`` with the placeholder id of
+        ``token_ids()`` at every visual row, the spliced ``inputs_embeds``, ``attention_mask``, ``position_ids``
+        (None: the model's default), ``labels`` and the cache if any, and ``mm_encoder_outputs`` holding each
+        item's rows in order. ``prefill`` returns it with every sequence tensor packed (``inputs_embeds``
+        included) and the items' rows shortened; the adapter puts those rows where the placeholders are.
+        """
+        raise NotImplementedError(f"{type(self).__name__} receives visual tokens in its forward; nothing to route")
 
     def install_decoder_remap(self, current_source: Callable[[], Tensor | None]) -> Callable[[], None]:
         """Hook model parts that add per-visual-token state inside the decoder; return an undo function.
