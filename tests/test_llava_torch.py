@@ -216,6 +216,36 @@ def test_anyres_equals_the_transformers_model(next_pair, schedule):
     assert torch.equal(tokens, llava_tokens)
 
 
+@pytest.fixture(scope="module")
+def flat_pair(tmp_path_factory):
+    """A random-weight LLaVA-1.5 with a two-layer tower (the toy's has one: no [CLS] attention to read)."""
+    model = build_model("llava")
+    return model, load_llava_torch(save_as_llava_torch(model, tmp_path_factory.mktemp("flat_llava_torch")))
+
+
+def test_strategy_inputs_of_the_vision_side_are_the_same(flat_pair, monkeypatch):
+    """todre's [CLS] attention and zoo's projector inputs, read on llava's tower and projector. The seeded draws
+    (random, random_deep, zoo) hash the row's ids, whose placeholders differ between the formats: with a seed
+    that leaves them out, they draw alike too."""
+    model, llava = flat_pair
+    inputs = build_inputs(model, [RowSpec(images=[(1, 1)]), RowSpec(images=[(1, 1), (1, 1)], text_before=5)])
+    llava_inputs = as_llava_torch(model, inputs)
+    with torch.no_grad(), vtprune.pruned(model, "todre:5") as handle:
+        model(**inputs)
+        cls = handle.vision_cls_attention
+    with torch.no_grad(), vtprune.pruned(llava, "todre:5") as handle:
+        llava(**llava_inputs)
+        llava_cls = handle.vision_cls_attention
+    assert cls is not None and cls.shape == (3, 16)
+    torch.testing.assert_close(llava_cls, cls, atol=1e-6, rtol=0)
+    monkeypatch.setattr(vtprune.input_stage, "item_seed", lambda base, ids, modality, index: base + index)
+    for schedule in ("zoo:5", "random:5", "random_deep@2:50%"):
+        logits, kept, _ = run(model, inputs, schedule)
+        llava_logits, llava_kept, _ = run(llava, llava_inputs, schedule)
+        assert all(torch.equal(a, b) for a, b in zip(kept, llava_kept)), schedule
+        torch.testing.assert_close(llava_logits, logits, atol=1e-5, rtol=0)
+
+
 def test_labels_use_cache_false_and_adjacent_images(toy_pair):
     model, llava = toy_pair
     rows = [[5, 6, -1, -1, 7, 8], [9, -1, 10, 11]]  # <image><image> with nothing between: one spliced run
