@@ -6,8 +6,10 @@ the same logits and generations as vtprune on the transformers model.
 """
 
 import importlib
+import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,3 +287,46 @@ def test_mpt_is_refused_by_name(toy_pair):
     config = LlavaMptConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=64, mm_vision_tower=tower, **projector)
     with pytest.raises(UnsupportedModelError, match="MPT"):
         vtprune.prune(LlavaMptForCausalLM(config), "divprune:10")
+
+
+def test_lmms_eval_llava_wrapper_is_the_backbone_and_a_sweep_runs(tmp_path, monkeypatch):
+    """`--model vtprune` on a llava-torch folder runs lmms-eval's own `llava` wrapper (llava's builder, float16, its
+    prompts), pruned; its baseline scores what that wrapper scores alone (given the cache-keyword fix on 5.24)."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.models.simple import llava as lmms_llava
+    from lmms_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    from vtprune.harness.sweep import run_sweep
+
+    toy = LlavaForConditionalGeneration.from_pretrained(TOY, dtype=torch.float32)
+    folder = save_as_llava_torch(toy, tmp_path / "toy-llava", tokenizer=AutoTokenizer.from_pretrained(TOY))
+    tasks = str(Path(__file__).resolve().parents[1] / "eval" / "tasks")
+    runs = run_sweep(
+        str(folder), ["vtprune_shapes"], ["divprune:16"], tmp_path / "sweep", include_path=tasks, limit=4,
+        progress=False, timing_rounds=1, timing_calls=1,
+    )  # fmt: skip
+    baseline, pruned = (json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"][i] for i in (0, 1))
+    assert [run.schedule for run in runs] == ["none", "divprune:16"]
+    assert baseline["visual_tokens_kept"] == baseline["visual_tokens_before"] == 144
+    assert pruned["visual_tokens_kept"] == 16 and pruned["failed_generations"] == 0
+    assert all(len(sample["kept"][0]) == 16 for sample in pruned["samples"])
+
+    load = lmms_llava.load_pretrained_model
+
+    def load_with_fix(*args, **kwargs):
+        tokenizer, model, processor, length = load(*args, **kwargs)
+        fix_cache_keyword(model)  # the plain wrapper fails every sample on transformers 5.24 without it
+        return tokenizer, model, processor, length
+
+    monkeypatch.setattr(lmms_llava, "load_pretrained_model", load_with_fix)
+    plain = simple_evaluate(
+        model="llava",
+        model_args=f"pretrained={folder},device_map=auto",
+        tasks=["vtprune_shapes"],
+        task_manager=TaskManager(include_path=tasks),
+        limit=4,
+        bootstrap_iters=0,
+        device="cpu",
+    )
+    assert plain["results"]["vtprune_shapes"]["accuracy,none"] == baseline["score"]

@@ -8,12 +8,14 @@ transformers model's. Used to give the llava-torch backend trained and random-we
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPImageProcessor, PretrainedConfig
+from transformers import CLIPImageProcessor
 
 from ..errors import UnsupportedModelError
 
@@ -24,10 +26,11 @@ TOWER_FOLDER = "vision_tower"
 _PROJECTOR_TYPES = {"gelu": "mlp2x_gelu"}
 
 
-def save_as_llava_torch(model: nn.Module, folder: str | Path) -> Path:
+def save_as_llava_torch(model: nn.Module, folder: str | Path, tokenizer: Any | None = None) -> Path:
     """Save a ``LlavaForConditionalGeneration`` (flat) or ``LlavaNextForConditionalGeneration`` (AnyRes,
-    ``spatial_unpad``) in llava-torch's format; load it with ``LlavaLlamaForCausalLM.from_pretrained(folder)``
-    then ``model.get_vision_tower().load_model()``, or with llava's ``load_pretrained_model(folder, ...)``."""
+    ``spatial_unpad``) in llava-torch's format, with ``tokenizer`` if given (llava's builder loads one from the
+    folder); load it with :func:`load_llava_torch`, or with llava's ``load_pretrained_model(folder, None, name)``
+    (float16; ``name`` must contain "llava")."""
     name = type(model).__name__
     config = model.config
     anyres = name == "LlavaNextForConditionalGeneration"
@@ -72,8 +75,11 @@ def save_as_llava_torch(model: nn.Module, folder: str | Path) -> Path:
     if anyres:
         # transformers lists (height, width) pairs, llava (width, height): the same order, each pair swapped.
         llava["image_grid_pinpoints"] = [[width, height] for height, width in config.image_grid_pinpoints]
-    PretrainedConfig(**llava).save_pretrained(folder)
+    # Written as is: a PretrainedConfig would replace model_type by its class's.
+    (folder / "config.json").write_text(json.dumps(llava, indent=2, sort_keys=True) + "\n")
     model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     weights = {f"model.{key}": value for key, value in inner.language_model.state_dict().items()}
     projector = inner.multi_modal_projector
     for index, linear in ((0, projector.linear_1), (2, projector.linear_2)):
