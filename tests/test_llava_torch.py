@@ -248,6 +248,22 @@ def test_strategy_inputs_of_the_vision_side_are_the_same(flat_pair, monkeypatch)
         torch.testing.assert_close(llava_logits, logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # float16 alike (slow on CPU)
+def test_half_precision_keep_all_is_bit_identical_and_prunes(flat_pair, dtype):
+    model, llava = flat_pair
+    llava = load_llava_torch(llava.config._name_or_path, dtype=dtype)
+    inputs = as_llava_torch(model, build_inputs(model, [RowSpec(), RowSpec(images=[(1, 1), (1, 1)], text_before=5)]))
+    inputs["images"] = inputs["images"].to(dtype)
+    logits, _, tokens = run(llava, inputs, generate={})
+    same_logits, _, same_tokens = run(llava, inputs, "divprune:100%+fastv@2:100%", generate={})
+    assert logits.dtype == dtype
+    assert torch.equal(logits, same_logits)
+    assert torch.equal(tokens, same_tokens)
+    pruned_logits, kept, _ = run(llava, inputs, "mmtok:5+fastv@2:50%", generate={})
+    assert [k.numel() for k in kept] == [3, 3, 3]
+    assert pruned_logits.shape[1] < logits.shape[1] and bool(pruned_logits.isfinite().all())
+
+
 def test_labels_use_cache_false_and_adjacent_images(toy_pair):
     model, llava = toy_pair
     rows = [[5, 6, -1, -1, 7, 8], [9, -1, 10, 11]]  # <image><image> with nothing between: one spliced run
