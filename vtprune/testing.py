@@ -27,14 +27,17 @@ from .adapters.random_weights import (
     RowSpec,
     Size,
 )
+from .errors import UnsupportedModelError
 
 #: Every supported class by the name tests and benchmarks build it by (its ``config.model_type``).
-MODEL_KINDS = tuple(arch.model_type for arch in ARCHITECTURES)
+MODEL_KINDS = tuple(arch.model_type for arch in ARCHITECTURES if arch.random_config is not None)
 
 
 def build_model(kind: str, size: Size = TINY, *, attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
     """A randomly initialised ``*ForConditionalGeneration`` of ``kind`` (one of ``MODEL_KINDS``), in eval mode."""
     arch = architecture(kind)
+    if arch.random_config is None:
+        raise UnsupportedModelError(f"{arch.model_class} is not a transformers class; vtprune.testing cannot build it")
     torch.manual_seed(seed)
     config = arch.random_config(size)
     config._attn_implementation = attn_implementation
@@ -52,6 +55,10 @@ def build_inputs(model: nn.Module, rows: list[RowSpec], *, seed: int = 0) -> dic
     (h, w) for Qwen.
     """
     arch = architecture_of(model)
+    if arch.random_inputs is None:
+        raise UnsupportedModelError(
+            f"{arch.model_class} is not a transformers class; vtprune.testing cannot lay out its inputs"
+        )
     sequences, extra = arch.random_inputs(model, rows, torch.Generator().manual_seed(seed))
     length = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)

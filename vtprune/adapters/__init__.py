@@ -10,10 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from . import anyres, gemma3, internvl, llava, qwen
+from . import anyres, gemma3, internvl, llava, llava_torch, qwen
 from .base import Architecture, ModelAdapter
 
-FAMILIES = (llava, anyres, qwen, internvl, gemma3)
+FAMILIES = (llava, anyres, qwen, internvl, gemma3, llava_torch)
 ARCHITECTURES: tuple[Architecture, ...] = tuple(arch for family in FAMILIES for arch in family.ARCHITECTURES)
 
 
@@ -28,6 +28,9 @@ def architecture_of(model: nn.Module) -> Architecture:
         for arch in ARCHITECTURES:
             if arch.model_class == name:
                 return arch
+    for arch in ARCHITECTURES:  # a class the registry does not name but an adapter recognises (a fork's)
+        if arch.adapter.serves(model):
+            return arch
     raise UnsupportedModelError(
         f"vtprune does not support {type(model).__name__}; supported model classes: {', '.join(supported_models())}. "
         "Wrap the *ForConditionalGeneration model itself (not a compiled or inner module)."

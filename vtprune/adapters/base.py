@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 #: Raw visual inputs the vision encoder consumes.
 PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
 
+#: The engine's prefill for models that splice visual rows themselves: called with a function that runs the
+#: model's own splice and returns it in the engine's form, it returns that prefill pruned.
+SplicePrefill = Callable[[Callable[[], dict[str, Any]]], dict[str, Any]]
+
 
 class ModelAdapter:
     """Base adapter for ``XxxForConditionalGeneration`` models whose inner model is ``model.model``.
@@ -39,8 +43,18 @@ class ModelAdapter:
     #: one are refused at ``prune()``.
     unavailable_inputs: ClassVar[Mapping[str, str]] = {}
 
+    #: Whether the model splices its visual rows into ``inputs_embeds`` itself, before its LLM (see
+    #: ``intercept_splice``), instead of receiving placeholder ids and encoder outputs in its forward.
+    splices_visual_rows: ClassVar[bool] = False
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    @classmethod
+    def serves(cls, model: nn.Module) -> bool:
+        """Whether this adapter handles ``model`` although no declared architecture names its class (forks of a
+        codebase that keep the methods the adapter calls); declared classes and their subclasses are found by name."""
+        return False
 
     @property
     def inner(self) -> nn.Module:
@@ -141,6 +155,18 @@ class ModelAdapter:
         shortened.pooler_output = pooled
         return shortened
 
+    def intercept_splice(self, prefill: SplicePrefill) -> Callable[[], None]:
+        """Route the model's own splicing of visual rows through ``prefill``; return an undo function.
+
+        Only for ``splices_visual_rows`` models. The function given to ``prefill`` encodes the images, splices
+        them, and returns the prefill as the engine knows it: ``input_ids`` with the placeholder id of
+        ``token_ids()`` at every visual row, the spliced ``inputs_embeds``, ``attention_mask``, ``position_ids``
+        (None: the model's default), ``labels`` and the cache if any, and ``mm_encoder_outputs`` holding each
+        item's rows in order. ``prefill`` returns it with every sequence tensor packed (``inputs_embeds``
+        included) and the items' rows shortened; the adapter puts those rows where the placeholders are.
+        """
+        raise NotImplementedError(f"{type(self).__name__} receives visual tokens in its forward; nothing to route")
+
     def install_decoder_remap(self, current_source: Callable[[], Tensor | None]) -> Callable[[], None]:
         """Hook model parts that add per-visual-token state inside the decoder; return an undo function.
 
@@ -182,10 +208,11 @@ class Architecture:
     model_type: str
     """``config.model_type``; also the name tests and benchmarks build it by."""
     adapter: type[ModelAdapter]
-    random_config: Callable[[Size], PretrainedConfig]
-    """A small random-weight config of this class (tests: ``TINY``, benchmarks: ``MID``)."""
-    random_inputs: RandomInputs
-    test_images: tuple[tuple[int, int], tuple[int, int]]
+    random_config: Callable[[Size], PretrainedConfig] | None = None
+    """A small random-weight config of this class (tests: ``TINY``, benchmarks: ``MID``); None for classes outside
+    transformers (the original LLaVA codebase's), which ``vtprune.testing`` cannot build and its own tests do."""
+    random_inputs: RandomInputs | None = None
+    test_images: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
     """A square and a wide image, in the units ``random_inputs`` reads, for the test batches."""
     bench_image: tuple[int, int] = (1, 1)
     """One image for benchmarks at ``MID`` size, in the same units (about LLaVA-1.5's 576 tokens, or a wide one)."""

@@ -60,7 +60,10 @@ class PruneHandle(Uncopyable):
             input_hook = InputHook(self.adapter, self.settings, self.session, self.capture)
             self.add_hook(self.model.register_forward_pre_hook(input_hook, with_kwargs=True))
             self.add_hook(self.model.register_forward_hook(self._end_forward, always_call=True))
-            self._record_encodings()
+            if self.adapter.splices_visual_rows:
+                self.add_undo(self.adapter.intercept_splice(input_hook.prefill_spliced))
+            else:
+                self._record_encodings()
             stage = self.schedule.input_stage
             cls_layer = self.adapter.cls_attention_layer()
             if stage is not None and "cls_attention" in stage.strategy.needs and cls_layer is not None:

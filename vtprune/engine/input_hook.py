@@ -13,6 +13,7 @@ import threading
 import weakref
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,7 +63,9 @@ class InputHook:
         self.stage = settings.schedule.input_stage
         #: Picks question words out of a row's text tokens (for strategies that read ``text_embeds``).
         self.question_tokens = QuestionTokens(adapter.special_token_ids(), settings.tokenizer)
-        #: Per thread, ``prompt``: what its last prefill saw (see ``_prompt_length``).
+        #: Per thread: ``prompt``, what its last prefill saw (see ``_prompt_length``); for models that splice their
+        #: own visual rows, ``pending_splice`` (the state generate()'s splice made, for its first forward) and
+        #: ``use_cache`` (the forward's own argument, for a splice it runs itself).
         self._local = threading.local()
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
@@ -86,11 +89,14 @@ class InputHook:
                     "caching, chunked prefill); pass the whole conversation to a fresh generate() call"
                 )
             return None
+        if self.adapter.splices_visual_rows:
+            return self._claim_splice(kwargs)
         return (), self.prefill(kwargs)
 
     # --- prefill -------------------------------------------------------------------------------
 
-    def prefill(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def prefill(self, kwargs: dict[str, Any], attach: bool = True) -> dict[str, Any]:
+        """Locate, select and pack; with ``attach``, keep the state on the forward's cache for the decode steps."""
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise VTPruneError("vtprune finds visual tokens through input_ids; pass input_ids, not inputs_embeds")
@@ -119,19 +125,80 @@ class InputHook:
         for index, item in enumerate(items):
             state.item_of_slot[item.row, item.columns] = index
             state.token_of_slot[item.row, item.columns] = torch.arange(item.columns.numel(), device=input_ids.device)
-        cache = get_cache(kwargs)
-        if cache is None and kwargs.get("use_cache", self.adapter.text_config.use_cache):
-            # Own the cache so decode steps can find this state; the text model would make one anyway.
-            cache = kwargs[CACHE_KWARG] = DynamicCache(config=self.adapter.text_config)
         self.session.state = state
         self.session.begin_record(state, state.valid)
         if self.stage is not None:
             kwargs = self._prune(kwargs, state, encoder_outputs)
             self.session.record_layer(0, state)
+        if attach:
+            self._attach(state, kwargs)
+        return kwargs
+
+    def _attach(self, state: PruneState, kwargs: dict[str, Any]) -> None:
+        """Make ``state`` the forward's, and keep it on its cache, where the decode steps find it."""
+        self.session.state = state
+        cache = get_cache(kwargs)
+        if cache is None and kwargs.get("use_cache", self.adapter.text_config.use_cache):
+            # Own the cache so decode steps can find this state; the text model would make one anyway.
+            cache = kwargs[CACHE_KWARG] = DynamicCache(config=self.adapter.text_config)
         if cache is not None:
             setattr(cache, STATE_ATTR, state)
             cache.update = CacheGuard(cache, self.session, state)
+
+    # --- models that splice visual rows themselves -------------------------------------------------
+
+    def prefill_spliced(self, splice: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The prefill of a model that splices its visual rows into ``inputs_embeds`` itself (see
+        ``ModelAdapter.intercept_splice``): ``splice()`` runs the model's own encoding and splice.
+
+        Called inside a forward (which ``_claim_splice`` opened), the state goes on that forward's cache at once.
+        ``generate()`` splices before its first forward: the state waits for that forward, which has no other
+        way to say which rows are visual, and ``_claim_splice`` hands it over.
+        """
+        inside_forward = self.session.owns_forward()
+        with self.capture.encoding():
+            kwargs = splice()
+        if not inside_forward and kwargs.get("position_ids") is None:
+            # The ids generate() will make from this mask (the model's forward default is arange instead).
+            mask = kwargs["attention_mask"]
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        kwargs["use_cache"] = getattr(self._local, "use_cache", None) if inside_forward else False
+        if kwargs["use_cache"] is None:
+            del kwargs["use_cache"]
+        kwargs = self.prefill(kwargs, attach=inside_forward)
+        kwargs.pop("use_cache", None)
+        state = self.session.state
+        if state is not None:
+            # The model's input is now the packed sequence: generate()'s mask and positions grow from it.
+            state.input_layout = None
+            state.seen = state.valid.shape[1]
+        if not inside_forward:
+            self._local.pending_splice = None if state is None else (state, kwargs["inputs_embeds"])
+            self.session.state = None
         return kwargs
+
+    def _claim_splice(self, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        """At a prefill forward of a splicing model: take over the state of the splice generate() made for it.
+
+        That forward's ``inputs_embeds`` are the pruned splice, each row repeated per beam / returned sequence. A
+        forward that splices itself (ids and images) gets its state from ``prefill_spliced`` later instead.
+        """
+        pending = getattr(self._local, "pending_splice", None)
+        self._local.pending_splice = None
+        self._local.use_cache = kwargs.get("use_cache")
+        embeds = kwargs.get("inputs_embeds")
+        if pending is None or embeds is None:
+            return None
+        state, spliced = pending
+        times = embeds.shape[0] // spliced.shape[0]
+        if embeds.shape[0] % spliced.shape[0] or not torch.equal(embeds, spliced.repeat_interleave(times, dim=0)):
+            return None  # not the sequence that splice made: a forward of the user's own inputs_embeds
+        if times > 1:
+            state = state.repeat_rows(times)
+            self.session.record.images = [item.record for item in state.items]
+            self.session.record.layer_lengths = self.session.record.layer_lengths.repeat_interleave(times, 0)
+        self._attach(state, kwargs)
+        return (), kwargs
 
     def _check_training(self, kwargs: dict[str, Any]) -> None:
         """Refuse up front what a decoder stage cannot honour, before anything runs."""
@@ -329,7 +396,17 @@ class InputHook:
             modality: self.adapter.shorten_outputs(output, kept_by_modality[modality], weights_by_modality[modality])
             for modality, output in encoder_outputs.items()
         }
+        if kwargs.get("inputs_embeds") is not None:  # a splicing model's: put the kept rows where they go
+            kwargs["inputs_embeds"] = self._spliced_embeds(layout.take(kwargs["inputs_embeds"]), kwargs)
         return kwargs
+
+    def _spliced_embeds(self, embeds: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """Packed ``inputs_embeds`` with each item's kept (or merged) rows at its packed placeholder slots."""
+        for modality, output in kwargs["mm_encoder_outputs"].items():
+            slots = kwargs["input_ids"] == self.adapter.token_ids()[modality]
+            rows = torch.cat(list(output.pooler_output)) if len(output.pooler_output) else embeds.new_zeros(0)
+            embeds = embeds.masked_scatter(slots[..., None], rows.to(embeds.dtype))
+        return embeds
 
     def _positions(self, layout: Layout, positions: Tensor, state: PruneState) -> Tensor:
         """Kept tokens' original positions, or contiguous ones per row with ``renumber``."""

@@ -59,6 +59,10 @@ class Session(Uncopyable):
             )
         self._thread = threading.get_ident()
 
+    def owns_forward(self) -> bool:
+        """Whether this thread is inside a forward of the wrapped model."""
+        return self._thread == threading.get_ident()
+
     def end(self) -> None:
         """End this thread's forward (the state lives on on its cache for the next decode step)."""
         if self._thread == threading.get_ident():

@@ -7,7 +7,7 @@ call, so it can never be stale), and on the handle for the forward in progress.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -78,6 +78,35 @@ class PruneState:
         self.prompt = layout.take(self.prompt, fill=False)
         self.item_of_slot = layout.take(self.item_of_slot, fill=-1)
         self.token_of_slot = layout.take(self.token_of_slot, fill=-1)
+
+    def repeat_rows(self, times: int) -> PruneState:
+        """This prefill's state for a batch whose rows were each repeated ``times`` times in a row (generate()'s
+        beams and returned sequences), with one item (and record) per copy, in row-major order."""
+        rows = self.valid.shape[0]
+        order = [(index, copy) for row in range(rows) for copy in range(times) for index in self._items_of(row)]
+        table = torch.full((times, max(len(self.items), 1)), -1, dtype=torch.long, device=self.valid.device)
+        items = []
+        for new_index, (index, copy) in enumerate(order):
+            table[copy, index] = new_index
+            item = self.items[index]
+            row = item.row * times + copy
+            record = replace(item.record, row=row, kept_by_stage=dict(item.record.kept_by_stage))
+            record.scores_by_stage = dict(item.record.scores_by_stage)
+            items.append(replace(item, row=row, record=record))
+        copies = torch.arange(rows * times, device=self.valid.device) % times
+        item_of_slot = self.item_of_slot.repeat_interleave(times, dim=0)
+        item_of_slot = torch.where(item_of_slot >= 0, table[copies[:, None], item_of_slot.clamp(min=0)], -1)
+        return replace(
+            self,
+            items=items,
+            valid=self.valid.repeat_interleave(times, dim=0),
+            item_of_slot=item_of_slot,
+            token_of_slot=self.token_of_slot.repeat_interleave(times, dim=0),
+            prompt=self.prompt.repeat_interleave(times, dim=0),
+        )
+
+    def _items_of(self, row: int) -> list[int]:
+        return [index for index, item in enumerate(self.items) if item.row == row]
 
     def compose_decoder_source(self, layout: Layout) -> None:
         base = layout.source if self.decoder_source is None else take(self.decoder_source, layout.source, fill=-1)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lmms_eval.api.model import lmms
 from loguru import logger
-from transformers import AutoConfig
+from transformers import PretrainedConfig
 
 from ..adapters import ARCHITECTURES
 from ..api import prune
@@ -34,6 +34,8 @@ from .sweep import gather_calls, library_versions
 #: config.model_type -> lmms-eval simple wrapper (module, class) that loads and prompts that family, as each
 #: family declares it (``Architecture.backbone``).
 BACKBONES: dict[str, tuple[str, str]] = {arch.model_type: arch.backbone for arch in ARCHITECTURES if arch.backbone}
+#: Backbone wrappers that run on the CPU only with device_map="auto" (any other value makes them pick cuda).
+AUTO_DEVICE_MAP_ON_CPU = {("lmms_eval.models.simple.llava", "Llava")}
 #: Backbone wrappers that generate one sample at a time (lmms-eval's simple ``llava_hf`` asserts it mid-run).
 SINGLE_SAMPLE_BACKBONES = {("lmms_eval.models.simple.llava_hf", "LlavaHf")}
 ON_ERROR = ("raise", "count")
@@ -78,7 +80,8 @@ def backbone_class(pretrained: str, batch_size: int | str = 1) -> type[lmms]:
     Refuses a batch size the wrapper cannot run, before any weights load: lmms-eval's ``llava_hf`` would fail on
     its first batch, and lmms-eval turns that into an error message and exit code 0.
     """
-    model_type = AutoConfig.from_pretrained(pretrained).model_type
+    # Read from config.json: AutoConfig knows llava-torch's model types only once llava has been imported.
+    model_type = PretrainedConfig.get_config_dict(pretrained)[0].get("model_type")
     if model_type not in BACKBONES:
         raise ValueError(
             f"{pretrained} is a {model_type!r} checkpoint; vtprune's lmms-eval model supports "
@@ -126,9 +129,10 @@ class VTPruneLMM(lmms):
                 raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
             schedule = schedule_from_args(strategy, keep, keep_ratio, layer, preset)  # fail before loading weights
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            # llava_hf's default device_map="" fails with transformers 5.x; Qwen's defaults to "cuda".
-            backbone_args.setdefault("device_map", device)
             backbone = backbone_class(pretrained, backbone_args.get("batch_size", 1))
+            # llava_hf's default device_map="" fails with transformers 5.x; Qwen's defaults to "cuda".
+            auto = device == "cpu" and (backbone.__module__, backbone.__name__) in AUTO_DEVICE_MAP_ON_CPU
+            backbone_args.setdefault("device_map", "auto" if auto else device)
             self.backbone = backbone(pretrained=pretrained, device=device, **backbone_args)
             super().__init__()
             self.pretrained = pretrained
