@@ -3,6 +3,8 @@
 Per family one stock engine and one pruning engine: the pruning class builds, keeps all equals stock vLLM, a
 pruned request is served with the schedule's count of image tokens, and the rows an image becomes are its
 unpruned rows at the kept indices (for Qwen3-VL: deepstack slices included), selected on the projected slice.
+Answers and first-token log-probs equal vtprune's transformers path (original M-RoPE positions) for the
+schedules whose kept sets do not depend on the features' last bits.
 """
 
 import gc
@@ -11,7 +13,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 vllm = importlib.import_module("vllm") if os.environ.get("VTPRUNE_REQUIRE_VLLM") else pytest.importorskip("vllm")
 
@@ -25,14 +27,21 @@ from vtprune.vllm.plan import encode_schedule, image_key
 
 SAMPLES = make_split(0, 4)
 KEEP = 16
-SCHEDULES = (None, "divprune:144", f"divprune:{KEEP}", "matryoshka:16")
+SCHEDULES = (None, "divprune:144", f"divprune:{KEEP}", "matryoshka:16", "uniform:25%")
+#: Compared with the transformers path: no schedule and the content-free selections (DivPrune meets exact ties on
+#: the toy images' identical cells; see test_toys.py).
+COMPARED = (None, "matryoshka:16", "uniform:25%")
+
+
+def prompt(sample):
+    return f"{sample.question} {QWEN_IMAGE} answer :"
 
 
 def run(llm, schedule=None):
     """(prompt lengths, first-token log-probs, answers' token ids) for SAMPLES in one batch."""
     requests = [
         {
-            "prompt": f"{s.question} {QWEN_IMAGE} answer :",
+            "prompt": prompt(s),
             "multi_modal_data": {"image": s.image},
             **({} if schedule is None else {"mm_processor_kwargs": {SCHEDULE_KEY: schedule}}),
         }
@@ -45,6 +54,21 @@ def run(llm, schedule=None):
         [o.outputs[0].logprobs[0][t].logprob for o, t in zip(outputs, first)],
         [list(o.outputs[0].token_ids) for o in outputs],
     )
+
+
+@torch.inference_mode()
+def transformers_path(model, processor, schedule):
+    """(first-token log-probs of the tokens vLLM chose, answers' token ids) from vtprune's hooks, per sample."""
+    logprobs, answers = [], []
+    for s in SAMPLES:
+        inputs = processor(images=[s.image], text=[prompt(s)], return_tensors="pt")
+        kwargs = {"max_new_tokens": 3, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+        with vtprune.pruned(model, schedule) if schedule else torch.inference_mode():
+            out = model.generate(**inputs, **kwargs)
+        new = out.sequences[0, inputs["input_ids"].shape[1] :]
+        logprobs.append(float(torch.log_softmax(out.scores[0][0].float(), -1)[new[0]]))
+        answers.append(new.tolist())
+    return logprobs, answers
 
 
 def engine(**kwargs):
@@ -89,7 +113,9 @@ def family(request, tmp_path_factory):
         rows = llm.apply_model(lambda m: embedded_rows(m, image, f"divprune:{KEEP}"))[0]
     finally:
         close(llm)
-    return {"kind": kind, "stock": stock, "results": results, "rows": rows}
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    reference = {schedule: transformers_path(model, processor, schedule) for schedule in COMPARED}
+    return {"kind": kind, "stock": stock, "results": results, "rows": rows, "reference": reference}
 
 
 RAW = {"do_rescale": False, "do_normalize": False}
@@ -108,6 +134,15 @@ def test_a_pruned_request_is_served_with_the_schedules_count(family, schedule):
     lengths, logprobs, _ = family["results"][schedule]
     assert lengths == [n - 144 + 16 for n in family["stock"][0]]
     assert logprobs != pytest.approx(family["stock"][1], abs=1e-4)  # the model saw fewer tokens
+
+
+@pytest.mark.parametrize("schedule", COMPARED)
+def test_answers_and_logprobs_equal_the_transformers_path(family, schedule):
+    _, logprobs, answers = family["results"][schedule]
+    reference_logprobs, reference_answers = family["reference"][schedule]
+    assert len(reference_answers) == len(SAMPLES)
+    assert answers == reference_answers
+    assert logprobs == pytest.approx(reference_logprobs, abs=1e-4)
 
 
 def test_kept_rows_are_the_unpruned_rows_with_their_deepstack_features(family):
