@@ -33,6 +33,10 @@ def test_refusal_comes_before_any_engine_starts(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MllamaForConditionalGeneration"]}))
     with pytest.raises(UnsupportedScheduleError, match="no pruning class for 'MllamaForConditionalGeneration'"):
         engine_args(str(tmp_path), "divprune:16")
+    for refused in ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"):
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": [refused]}))
+        with pytest.raises(UnsupportedScheduleError, match=f"does not prune {refused}: its AnyRes images"):
+            engine_args(str(tmp_path), "divprune:16")
 
 
 def test_engine_args_select_the_pruning_class_and_carry_the_schedule(tmp_path):
@@ -43,6 +47,9 @@ def test_engine_args_select_the_pruning_class_and_carry_the_schedule(tmp_path):
         "hf_overrides": {"architectures": ["VTPruneQwen2VLForConditionalGeneration"], SCHEDULE_KEY: "uniform:25%"},
     }
     assert "LlavaForConditionalGeneration" in ARCHITECTURES
+    for qwen in ("Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"):
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": [qwen]}))
+        assert engine_args(str(tmp_path))["hf_overrides"]["architectures"] == [ARCHITECTURES[qwen].split(":")[1]]
 
 
 @pytest.mark.parametrize(

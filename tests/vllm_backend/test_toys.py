@@ -6,14 +6,17 @@ transformers path in this same environment (LLaVA with ``renumber=True``: vLLM n
 contiguously; Qwen2-VL with original M-RoPE positions, as the pruning class keeps them).
 """
 
+import dataclasses
 import gc
 import importlib
 import os
 import shutil
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor
 
@@ -28,11 +31,20 @@ from vtprune.vllm import SCHEDULE_KEY, UnsupportedScheduleError, engine_args
 from vtprune.vllm.plan import image_key
 
 SAMPLES = make_split(0, 8)
-#: Schedules whose kept sets the transformers path reproduces (random is seeded differently there). Not DivPrune: the
-#: toys' identical cells are exact duplicate tokens, so its greedy meets exact ties, and which duplicate wins follows
-#: the features' last bits, which vLLM's kernels and transformers' do not share; it runs in the mixed-batch test.
+#: Schedules whose kept sets the transformers path reproduces (random is seeded differently there).
 COMPARED = ("uniform:25%", "matryoshka:16")
+#: Not in COMPARED: the toys' identical cells are exact duplicate tokens, so DivPrune's greedy meets exact ties, and
+#: which duplicate wins follows the features' last bits, which vLLM's kernels and transformers' do not share. On the
+#: toys its kept sets are compared with vtprune's selection run on vLLM's own features; across the runtimes it is
+#: compared on NOISE, images of random pixels, whose tokens are all distinct (no ties).
 DIVPRUNE = "divprune:16"
+NOISE = [
+    dataclasses.replace(
+        sample,
+        image=Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*sample.image.size, 3), dtype=np.uint8)),
+    )
+    for seed, sample in enumerate(SAMPLES[:3])
+]
 RANDOM = "random:10"
 NEW_TOKENS = 3
 #: vLLM's CPU kernels against transformers' SDPA, float32: the prototype measured < 1e-4.
@@ -56,17 +68,17 @@ def engine(**kwargs):
         gc.collect()
 
 
-def generate(llm, processor, schedule=None):
-    """(answers, first-token ids, first-token log-probs) for SAMPLES, in one batch; ``schedule`` may be a list
+def generate(llm, processor, schedule=None, samples=SAMPLES):
+    """(answers, first-token ids, first-token log-probs) for ``samples``, in one batch; ``schedule`` may be a list
     (one per sample)."""
-    schedules = schedule if isinstance(schedule, list) else [schedule] * len(SAMPLES)
+    schedules = schedule if isinstance(schedule, list) else [schedule] * len(samples)
     requests = [
         {
             "prompt": build_prompt(s.question, processor),
             "multi_modal_data": {"image": s.image},
             **({} if each is None else {"mm_processor_kwargs": {SCHEDULE_KEY: each}}),
         }
-        for s, each in zip(SAMPLES, schedules)
+        for s, each in zip(samples, schedules)
     ]
     outputs = llm.generate(requests, vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=1))
     answers = [o.outputs[0].text.strip() for o in outputs]
@@ -75,10 +87,10 @@ def generate(llm, processor, schedule=None):
     return answers, first, logprobs
 
 
-def transformers_path(model, processor, schedule, renumber):
+def transformers_path(model, processor, schedule, renumber, samples=SAMPLES):
     """Per sample: (answer, first-token id, its log-prob, kept indices or None) from vtprune's hooks."""
     rows = []
-    for s in SAMPLES:
+    for s in samples:
         inputs = processor(images=[s.image], text=[build_prompt(s.question, processor)], return_tensors="pt")
         kwargs = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "output_scores": True}
         if schedule is None:
@@ -92,6 +104,28 @@ def transformers_path(model, processor, schedule, renumber):
         logprob = float(torch.log_softmax(out.scores[0][0].float(), -1)[first])
         rows.append((processor.decode(new, skip_special_tokens=True).strip(), first, logprob, kept))
     return rows
+
+
+def model_images(processor, family, samples):
+    """Each sample's image as vLLM's model receives it: Qwen2-VL normalises on the device in vLLM
+    (mm_device_do_normalize), so its processor runs without rescale and normalisation there."""
+    raw = {"do_rescale": False, "do_normalize": False} if family == "qwen2_vl" else {}
+    return [processor.image_processor(images=[s.image], return_tensors="pt", **raw) for s in samples]
+
+
+def pixel_keys(family, images):
+    """The key the pruning class files each image's selection under: its pixels' CRC (LLaVA's pixels are
+    (1, 3, H, W) per image; Qwen's (patches, C) are the image's own rows already)."""
+    return [image_key(image["pixel_values"][0] if family == "llava" else image["pixel_values"]) for image in images]
+
+
+@torch.inference_mode()
+def unpruned_features(model, family, image):
+    """One image's projected tokens as vLLM's model computes them, alone (the LLaVA class returns them unpruned
+    when no schedule comes with the image; Qwen's selects on its vision tower's output for one image)."""
+    if family == "llava":
+        return model.embed_multimodal(pixel_values=image["pixel_values"])[0].cpu()
+    return model.visual(image["pixel_values"].to(model.visual.dtype), grid_thw=image["image_grid_thw"]).cpu()
 
 
 def stock_llava_checkpoint(folder):
@@ -125,30 +159,26 @@ def toy(request, tmp_path_factory):
         results["mixed"] = generate(llm, processor, mixed)
         for schedule in (None, "divprune:144", DIVPRUNE) + COMPARED + (RANDOM,):
             results[schedule] = generate(llm, processor, schedule)
+        results["noise"] = generate(llm, processor, DIVPRUNE, NOISE)
         kept = llm.apply_model(lambda m: dict(m.vtprune_selections.kept))[0]
         with pytest.raises(UnsupportedScheduleError, match="inside the decoder") as refused:
             generate(llm, processor, "fastv@2:50%")
+        images = model_images(processor, family, SAMPLES)
+        features = llm.apply_model(lambda m: [unpruned_features(m, family, image) for image in images])[0]
     renumber = family == "llava"
     reference = {schedule: transformers_path(model, processor, schedule, renumber) for schedule in (None,) + COMPARED}
-    # The pixels as the model receives them: Qwen2-VL normalises on the device in vLLM (mm_device_do_normalize),
-    # so its processor runs without rescale and normalisation there.
-    raw = {"do_rescale": False, "do_normalize": False} if family == "qwen2_vl" else {}
-    pixels = [
-        processor(images=[s.image], text=[build_prompt(s.question, processor)], return_tensors="pt", **raw)[
-            "pixel_values"
-        ]
-        for s in SAMPLES
-    ]
+    reference["noise"] = transformers_path(model, processor, DIVPRUNE, renumber, NOISE)
     return {
         "family": family,
         "stock": stock,
         "results": results,
         "kept": kept,
         "reference": reference,
-        # LLaVA's pixels are (1, 3, H, W) per image; Qwen's (patches, C) are the image's own rows already.
-        "keys": [image_key(p[0] if family == "llava" else p) for p in pixels],
+        "keys": pixel_keys(family, images),
+        "noise_keys": pixel_keys(family, model_images(processor, family, NOISE)),
         "refused": str(refused.value),
         "mixed": mixed,
+        "features": features,
     }
 
 
@@ -181,6 +211,25 @@ def test_kept_sets_answers_and_logprobs_equal_the_transformers_path(toy, schedul
     assert logprobs == pytest.approx([row[2] for row in reference], abs=LOGPROB_TOLERANCE)
     # Pruning changes what the model sees: at least one first-token log-prob moves (the test can fail).
     assert logprobs != pytest.approx(toy["stock"][2], abs=1e-3)
+
+
+def test_divprune_keeps_what_vtprunes_selection_keeps_on_vllms_features(toy):
+    for key, features in zip(toy["keys"], toy["features"], strict=True):
+        assert features.shape[0] == 144
+        kept, _ = toy["kept"][(DIVPRUNE, key)]
+        assert kept.tolist() == vtprune.select("divprune", features, keep=16).tolist()
+
+
+def test_divprune_without_ties_keeps_and_answers_as_the_transformers_path(toy):
+    answers, first, logprobs = toy["results"]["noise"]
+    reference = toy["reference"]["noise"]
+    assert len(reference) == len(NOISE) == len(toy["noise_keys"])
+    for key, row in zip(toy["noise_keys"], reference):
+        kept, _ = toy["kept"][(DIVPRUNE, key)]
+        assert kept.tolist() == row[3]
+    assert answers == [row[0] for row in reference]
+    assert first == [row[1] for row in reference]
+    assert logprobs == pytest.approx([row[2] for row in reference], abs=LOGPROB_TOLERANCE)
 
 
 def test_random_is_seeded_by_the_pixels(toy):

@@ -23,6 +23,16 @@ from .plan import SCHEDULE_KEY, UnsupportedScheduleError, make_plan
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "vtprune.vllm.llava:VTPruneLlavaForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "vtprune.vllm.qwen2_vl:VTPruneQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "vtprune.vllm.qwen2_5_vl:VTPruneQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "vtprune.vllm.qwen3_vl:VTPruneQwen3VLForConditionalGeneration",
+}
+
+#: Architectures vLLM serves that this backend refuses, and why.
+REFUSED = {
+    name: "its AnyRes images are tiles plus one newline token per row, and vLLM's front-end counts them from the "
+    "image size with unpadding: a pruning class would have to rewrite that count and hand back newline rows in "
+    "place, which this backend does not do yet. Prune these models on vtprune's transformers path"
+    for name in ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
 }
 
 
@@ -46,6 +56,8 @@ def engine_args(model: str, schedule: str | None = None, architecture: str | Non
         make_plan(schedule)
     if architecture is None:
         architecture = _architecture_of(model)
+    if architecture in REFUSED:
+        raise UnsupportedScheduleError(f"vtprune's vLLM backend does not prune {architecture}: {REFUSED[architecture]}")
     if architecture not in ARCHITECTURES:
         raise UnsupportedScheduleError(
             f"vtprune's vLLM backend has no pruning class for {architecture!r}; supported: {', '.join(ARCHITECTURES)}"
@@ -66,4 +78,4 @@ def _architecture_of(model: str) -> str:
     return json.loads(config.read_text())["architectures"][0]
 
 
-__all__ = ["ARCHITECTURES", "SCHEDULE_KEY", "UnsupportedScheduleError", "engine_args", "register"]
+__all__ = ["ARCHITECTURES", "REFUSED", "SCHEDULE_KEY", "UnsupportedScheduleError", "engine_args", "register"]

@@ -56,11 +56,16 @@ class PruningModel:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtprune_selections = Selections()
 
+    def _vtprune_selection_features(self, rows: Tensor) -> Tensor:
+        """The part of an image's embedding rows the selection reads (all of it, unless a model appends more)."""
+        return rows
+
     def _vtprune_choose(self, schedule: str, features: Tensor, grid: Grid, key: int) -> tuple[Tensor, Tensor | None]:
-        """(kept indices, merging weights or None) of one image; the first selection for an image is reused."""
+        """(kept indices, merging weights or None) of one image's embedding rows ``features``; the first selection
+        for an image is reused."""
         chosen = self.vtprune_selections.get(schedule, key)
         if chosen is None:
-            chosen = make_plan(schedule).select(features, grid, key)
+            chosen = make_plan(schedule).select(self._vtprune_selection_features(features), grid, key)
             self.vtprune_selections.put(schedule, key, chosen)
         return chosen
 
