@@ -1,0 +1,92 @@
+"""The handwritten-digits task of the toy VLMs: generator invariants and a two-step training run."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vtprune.toyvlm import answer
+from vtprune.toyvlm.data import CELL, IMAGE_SIZE, TEST_SEED, TRAIN_SEED_BASE, VALIDATION_SEED, box_patches
+from vtprune.toyvlm.digits import DIGIT_SIZES, QUADRANTS, QUESTION_TYPES, make_split, pool_indices
+from vtprune.toyvlm.train import train
+
+
+def _quadrant(box: tuple[int, int, int, int]) -> str:
+    half = IMAGE_SIZE // 2
+    assert (box[0] < half) == (box[2] <= half) and (box[1] < half) == (box[3] <= half)  # inside one quadrant
+    return QUADRANTS[2 * (box[1] >= half) + (box[0] >= half)]
+
+
+def _solve(sample) -> str:
+    """The answer worked out from the scene's digits alone, independently of the generator."""
+    at = {_quadrant(d.box): d.digit for d in sample.objects}
+    values = [d.digit for d in sample.objects]
+    named = re.findall(r"(?:top|bottom) (?:left|right)", sample.question)
+    asked = [int(w) for w in sample.question.split() if w.isdigit()]
+    if sample.qtype == "position":
+        return str(at[named[0]])
+    if sample.qtype == "largest":
+        return str(max(values))
+    if sample.qtype == "count":
+        return str(values.count(asked[0]))
+    if sample.qtype == "exists":
+        return "yes" if asked[0] in values else "no"
+    assert sample.qtype == "compare" and at[named[0]] != at[named[1]]  # never a tie
+    return "yes" if at[named[0]] > at[named[1]] else "no"
+
+
+def test_every_answer_follows_from_the_scene_and_answers_are_balanced():
+    samples = make_split(TRAIN_SEED_BASE, 500)
+    assert [s.qtype for s in samples[:5]] == list(QUESTION_TYPES)
+    answers = {qtype: Counter() for qtype in QUESTION_TYPES}
+    for s in samples:
+        assert s.answer == _solve(s), s.question
+        assert 1 <= len(s.objects) <= len(QUADRANTS) and len(s.relevant) == len(s.objects)
+        answers[s.qtype][s.answer] += 1
+    expected = {"position": 10, "largest": 10, "count": 4, "exists": 2, "compare": 2}
+    for qtype, counts in answers.items():  # 100 questions of each type
+        assert len(counts) == expected[qtype] and max(counts.values()) - min(counts.values()) <= 1, (qtype, counts)
+
+
+def test_digits_span_several_patches_off_the_patch_grid():
+    for s in make_split(3, 100):
+        for d in s.objects:
+            x0, y0, x1, y1 = d.box
+            assert DIGIT_SIZES[0] <= x1 - x0 == y1 - y0 <= DIGIT_SIZES[1]
+            assert x0 % CELL and y0 % CELL
+            patches = box_patches(d.box)
+            rows = {p // (IMAGE_SIZE // CELL) for p in patches}
+            assert len(rows) >= 2 and len(patches) // len(rows) >= 2 and len(patches) >= 4
+
+
+def test_test_scenes_use_digit_images_never_seen_in_training():
+    pools = {name: {i for cls in pool_indices(name) for i in cls} for name in ("train", "validation", "test")}
+    assert not pools["train"] & pools["test"] and not pools["train"] & pools["validation"]
+    assert not pools["validation"] & pools["test"] and sum(map(len, pools.values())) == 1797
+    for seed, pool in ((TEST_SEED, "test"), (VALIDATION_SEED, "validation"), (TRAIN_SEED_BASE + 5, "train")):
+        sources = {d.source for s in make_split(seed, 100) for d in s.objects}
+        assert sources and sources <= pools[pool], pool
+
+
+def test_generator_is_deterministic():
+    a, b = make_split(7, 20), make_split(7, 20)
+    assert [(s.question, s.answer, s.objects, s.relevant) for s in a] == [
+        (s.question, s.answer, s.objects, s.relevant) for s in b
+    ]
+    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(a, b, strict=True))
+    assert [s.objects for s in make_split(8, 20)] != [s.objects for s in a]
+
+
+def test_two_training_steps_on_digits_save_a_loadable_model(tmp_path):
+    tiny = {"vision_hidden": 16, "text_hidden": 32, "text_layers": 1, "heads": 2}
+    scores = train(
+        tmp_path, steps=2, batch_size=4, warmup=1, sizes=tiny, task="digits", eval_every=2, eval_samples=5, log=str
+    )
+    assert set(scores) == {*QUESTION_TYPES, "overall"}
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    sample = make_split(0, 1)[0]
+    assert processor.tokenizer.unk_token_id not in processor.tokenizer(sample.question)["input_ids"]
+    assert len(answer(model, processor, [sample.image], [sample.question])) == 1
