@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -15,6 +16,7 @@ from vtprune.toyvlm import answer
 from vtprune.toyvlm.benchmark import Row, check_targets, format_table
 from vtprune.toyvlm.data import CELL, IMAGE_SIZE, TEST_SEED, TRAIN_SEED_BASE, VALIDATION_SEED, box_patches
 from vtprune.toyvlm.digits import DIGIT_SIZES, QUADRANTS, QUESTION_TYPES, make_split, pool_indices
+from vtprune.toyvlm.tasks import TASKS
 from vtprune.toyvlm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,3 +172,16 @@ def test_the_table_has_a_column_per_digits_question_type():
     header, _, line = format_table([row], QUESTION_TYPES).splitlines()
     assert header == "| schedule | kept/image | position | compare | overall | s/sample |"
     assert line == "| unpruned | 144.0 | 100.0 | 50.0 | **75.0** | 0.0000 |"
+
+
+def test_the_horizon_command_measures_on_digits_questions(two_steps, tmp_path, capsys, monkeypatch):
+    from vtprune.cli import main
+
+    asked = []
+    spy = dataclasses.replace(TASKS["digits"], make_split=lambda *a, **k: asked.append(a) or make_split(*a, **k))
+    monkeypatch.setitem(TASKS, "digits", spy)
+    folder, _ = two_steps
+    args = ["horizon", "--task", "digits", "--model", str(folder), "--samples", "1", "--layers", "0"]
+    main([*args, "--tokens", "8", "--group", "8", "--strategies", "divprune", "--out", "", "--plot", ""])
+    assert asked == [(TEST_SEED, 1)]
+    assert "| layer | mean information | relative | uniformity | AUC divprune | random |" in capsys.readouterr().out
