@@ -2,6 +2,7 @@
 
 Examples: python eval/train_toy_vlm.py --out vtprune/assets/toy_llava --steps 5000 --threads 2
           python eval/train_toy_vlm.py --family qwen2_vl --out vtprune/assets/toy_qwen2_vl --threads 2
+          python eval/train_toy_vlm.py --task digits --text-layers 8 --out vtprune/assets/toy_llava_digits
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import sys
 
 import torch
 
-from vtprune.toyvlm.model import FAMILIES
+from vtprune.toyvlm.model import DEFAULT_SIZES, FAMILIES
+from vtprune.toyvlm.tasks import TASKS
 from vtprune.toyvlm.train import train
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=FAMILIES, default="llava", help="architecture of the toy VLM")
+    parser.add_argument("--task", choices=list(TASKS), default="shapes", help="what the toy VLM learns to answer")
     parser.add_argument("--out", required=True, help="folder to save_pretrained the best checkpoint into")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
@@ -26,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    for size, default in DEFAULT_SIZES.items():
+        parser.add_argument(f"--{size.replace('_', '-')}", type=int, default=default, help="model size")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     best = train(
@@ -36,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         warmup=args.warmup,
         family=args.family,
+        task=args.task,
+        sizes={size: getattr(args, size) for size in DEFAULT_SIZES},
         eval_every=args.eval_every,
         log=lambda line: print(line, flush=True),
     )

@@ -27,6 +27,7 @@ DEFAULT_STRATEGIES = ("divprune", "fastv", "mmtok", "todre")
 def add_horizon_command(commands: Any) -> None:
     """Register ``horizon`` on the ``vtprune`` command's subparsers."""
     from ..toyvlm.data import TEST_SEED
+    from ..toyvlm.tasks import TASKS
 
     parser = commands.add_parser(
         "horizon",
@@ -34,7 +35,10 @@ def add_horizon_command(commands: Any) -> None:
         description="Removes each visual token from each decoder layer on (batched leave-one-out) on toy-data "
         "questions, prints per-layer information, uniformity and each strategy's ROC AUC, the horizon and a schedule.",
     )
-    parser.add_argument("--model", default=None, help="folder of a saved toy VLM (default: the shipped toy LLaVA)")
+    parser.add_argument("--task", choices=list(TASKS), default="shapes", help="the toy task whose questions to use")
+    parser.add_argument(
+        "--model", default=None, help="folder of a saved toy VLM (default: the task's toy LLaVA in vtprune/assets)"
+    )
     parser.add_argument("--samples", type=int, default=8, help="questions of the toy test split to measure on")
     parser.add_argument("--layers", type=int, nargs="*", default=None, help="decoder layers (default: all)")
     parser.add_argument("--tokens", type=int, default=None, help="measure a random subset of this many tokens")
@@ -55,12 +59,12 @@ def add_horizon_command(commands: Any) -> None:
 
 def run_horizon_command(args: argparse.Namespace) -> None:
     from ..adapters import adapter_for
-    from ..toyvlm.data import make_split
-    from ..toyvlm.model import load_toy_model, prompt_inputs
+    from ..toyvlm.model import DIGITS_PATH, load_toy_model, prompt_inputs
+    from ..toyvlm.tasks import TASKS
 
-    model, processor = load_toy_model(args.model)
+    model, processor = load_toy_model(args.model or (DIGITS_PATH if args.task == "digits" else None))
     num_layers = len(adapter_for(model).layers)
-    samples = make_split(args.seed, args.samples)
+    samples = TASKS[args.task].make_split(args.seed, args.samples)
     inputs = [prompt_inputs(processor, [sample.image], [sample.question]) for sample in samples]
     start, cpu = time.perf_counter(), time.process_time()
     information = token_information(model, inputs, layers=args.layers, tokens=args.tokens, group_size=args.group)
@@ -76,7 +80,7 @@ def run_horizon_command(args: argparse.Namespace) -> None:
     quality = score_quality(
         model, inputs, information, args.strategies, measure=args.measure, q=args.q, tokenizer=processor
     )
-    name = "the shipped toy LLaVA" if args.model is None else f"the toy {model.config.model_type} in {args.model}"
+    name = f"the toy {model.config.model_type} in {args.model}" if args.model else f"the {args.task} toy LLaVA"
     tokens = "all" if args.tokens is None else f"{args.tokens} random"
     print(
         f"vtprune horizon: {name} ({num_layers} decoder layers), {args.samples} test questions, {tokens} of "

@@ -142,9 +142,9 @@ def run_benchmark(
     return rows
 
 
-def format_table(rows: Sequence[Row]) -> str:
+def format_table(rows: Sequence[Row], question_types: Sequence[str] = QUESTION_TYPES) -> str:
     """Markdown table: schedule, kept tokens, accuracy per question type and overall, seconds per sample."""
-    types = [t for t in QUESTION_TYPES if t in rows[0].accuracy]
+    types = [t for t in question_types if t in rows[0].accuracy]
     header = ["schedule", "kept/image", *types, "overall", "s/sample"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -190,3 +190,44 @@ def parse_summary(table: str) -> dict[tuple[str, int], float]:
             if cell:
                 result[name.strip("`"), k] = float(cell.split()[0])
     return result
+
+
+#: What makes a task a benchmark of token selection (issue 19's targets), as percentage points.
+TARGETS = {"unpruned at least": 90.0, "objects-only oracle within": 3.0, "background-only within chance +": 5.0}
+RANDOM_GAP = 15.0
+"""Random pruning at a quarter of the tokens must score at least this far below the best strategy there."""
+
+
+def check_targets(rows: Sequence[Row], chance: float) -> list[tuple[str, bool]]:
+    """(description with the figures, met?) for each target: the unpruned model reads the task, the objects-only
+    oracle keeps that, the background alone is at ``chance`` (overall accuracy, 0-1), and at a quarter of the visual
+    tokens the best strategy beats random by :data:`RANDOM_GAP` points (skipped when no row runs at that budget)."""
+    overall = {row.name: 100 * row.accuracy["overall"] for row in rows}
+    unpruned, objects = overall["unpruned"], overall["oracle: object tokens only"]
+    background = overall["oracle: background tokens only"]
+    results = [
+        (f"unpruned {unpruned:.1f} >= {TARGETS['unpruned at least']:.0f}", unpruned >= TARGETS["unpruned at least"]),
+        (
+            f"objects-only oracle {objects:.1f} within {TARGETS['objects-only oracle within']:.0f} of unpruned",
+            objects >= unpruned - TARGETS["objects-only oracle within"],
+        ),
+        (
+            f"background-only {background:.1f} at chance ({100 * chance:.1f} + {TARGETS['background-only within chance +']:.0f})",
+            background <= 100 * chance + TARGETS["background-only within chance +"],
+        ),
+    ]
+    quarter = round(rows[0].kept / 4)
+    at_quarter = {row.series: 100 * row.accuracy["overall"] for row in rows if row.budget == quarter}
+    if "random" in at_quarter:
+        best = max(at_quarter, key=lambda name: (at_quarter[name], name))
+        gap = at_quarter[best] - at_quarter["random"]
+        results.append(
+            (
+                (
+                    f"random at {quarter} tokens {at_quarter['random']:.1f}, {gap:.1f} below the best there "
+                    f"({best}: {at_quarter[best]:.1f}); needed {RANDOM_GAP:.0f}"
+                ),
+                gap >= RANDOM_GAP,
+            )
+        )
+    return results

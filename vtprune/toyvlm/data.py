@@ -20,8 +20,12 @@ import base64
 import io
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from vtprune.toyvlm.digits import Digit
 
 IMAGE_SIZE = 192
 GRID = 12
@@ -58,7 +62,8 @@ class Obj:
 
 @dataclass(frozen=True)
 class Sample:
-    """One visual QA example; ``objects`` lets an oracle know which patches show something.
+    """One visual QA example; ``objects`` (shapes' ``Obj`` or ``digits.Digit``: anything with a pixel ``box``) lets
+    an oracle know which patches show something.
 
     ``relevant[i]`` says whether ``objects[i]`` is one the question asks about (the counted shapes, the object
     whose colour is asked, ...); training uses it for a dense auxiliary loss, a benchmark can use it as a stricter
@@ -69,7 +74,7 @@ class Sample:
     question: str
     answer: str
     qtype: str
-    objects: tuple[Obj, ...]
+    objects: tuple[Obj | Digit, ...]
     relevant: tuple[bool, ...]
 
 
@@ -146,12 +151,12 @@ def make_sample(rng: random.Random, qtype: str, max_objects: int = MAX_OBJECTS) 
         shape, colour = _random_kind(rng)
         kinds = [(shape, colour)] + [_random_kind(rng, exclude_shapes=(shape,)) for _ in range(n_distract)]
         question, answer = f"what colour is the {shape} ?", colour
-        asked = lambda o: o.shape == shape  # noqa: E731
+        asked = lambda o: o.shape == shape
     elif qtype == "shape":
         shape, colour = _random_kind(rng)
         kinds = [(shape, colour)] + [_random_kind(rng, exclude_colours=(colour,)) for _ in range(n_distract)]
         question, answer = f"what shape is the {colour} object ?", shape
-        asked = lambda o: o.colour == colour  # noqa: E731
+        asked = lambda o: o.colour == colour
     elif qtype == "count":
         shape = rng.choice(SHAPES)
         n = rng.randrange(len(COUNT_WORDS))
@@ -159,7 +164,7 @@ def make_sample(rng: random.Random, qtype: str, max_objects: int = MAX_OBJECTS) 
         kinds = [(shape, rng.choice(list(COLOURS))) for _ in range(n)]
         kinds += [_random_kind(rng, exclude_shapes=(shape,)) for _ in range(n_distract)]
         question, answer = f"how many {shape}s are there ?", COUNT_WORDS[n]
-        asked = lambda o: o.shape == shape  # noqa: E731
+        asked = lambda o: o.shape == shape
     elif qtype == "exists":
         target = _random_kind(rng)
         present = rng.random() < 0.5
@@ -167,7 +172,7 @@ def make_sample(rng: random.Random, qtype: str, max_objects: int = MAX_OBJECTS) 
         kinds = [target] if present else []
         kinds += [_random_kind(rng, exclude=(target,)) for _ in range(n_distract + (0 if present else 1))]
         question, answer = f"is there a {target[1]} {target[0]} ?", "yes" if present else "no"
-        asked = lambda o: (o.shape, o.colour) == target  # noqa: E731
+        asked = lambda o: (o.shape, o.colour) == target
     elif qtype == "position":
         region = rng.choice(REGIONS)
         inside = set(_region_cells(region))
@@ -175,7 +180,7 @@ def make_sample(rng: random.Random, qtype: str, max_objects: int = MAX_OBJECTS) 
         cells = [c for c in cells if c in inside][:1] + [c for c in cells if c not in inside]
         kinds = [(shape, colour)] + [_random_kind(rng) for _ in range(min(n_distract, 3))]
         question, answer = f"what shape is in the {region} half ?", shape
-        asked = lambda o: (o.box[1] // CELL, o.box[0] // CELL) in inside  # noqa: E731
+        asked = lambda o: (o.box[1] // CELL, o.box[0] // CELL) in inside
     else:
         raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
     objs = _place(kinds, cells)
@@ -208,11 +213,20 @@ def object_patch_mask(
     for o, asked in zip(sample.objects, sample.relevant):
         if relevant_only and not asked:
             continue
-        x0, y0, x1, y1 = o.box
-        for row in range(y0 // patch_size, (y1 - 1) // patch_size + 1):
-            for col in range(x0 // patch_size, (x1 - 1) // patch_size + 1):
-                flags[row * side + col] = True
+        for index in box_patches(o.box, patch_size, image_size):
+            flags[index] = True
     return flags
+
+
+def box_patches(box: tuple[int, int, int, int], patch_size: int = CELL, image_size: int = IMAGE_SIZE) -> list[int]:
+    """Row-major indices of the patches a pixel box (x0, y0, x1, y1; x1/y1 exclusive) overlaps."""
+    side = image_size // patch_size
+    x0, y0, x1, y1 = box
+    return [
+        row * side + col
+        for row in range(y0 // patch_size, (y1 - 1) // patch_size + 1)
+        for col in range(x0 // patch_size, (x1 - 1) // patch_size + 1)
+    ]
 
 
 def to_record(sample: Sample) -> dict:

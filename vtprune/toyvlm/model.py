@@ -53,6 +53,7 @@ from vtprune.toyvlm.data import CELL, IMAGE_SIZE, Sample, vocabulary
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_PATH = ASSETS / "toy_llava"
 QWEN2_VL_PATH = ASSETS / "toy_qwen2_vl"
+DIGITS_PATH = ASSETS / "toy_llava_digits"
 #: The toy families: ``family=`` of :func:`build_processor` and the trainer.
 FAMILIES = ("llava", "qwen2_vl")
 #: Image processor backend per family, as :func:`build_processor` builds it: the PIL one for LLaVA (the base install
@@ -117,8 +118,10 @@ def build_prompt(question: str, processor: ProcessorMixin | None = None) -> str:
     return f"{question} {image_placeholder(processor)} answer :"
 
 
-def _word_tokenizer(special_tokens: Sequence[str], extra_special_tokens: dict[str, str]) -> PreTrainedTokenizerFast:
-    words = list(special_tokens) + vocabulary() + ["answer", ":"]
+def _word_tokenizer(
+    special_tokens: Sequence[str], extra_special_tokens: dict[str, str], task_words: Sequence[str]
+) -> PreTrainedTokenizerFast:
+    words = list(special_tokens) + list(task_words) + ["answer", ":"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
@@ -131,13 +134,17 @@ def _word_tokenizer(special_tokens: Sequence[str], extra_special_tokens: dict[st
     )
 
 
-def build_processor(family: str = "llava") -> ProcessorMixin:
-    """Word-level tokenizer + the family's image processor, combined so an image expands to one token per cell."""
+def build_processor(family: str = "llava", task_words: Sequence[str] | None = None) -> ProcessorMixin:
+    """Word-level tokenizer + the family's image processor, combined so an image expands to one token per cell.
+
+    ``task_words`` is the task's vocabulary (default: the shapes task's).
+    """
+    words = vocabulary() if task_words is None else task_words
     if family == "qwen2_vl":
-        return _build_qwen2_vl_processor()
+        return _build_qwen2_vl_processor(words)
     if family != "llava":
         raise ValueError(f"unknown toy VLM family {family!r}; choose one of {', '.join(FAMILIES)}")
-    tokenizer = _word_tokenizer(SPECIAL_TOKENS, {"image_token": IMAGE_TOKEN})
+    tokenizer = _word_tokenizer(SPECIAL_TOKENS, {"image_token": IMAGE_TOKEN}, words)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -152,12 +159,12 @@ def build_processor(family: str = "llava") -> ProcessorMixin:
     )
 
 
-def _build_qwen2_vl_processor() -> Qwen2VLProcessor:
+def _build_qwen2_vl_processor(task_words: Sequence[str]) -> Qwen2VLProcessor:
     # Imported here: without torchvision, importing these warns about Qwen2-VL on every command that imports vtprune.
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     names = ("vision_start_token", "image_token", "vision_end_token", "video_token")
-    tokenizer = _word_tokenizer(QWEN_SPECIAL_TOKENS, dict(zip(names, QWEN_SPECIAL_TOKENS[3:], strict=True)))
+    tokenizer = _word_tokenizer(QWEN_SPECIAL_TOKENS, dict(zip(names, QWEN_SPECIAL_TOKENS[3:], strict=True)), task_words)
     geometry = {"patch_size": QWEN_PATCH_SIZE, "merge_size": 2, "temporal_patch_size": 2}
     # Pixel limits keep a task image at its 192 x 192 (12 x 12 tokens) and shrink larger pictures to that area.
     pixels = {"min_pixels": (2 * CELL) ** 2, "max_pixels": IMAGE_SIZE**2}

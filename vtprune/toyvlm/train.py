@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, ProcessorMixin
 
-from vtprune.toyvlm.data import MAX_OBJECTS, TRAIN_SEED_BASE, VALIDATION_SEED, Sample, make_split, object_patch_mask
+from vtprune.toyvlm.data import TRAIN_SEED_BASE, VALIDATION_SEED, Sample, box_patches, object_patch_mask
 from vtprune.toyvlm.model import build_model, build_processor, encode_batch, evaluate
+from vtprune.toyvlm.tasks import TASKS, Task
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -58,9 +59,9 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
-def _max_objects(step: int, steps: int) -> int:
+def _max_objects(step: int, steps: int, most: int) -> int:
     """Curriculum: at most 2 objects first (binding a word to one object), one more every 10 % of training."""
-    return min(MAX_OBJECTS, 2 + (10 * step) // steps)
+    return min(most, 2 + (10 * step) // steps)
 
 
 def _background_visible(step: int, steps: int) -> float:
@@ -68,12 +69,18 @@ def _background_visible(step: int, steps: int) -> float:
     return min(1.0, max(0.0, (step / steps - 0.2) / 0.4))
 
 
-def _token_answer(sample: Sample) -> str:
-    """What an image token showing an object the question asks about contributes to the answer."""
-    return "yes" if sample.qtype in ("count", "exists") else sample.answer
+def _token_targets(task: Task, sample: Sample) -> list[str]:
+    """Per patch (row-major): the task's word for an object the question asks about, "no" everywhere else."""
+    words = ["no"] * len(object_patch_mask(sample))
+    for obj, asked in zip(sample.objects, sample.relevant, strict=True):
+        if asked:
+            for index in box_patches(obj.box):
+                words[index] = task.object_word(sample, obj)
+    return words
 
 
 def _loss(
+    task: Task,
     model: PreTrainedModel,
     processor: ProcessorMixin,
     samples: list[Sample],
@@ -96,8 +103,7 @@ def _loss(
     answer_loss = F.cross_entropy(logits[:, -3:-1].flatten(0, 1), ids[:, -2:].flatten())
     tokenizer = processor.tokenizer
     relevant = torch.tensor([object_patch_mask(s, relevant_only=True) for s in samples])
-    token_answer = torch.tensor(tokenizer.convert_tokens_to_ids([_token_answer(s) for s in samples]))
-    targets = torch.where(relevant, token_answer[:, None], tokenizer.convert_tokens_to_ids("no"))
+    targets = torch.tensor([tokenizer.convert_tokens_to_ids(_token_targets(task, s)) for s in samples])
     per_token = F.cross_entropy(logits[image], targets.flatten(), reduction="none").view_as(targets.float())
     # Equal weight per group: background alone is 97 % of the tokens, and the other objects are what force the
     # question to be read ("any object -> relevant" must not score well).
@@ -115,12 +121,13 @@ def train(
     warmup: int = 200,
     sizes: dict[str, int] | None = None,
     family: str = "llava",
+    task: str = "shapes",
     eval_every: int = 250,
     eval_samples: int = 250,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """Train a toy VLM of ``family`` (``"llava"`` or ``"qwen2_vl"``) and save the best (validation accuracy)
-    checkpoint with ``save_pretrained`` to ``out_dir``.
+    """Train a toy VLM of ``family`` (``"llava"`` or ``"qwen2_vl"``) on ``task`` (a name in ``tasks.TASKS``) and save
+    the best (validation accuracy) checkpoint with ``save_pretrained`` to ``out_dir``.
 
     Returns the validation accuracy of the saved checkpoint (per question type and ``"overall"``). The log line
     of each evaluation also gives the accuracy with only the object tokens visible (what the curriculum's early
@@ -128,7 +135,8 @@ def train(
     """
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
-    processor = build_processor(family)
+    spec = TASKS[task]
+    processor = build_processor(family, spec.vocabulary())
     model = build_model(processor, sizes)
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -139,14 +147,15 @@ def train(
         betas=(0.9, 0.98),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
-    validation = make_split(VALIDATION_SEED, eval_samples)
+    validation = spec.make_split(VALIDATION_SEED, eval_samples)
     generator = torch.Generator().manual_seed(seed)
     best: dict[str, float] = {"overall": -1.0}
     start, running = time.time(), 0.0
     for step in range(1, steps + 1):
         model.train()
-        samples = make_split(TRAIN_SEED_BASE + seed * 1_000_000 + step, batch_size, _max_objects(step, steps))
-        loss = _loss(model, processor, samples, _background_visible(step, steps), generator)
+        most = _max_objects(step, steps, spec.max_objects)
+        samples = spec.make_split(TRAIN_SEED_BASE + seed * 1_000_000 + step, batch_size, most)
+        loss = _loss(spec, model, processor, samples, _background_visible(step, steps), generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
