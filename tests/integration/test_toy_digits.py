@@ -19,7 +19,7 @@ from vtprune.toyvlm.digits import DIGIT_SIZES, QUADRANTS, QUESTION_TYPES, make_s
 from vtprune.toyvlm.tasks import TASKS
 from vtprune.toyvlm.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASK_DIR = ROOT / "eval" / "tasks" / "vtprune_digits"
 TINY = {"vision_hidden": 16, "text_hidden": 32, "text_layers": 1, "heads": 2}
 
