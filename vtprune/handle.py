@@ -65,7 +65,9 @@ class PruneHandle:
         #: What the projector read for each token it made (strategies that read pre_features).
         self.projector_inputs = ProjectorInputs(adapter.projector_rows)
         #: Per thread: ``cls_attention``, the (images, patches) [CLS] attention of the vision-tower pass of its last
-        #: encoding (strategies that read cls_attention), and ``prompt``, what its last prefill saw (input_stage).
+        #: encoding (strategies that read cls_attention), ``prompt``, what its last prefill saw (input_stage), and for
+        #: models that splice visual rows themselves ``pending_splice``, the state of a splice made before its
+        #: forward, and ``use_cache``, that of the forward in progress.
         self.local = threading.local()
         self._undo: list[Callable[[], None]] = []
         # One forward at a time: the decoder hooks read the state of "the" forward in progress.
