@@ -1,8 +1,8 @@
 """``--model vtprune`` for lmms-eval: the backbone's own lmms-eval wrapper, with its model pruned.
 
 The backbone wrapper (lmms-eval's ``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, or ``llava`` for
-checkpoints of the original LLaVA codebase) is chosen from the checkpoint's ``config.model_type`` and does all prompting, batching and decoding
-exactly as it does without vtprune; this class only prunes the model it loaded, measures every
+checkpoints of the original LLaVA codebase) is chosen from the checkpoint's ``config.model_type`` and does all
+prompting, batching and decoding exactly as it does without vtprune; this class only prunes the model it loaded, measures every
 ``generate()`` and makes failures loud. Arguments vtprune reads are taken out of ``--model_args``;
 everything else goes to the backbone (``device_map``, ``max_pixels``, ``attn_implementation``...).
 """
