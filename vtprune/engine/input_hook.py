@@ -162,11 +162,10 @@ class InputHook:
             # The ids generate() will make from this mask (the model's forward default is arange instead).
             mask = kwargs["attention_mask"]
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        kwargs["use_cache"] = getattr(self._local, "use_cache", None) if inside_forward else False
-        if kwargs["use_cache"] is None:
-            del kwargs["use_cache"]
+        use_cache = getattr(self._local, "use_cache", None)  # the forward's own, which llava keeps to itself
+        if inside_forward and use_cache is not None:
+            kwargs["use_cache"] = use_cache
         kwargs = self.prefill(kwargs, attach=inside_forward)
-        kwargs.pop("use_cache", None)
         state = self.session.state
         if state is not None:
             # The model's input is now the packed sequence: generate()'s mask and positions grow from it.
