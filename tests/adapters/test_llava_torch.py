@@ -234,10 +234,10 @@ def test_strategy_inputs_of_the_vision_side_are_the_same(flat_pair, monkeypatch)
     llava_inputs = as_llava_torch(model, inputs)
     with torch.no_grad(), vtprune.pruned(model, "todre:5") as handle:
         model(**inputs)
-        cls = handle.vision_cls_attention
+        cls = handle.capture.cls_attention
     with torch.no_grad(), vtprune.pruned(llava, "todre:5") as handle:
         llava(**llava_inputs)
-        llava_cls = handle.vision_cls_attention
+        llava_cls = handle.capture.cls_attention
     assert cls is not None and cls.shape == (3, 16)
     torch.testing.assert_close(llava_cls, cls, atol=1e-6, rtol=0)
     monkeypatch.setattr(vtprune.engine.input_hook, "item_seed", lambda base, ids, modality, index: base + index)
