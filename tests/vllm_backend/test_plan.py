@@ -15,7 +15,7 @@ from vtprune.vllm.plan import Selections, decode_schedule, encode_schedule, imag
     [
         ("fastv@2:50%", "paged KV cache"),
         ("divprune:64+random_deep@2:50%", "paged KV cache"),
-        ("mmtok:64", "encoder-output cache is keyed by the image alone"),
+        ("mmtok:64", "nor part of its encoder-cache key"),
         ("todre:64", "[CLS] attention"),
         ("zoo:64", "projector"),
         ("none", "decides its own count"),

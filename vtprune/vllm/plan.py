@@ -34,8 +34,9 @@ UNAVAILABLE_INPUTS = {
     "attention": "it scores with decoder attention, and vLLM's attention kernels return no weights",
     "cross_shares": "it scores with decoder attention, and vLLM's attention kernels return no weights",
     "cls_attention": "it needs the vision tower's [CLS] attention, which vLLM's fused vision attention does not return",
-    "text_embeds": "it needs the question, and vLLM's encoder-output cache is keyed by the image alone, so two "
-    "questions about one image would share a selection",
+    "text_embeds": "it needs the question, which vLLM's multimodal embedding step never sees: the prompt is neither "
+    "an input of an image's processing nor part of its encoder-cache key, so two questions about one image would "
+    "share a selection",
     "pre_features": "it needs the projector's inputs, which this backend does not expose yet",
     "projector": "it needs the projector as a function, which this backend does not expose yet",
 }
