@@ -25,6 +25,7 @@ SHIM = Path(__file__).parent / "tests" / "vllm_backend" / "torchvision_cpu_ops.p
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "install", "torch==2.14.1", "torchvision==0.29.1", "-e", ".[dev]")
+    session.run("python", "-m", "mypy")  # configured in pyproject.toml
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 

@@ -79,7 +79,10 @@ def test_the_graph_is_read():
 
 #: Known type-only edges that close a circle, left to the harness rewrite (sweep.py and report.py annotate with the
 #: classes of the modules that import them).
-TYPE_ONLY_CIRCLES = {("vtprune.harness.sweep", "vtprune.harness.lmm"), ("vtprune.harness.report", "vtprune.harness.sweep")}
+TYPE_ONLY_CIRCLES = {
+    ("vtprune.harness.sweep", "vtprune.harness.lmm"),
+    ("vtprune.harness.report", "vtprune.harness.sweep"),
+}
 
 
 def test_no_import_circles():
