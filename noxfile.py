@@ -31,6 +31,7 @@ def tests(session: nox.Session) -> None:
     # The original LLaVA codebase (tests/adapters/test_llava_torch.py): its metadata pins torch 2.0.1 / transformers 4.36.2, so
     # it comes without its dependencies; the ones it uses at run time are in the dev extra (llava-torch).
     session.run("python", "-m", "pip", "install", "--no-deps", LLAVA_TORCH)
+    session.run("python", "-m", "mypy")  # configured in pyproject.toml
     session.run("python", "-m", "pytest", "-q", *session.posargs, env={"VTPRUNE_REQUIRE_LLAVA_TORCH": "1"})
 
 

@@ -135,7 +135,8 @@ def test_theta_outside_its_range_is_refused(theta):
 
 
 def test_relevance_source_declares_what_the_engine_computes():
-    assert make_strategy("cdpruner").needs == frozenset({"text_embeds"})  # with a tower: tests/strategies/test_text_towers.py
+    # With a tower: tests/strategies/test_text_towers.py.
+    assert make_strategy("cdpruner").needs == frozenset({"text_embeds"})
 
 
 def test_a_text_tower_that_does_not_load_is_refused_when_the_strategy_is_built():

@@ -9,7 +9,8 @@ Decode steps give layers >= K a mask sized against cache layer K.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -183,7 +183,7 @@ def restrict(image: TokenContext, keep: int, candidates: Tensor | None = None) -
 
     return replace(
         image,
-        features=as_float(per_token(image.features)),
+        features=(image.features if whole else image.features[candidates]).float(),
         keep=keep,
         grid=image.grid if whole else None,
         segments=image.segments if whole else None,

@@ -93,14 +93,15 @@ class Strategy:
 
     name: str = ""
     """The name the strategy is registered under; an instance built by name carries the name it was built by."""
-    needs: ClassVar[frozenset[str]] = frozenset()
-    """Optional :class:`TokenContext` fields this strategy reads (e.g. ``{"attention"}``)."""
+    needs: frozenset[str] = frozenset()
+    """Optional :class:`TokenContext` fields this strategy reads (e.g. ``{"attention"}``); an instance may narrow
+    it for its options (the registry checks the class's)."""
     optional_needs: ClassVar[frozenset[str]] = frozenset()
     """Those of ``needs`` the strategy has a documented fallback for; :func:`vtprune.select` requires the others."""
     places: ClassVar[frozenset[str]] = frozenset({INPUT_PLACE, DECODER_PLACE})
     """Where the strategy can act."""
-    needs_budget: ClassVar[bool] = True
-    """False for strategies that decide the count themselves (``none``)."""
+    needs_budget: bool = True
+    """False for strategies that decide the count themselves (``none``); an instance may say so for its options."""
 
     def select(self, ctx: TokenContext) -> Tensor:
         """Return the kept indices: ``ctx.keep`` unique int64 indices into ``ctx.features``, ascending.

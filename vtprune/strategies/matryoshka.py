@@ -95,7 +95,7 @@ class Matryoshka(MergingStrategy):
         if t == 1 and h == w and h % window[0] == 0 and window[0] == window[1]:
             weights, _ = pool_grid(identity, (h, w), (h // window[0]) ** 2)  # exactly M3
         else:
-            frames = identity.T.reshape(1, -1, t * h, w).split(h, dim=2)
+            frames = torch.split(identity.T.reshape(1, -1, t * h, w), h, dim=2)
             kernel = (min(window[0], h), min(window[1], w))
             # ceil_mode keeps partial edge windows, each averaged over the cells it covers.
             weights = torch.cat([F.avg_pool2d(f, kernel, ceil_mode=True)[0].flatten(1).T for f in frames])

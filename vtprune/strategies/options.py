@@ -19,7 +19,7 @@ import inspect
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, cast
 
 from ..errors import OptionError
 
@@ -62,6 +62,7 @@ class Option:
         if (
             self.name not in strategy.__dict__
         ):  # a subclass whose __init__ did not set it: the declaring class's default
+            assert self.owner is not None, "set by __set_name__ when the declaring class was made"
             return constructor_defaults(self.owner)[self.name]
         return strategy.__dict__[self.name]
 
@@ -94,7 +95,7 @@ class Option:
         wanted = Integral if self.kind is int else Real
         if isinstance(item, bool) or not isinstance(item, wanted) or not math.isfinite(item):
             raise self._refuse(value)
-        number = self.kind(item)
+        number: float = int(cast(Integral, item)) if self.kind is int else float(item)
         too_low = (self.at_least is not None and number < self.at_least) or (
             self.above is not None and number <= self.above
         )
@@ -164,6 +165,6 @@ def declared_options(cls: type) -> dict[str, Option]:
 
 def constructor_defaults(cls: type) -> dict[str, Any]:
     """The keywords ``cls``'s constructor takes, with their defaults (``inspect.Parameter.empty`` where required)."""
-    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    parameters = list(inspect.signature(cls).parameters.values())  # the constructor's, without self
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {p.name: p.default for p in parameters if p.kind in named}

@@ -22,7 +22,8 @@ from .text_towers import TextTower, load_text_tower
 def unit_rows(x: Tensor) -> Tensor:
     """Rows scaled to unit norm in float32; zero rows stay zero (cosine 0 to everything)."""
     x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit: Tensor = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return unit
 
 
 class InstructionSpace:
@@ -63,5 +64,6 @@ class InstructionSpace:
 
     def tower(self, device: torch.device) -> TextTower:
         if device not in self._towers:
+            assert self.text_tower is not None, "only the text_tower= form reads a tower"
             self._towers[device] = load_text_tower(self.text_tower, device)
         return self._towers[device]

@@ -87,8 +87,9 @@ class TransformersCLIP(TextTower):
         self.text_projection = model.text_projection.to(device).eval()
         self.post_layernorm = model.vision_model.post_layernorm.to(device).eval()
         self.visual_projection = model.visual_projection.to(device).eval()
-        self.context_length = model.config.text_config.max_position_embeddings
-        self.width = model.config.vision_config.hidden_size
+        # transformers types CLIPConfig's sub-configs as ``dict | XConfig | None``; a loaded model has the config.
+        self.context_length = model.config.text_config.max_position_embeddings  # type: ignore[union-attr]
+        self.width = model.config.vision_config.hidden_size  # type: ignore[union-attr]
         self.device = device
 
     @torch.no_grad()
@@ -100,12 +101,14 @@ class TransformersCLIP(TextTower):
         if rows.shape[0] == 0:
             return torch.zeros(0, self.text_projection.out_features, device=self.device)
         pooled = self.text_model(input_ids=rows.to(self.device), attention_mask=mask.to(self.device)).pooler_output
-        return self.text_projection(pooled)
+        embeds: Tensor = self.text_projection(pooled)
+        return embeds
 
     @torch.no_grad()
     def encode_image(self, features: Tensor) -> Tensor:
         self._check_width(features, self.width)
-        return self.visual_projection(self.post_layernorm(features.float()))
+        embeds: Tensor = self.visual_projection(self.post_layernorm(features.float()))
+        return embeds
 
 
 class OpenCLIP(TextTower):
@@ -146,13 +149,15 @@ class OpenCLIP(TextTower):
             rows = self.tokenizer([text])
         if rows.shape[0] == 0:
             return torch.zeros(0, self.model.visual.proj.shape[1], device=self.device)
-        return self.model.encode_text(rows.to(self.device))
+        embeds: Tensor = self.model.encode_text(rows.to(self.device))
+        return embeds
 
     @torch.no_grad()
     def encode_image(self, features: Tensor) -> Tensor:
         self._check_width(features, self.width)
         visual = self.model.visual
-        return visual.ln_post(features.float()) @ visual.proj
+        embeds: Tensor = visual.ln_post(features.float()) @ visual.proj
+        return embeds
 
 
 def load_text_tower(spec: str, device: torch.device | str = "cpu") -> TextTower:

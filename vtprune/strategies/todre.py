@@ -77,11 +77,12 @@ class ToDRE(GreedyStrategy):
             orders += self._greedy(group, group[0].keep)[0]
         return orders
 
-    def scores(self, ctx: TokenContext) -> Tensor:
+    def scores(self, ctx: TokenContext) -> Tensor | None:
         """k-center: each token's cosine distance to the tokens picked before it; max-sum: pick order."""
         if self.method != "k-center":
             return super().scores(ctx)
         order, gains = self._greedy([ctx], ctx.num_tokens)
+        assert gains is not None, "k-center returns its gains"
         return order_scores(order[0], gains[0])
 
     def _greedy(self, contexts: Sequence[TokenContext], count: int) -> tuple[Tensor, Tensor | None]:

@@ -17,7 +17,8 @@ IQR_FACTOR = 1.5
 def iqr_outliers(scores: Tensor) -> Tensor:
     """Ascending indices of the scores above ``Q3 + 1.5·IQR`` (quartiles by linear interpolation, ``torch.quantile``)."""
     q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], dtype=scores.dtype, device=scores.device))
-    return (scores > q3 + IQR_FACTOR * (q3 - q1)).nonzero()[:, 0]
+    outliers: Tensor = (scores > q3 + IQR_FACTOR * (q3 - q1)).nonzero()[:, 0]
+    return outliers
 
 
 @register_strategy("trim")

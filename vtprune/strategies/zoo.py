@@ -71,7 +71,8 @@ class ZOOPrune(GreedyStrategy):
             minus = ctx.projector((x[None] - u).reshape(-1, width))
             delta = (plus - minus).float().view(u.shape[0], x.shape[0], -1) / (2 * self.step)
             total += delta.norm(dim=-1).sum(dim=0)
-        return total / self.directions
+        mean: Tensor = total / self.directions
+        return mean
 
     def scores(self, ctx: TokenContext) -> Tensor:
         """The min-max normalised sensitivity ``Ŝ`` (the first factor of the greedy's criterion)."""

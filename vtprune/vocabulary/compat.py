@@ -21,15 +21,16 @@ _CACHE_NAMES = ("cache", "past_key_values")
 def get_cache(kwargs: dict[str, Any]) -> Cache | None:
     """The KV cache a forward was called with, under either name."""
     for name in _CACHE_NAMES:
-        if kwargs.get(name) is not None:
-            return kwargs[name]
+        cache: Cache | None = kwargs.get(name)
+        if cache is not None:
+            return cache
     return None
 
 
 def output_cache(output: Any) -> Cache | None:
     """The KV cache a model output carries (``output.cache`` from 5.24 on, ``past_key_values`` before)."""
     for name in _CACHE_NAMES:
-        value = getattr(output, name, None)
-        if value is not None:
-            return value
+        cache: Cache | None = getattr(output, name, None)
+        if cache is not None:
+            return cache
     return None
