@@ -28,8 +28,8 @@ from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-#: The shipped toy models, by the name their README blocks use.
-MODELS = {"llava": DEFAULT_PATH, "qwen2_vl": QWEN2_VL_PATH}
+#: The shipped toy models, by the name their README blocks use: their config's ``model_type``.
+MODELS = {transformers.AutoConfig.from_pretrained(path).model_type: path for path in (DEFAULT_PATH, QWEN2_VL_PATH)}
 #: Visual tokens kept per image (of 144) in the README's tables.
 BUDGETS = (144, 72, 36, 16, 7, 3)
 #: Test questions behind every figure.

@@ -387,6 +387,15 @@ def test_square_grid_tokens_map_to_their_patches(models, kind, original):
         assert_regions_match(item, colour, [blue])
 
 
+def test_more_square_images_than_pictures_is_refused_by_name(models):
+    """Gemma 3's pan-and-scan crops are extra square images: sizes of the pictures alone cannot be matched to them."""
+    model = models("gemma3")
+    side = model.config.vision_config.image_size
+    inputs = {"pixel_values": torch.zeros(3, 3, side, side)}
+    with pytest.raises(vtprune.VTPruneError, match="images"):
+        viz.token_regions(model, inputs, images=[gradient(24, 40, 60)])
+
+
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_every_family_draws_its_kept_tokens(models, make_inputs, kind):
     """Every family of the registry maps a pruned batch's tokens to regions: boxes inside their picture, none

@@ -35,6 +35,11 @@ class Gemma3Adapter(ModelAdapter):
         "projector": f"{_POOLED} row-wise projector",
     }
 
+    def special_token_ids(self) -> set[int]:
+        # Gemma 3 names its image delimiters boi / eoi, not vision_start / vision_end.
+        config = self.model.config
+        return super().special_token_ids() | {config.boi_token_index, config.eoi_token_index}
+
     def grids(self, items: list[VisualItem], positions: Tensor) -> list[Grid]:
         return square_grids(items)
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 #: (height, width) in pixels.
 PixelSize = tuple[int, int]
 
@@ -121,6 +123,11 @@ def square_grid_regions(
     used only when ``sizes`` (the originals') are known, else boxes stay in processed pixels.
     """
     processed = int(pixel_values.shape[-1])
+    if sizes and len(sizes) != pixel_values.shape[0]:  # e.g. Gemma 3's pan-and-scan crops: extra square images
+        raise InputError(
+            f"images gives {len(sizes)} pictures but the inputs hold {pixel_values.shape[0]} square images; pass "
+            "one picture per processed image, or images=None for boxes in processed pixels"
+        )
     cells = torch.arange(side * side)
     grid = cell_boxes(side, side, processed / side)
     items = []

@@ -304,10 +304,11 @@ def encode_batch(
     """
     texts = [build_prompt(s.question, processor) + (f" {s.answer} </s>" if with_answers else "") for s in samples]
     batch = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
-    if isinstance(model, Qwen2VLForConditionalGeneration):  # M-RoPE, as vtprune's adapter computes it for pruning
-        batch["position_ids"] = adapter_for(model).original_positions(batch, batch["input_ids"])
-    else:
+    adapter = adapter_for(model)
+    if adapter.position_seq_dim == 1:
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    else:  # M-RoPE, as vtprune's adapter computes it for pruning
+        batch["position_ids"] = adapter.original_positions(batch, batch["input_ids"])
     return batch
 
 
