@@ -317,7 +317,7 @@ def test_lmms_eval_llava_wrapper_is_the_backbone_and_a_sweep_runs(tmp_path, monk
 
     toy = LlavaForConditionalGeneration.from_pretrained(TOY, dtype=torch.float32)
     folder = save_as_llava_torch(toy, tmp_path / "toy-llava", tokenizer=AutoTokenizer.from_pretrained(TOY))
-    tasks = str(Path(__file__).resolve().parents[1] / "eval" / "tasks")
+    tasks = str(Path(__file__).resolve().parents[2] / "eval" / "tasks")
     runs = run_sweep(
         str(folder), ["vtprune_shapes"], ["divprune:16"], tmp_path / "sweep", include_path=tasks, limit=4,
         progress=False, timing_rounds=1, timing_calls=1,
