@@ -43,9 +43,20 @@ def bind_arguments(forward: Any, args: tuple, kwargs: dict[str, Any]) -> dict[st
     return {**bound, **extra}
 
 
+#: What every visual slot reads as in the ids a seed hashes (no token id is negative).
+VISUAL_SLOT = -1
+
+
+def seed_ids(input_ids: Tensor, visual: Tensor) -> Tensor:
+    """``input_ids`` with every ``visual`` slot replaced by :data:`VISUAL_SLOT`: runtimes mark those slots with
+    different ids (transformers' ``image_token_id``, llava's -200), and the same sample must draw alike on each."""
+    return input_ids.to(torch.int64).masked_fill(visual, VISUAL_SLOT)
+
+
 def item_seed(base: int, ids: Tensor, modality: str, index: int) -> int:
-    """Seed from the sample's own tokens up to and including the item, so a sample gets the same draw
-    whatever batch or beam it is in, and tokens generated later (a cache-less generate()) cannot change it."""
+    """Seed from the sample's own tokens up to and including the item (as :func:`seed_ids` gives them), so a
+    sample gets the same draw whatever batch, beam or runtime it is in, and tokens generated later (a cache-less
+    generate()) cannot change it."""
     data = ids.cpu().numpy().tobytes() + f"{base}|{modality}|{index}".encode()
     return zlib.crc32(data)
 
@@ -237,7 +248,12 @@ class InputHook:
     def _locate(self, input_ids: Tensor, valid: Tensor, encoder_outputs: dict[str, Any]) -> list[VisualItem]:
         items = []
         newline = self.adapter.newline_embedding()
-        for modality, token_id in self.adapter.token_ids().items():
+        token_ids = self.adapter.token_ids()
+        visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in token_ids.values():
+            visual |= input_ids == token_id
+        hashed = seed_ids(input_ids, visual)
+        for modality, token_id in token_ids.items():
             output = encoder_outputs.get(modality)
             if output is None:
                 continue
@@ -256,7 +272,7 @@ class InputHook:
                 columns = cols[start : start + size]
                 start += size
                 end = int(columns[-1]) + 1 if size else 0
-                prefix = input_ids[row, :end][valid[row, :end]]  # padding must not change the draw
+                prefix = hashed[row, :end][valid[row, :end]]  # padding must not change the draw
                 index = per_row_count.get(row, 0)
                 per_row_count[row] = index + 1
                 is_newline = None
