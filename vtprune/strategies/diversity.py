@@ -12,7 +12,7 @@ model's dtype, and its float32 picks (tests/data/parity) are reproduced exactly 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -41,10 +41,15 @@ def cosine_similarities(features: Tensor, dtype: torch.dtype = torch.float32, ou
 
     float32 / float64: the Gram matrix, its upper block triangle multiplied and mirrored, divided in
     place, a block of rows at a time, by the outer product of the row norms, so the only N x N buffer
-    is the result (no normalised copy of the features). Half precision: the reference's own steps
-    (normalise the rows in ``dtype``, then multiply), which reproduce its picks on fp16 / bf16 models
-    and cannot overflow float16 as a Gram matrix of large-norm tokens would. Zero rows get cosine 0
-    to everything instead of NaN.
+    is the result (no normalised copy of the features). The self-cosines that division leaves a few
+    ulps above or below 1 are set to exactly 1, and so is every entry equal to the self-cosine of its
+    row or column: an exact duplicate of a token has the same dot products in the same call, so
+    duplicates get cosine exactly 1 (distance exactly 0) to each other and tie exactly (ties go to
+    the lower index instead of following the sign of rounding noise); tokens within float32
+    resolution of each other are treated alike. Half precision: the reference's own steps (normalise
+    the rows in ``dtype``, then multiply), which reproduce its picks on fp16 / bf16 models and cannot
+    overflow float16 as a Gram matrix of large-norm tokens would. Zero rows get cosine 0 to everything
+    (themselves included) instead of NaN.
     """
     floor = max(_NORM_EPS, torch.finfo(dtype).tiny)  # float16 cannot hold 1e-12
     x = features.to(dtype)
@@ -60,8 +65,11 @@ def cosine_similarities(features: Tensor, dtype: torch.dtype = torch.float32, ou
         # earlier: half the multiply-adds of the full product, and the matrix exactly symmetric.
         torch.mm(x[block], x[start:].T, out=gram[block, start:])
         gram[start + _BLOCK :, block] = gram[block, start + _BLOCK :].T
+    # cos(x_i, x_i) as the division below rounds it; NaN for zero rows, which stay at cosine 0.
+    itself = (gram.diagonal() / (norms * norms)).masked_fill_(gram.diagonal() == 0, torch.nan)
     for start in range(0, n, _BLOCK):
-        gram[start : start + _BLOCK].div_(norms[start : start + _BLOCK, None] * norms)
+        rows = gram[start : start + _BLOCK].div_(norms[start : start + _BLOCK, None] * norms)
+        rows.masked_fill_((rows == itself[start : start + _BLOCK, None]) | (rows == itself), 1.0)
     return gram
 
 
