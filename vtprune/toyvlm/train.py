@@ -33,6 +33,14 @@ The Qwen2-VL variant (``vtprune/assets/toy_qwen2_vl``, 989,312 parameters) is th
 between 68 and 92 %; the shipped checkpoint is step 3750 (98.4 %). Position is the hard type here because its depth-0
 vision tower adds no position embedding: where a token lies is known to the LLM only through M-RoPE. Test split:
 97.3 % overall (position 86.7 %, every other type 100 %); object tokens only 97.0 %; background only 25.7 %.
+
+The digits task (``--task digits``, ``vtprune.toyvlm.digits``) uses the same recipe; its per-token target is the
+digit itself at every token of a digit the answer is computed from (``tasks.TASKS``). Run of 2026-12-05:
+``python eval/train_toy_vlm.py --task digits --out vtprune/assets/toy_llava_digits --steps 2400 --batch-size 24
+--text-hidden 128 --text-layers 8 --threads 1`` (1,832,384 parameters, 1.2 CPU seconds a step on one thread), cut
+short by the deadline on a machine at load 10-12; validation (full / object tokens only) by step: 200: 24.0 / 30.8 %, 400: 28.8 / 30.8 %, 600: 29.2 / 26.8 %, 800: 26.8 / 28.4 %,
+1000: 28.0 / 28.4 % (chance 29 %), when it was stopped: still at chance, with the object tokens alone too -- the model
+had not learned to read a digit spread over several tokens, and no checkpoint is shipped (README).
 """
 
 from __future__ import annotations
