@@ -20,12 +20,9 @@ import base64
 import io
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from PIL import Image, ImageDraw
-
-if TYPE_CHECKING:
-    from vtprune.toyvlm.digits import Digit
 
 IMAGE_SIZE = 192
 GRID = 12
@@ -60,6 +57,13 @@ class Obj:
     box: tuple[int, int, int, int]
 
 
+class Placed(Protocol):
+    """What an oracle needs of an object in a scene (shapes' ``Obj``, ``digits.Digit``): its pixel box."""
+
+    @property
+    def box(self) -> tuple[int, int, int, int]: ...
+
+
 @dataclass(frozen=True)
 class Sample:
     """One visual QA example; ``objects`` (shapes' ``Obj`` or ``digits.Digit``: anything with a pixel ``box``) lets
@@ -74,7 +78,7 @@ class Sample:
     question: str
     answer: str
     qtype: str
-    objects: tuple[Obj | Digit, ...]
+    objects: tuple[Placed, ...]
     relevant: tuple[bool, ...]
 
 

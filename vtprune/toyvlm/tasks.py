@@ -36,6 +36,7 @@ def _shapes_object_word(sample: data.Sample, obj: object) -> str:
 
 def _digits_object_word(sample: data.Sample, obj: object) -> str:
     # The digit itself: the answer is computed from the digits the question asks about.
+    assert isinstance(obj, digits.Digit), "a digits scene holds digits"
     return str(obj.digit)
 
 
