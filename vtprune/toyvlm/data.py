@@ -237,12 +237,14 @@ def to_record(sample: Sample) -> dict:
     """A JSON-ready form of ``sample`` (the image as base64 PNG), e.g. for an lmms-eval task's data file."""
     png = io.BytesIO()
     sample.image.save(png, format="PNG")
+    shapes = [o for o in sample.objects if isinstance(o, Obj)]
+    assert len(shapes) == len(sample.objects), "records hold shapes scenes (the digits task stores its questions)"
     return {
         "question": sample.question,
         "answer": sample.answer,
         "qtype": sample.qtype,
         "image": base64.b64encode(png.getvalue()).decode("ascii"),
-        "objects": [{"shape": o.shape, "colour": o.colour, "box": list(o.box)} for o in sample.objects],
+        "objects": [{"shape": o.shape, "colour": o.colour, "box": list(o.box)} for o in shapes],
         "relevant": list(sample.relevant),
     }
 
