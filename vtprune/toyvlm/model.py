@@ -48,8 +48,7 @@ from transformers import (
 )
 
 from vtprune.adapters import adapter_for
-from vtprune.adapters.llava_torch import LlavaTorchAdapter
-from vtprune.adapters.llava_torch_format import llava_torch_inputs
+from vtprune.adapters.llava_torch import LlavaTorchAdapter, llava_torch_inputs
 from vtprune.errors import VTPruneError
 from vtprune.toyvlm.data import CELL, IMAGE_SIZE, Sample, vocabulary
 
