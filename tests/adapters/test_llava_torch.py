@@ -344,3 +344,30 @@ def test_lmms_eval_llava_wrapper_is_the_backbone_and_a_sweep_runs(tmp_path, monk
         device="cpu",
     )
     assert plain["results"]["vtprune_shapes"]["accuracy,none"] == baseline["score"]
+
+
+def test_toy_accuracy_benchmark_scores_alike_on_both_backends(toy_pair):
+    """eval/bench_accuracy.py's rows (`--backend llava-torch`): the same predictions, hence the same accuracy."""
+    from vtprune.toyvlm import load_toy_model
+    from vtprune.toyvlm.benchmark import run_benchmark
+    from vtprune.toyvlm.data import TEST_SEED
+    from vtprune.toyvlm.model import predict
+    from vtprune.toyvlm.tasks import TASKS
+
+    model, llava = toy_pair
+    processor = load_toy_model(TOY)[1]
+    samples = TASKS["shapes"].make_split(TEST_SEED, 10)
+    strategies = ["divprune", "fastv", "mmtok", "random"]
+    rows = run_benchmark(model, processor, samples, strategies, budgets=[7], batch_size=5, oracles=False)
+    llava_rows = run_benchmark(llava, processor, samples, strategies, budgets=[7], batch_size=5, oracles=False)
+    assert [row.name for row in llava_rows] == ["unpruned", "divprune:7", "fastv@2:7", "mmtok:7", "random:7"]
+    assert [(row.name, row.kept, row.accuracy) for row in llava_rows] == [
+        (row.name, row.kept, row.accuracy) for row in rows
+    ]
+    assert llava_rows[0].accuracy["overall"] > llava_rows[-1].accuracy["overall"]  # pruning changes answers
+    kept = []  # accuracy is coarse: the seeded draw itself must be the same
+    for toy in (model, llava):
+        with vtprune.pruned(toy, "random:7", tokenizer=processor) as handle:
+            predict(toy, processor, samples[:5])
+            kept.append([image.kept for image in handle.last_record.images])
+    assert len(kept[0]) == 5 and all(torch.equal(a, b) for a, b in zip(*kept))

@@ -250,3 +250,25 @@ ARCHITECTURES = tuple(
         ("LlavaMistralForCausalLM", "llava_mistral"),
     )
 )
+
+
+def llava_torch_inputs(inputs: dict[str, Tensor], image_token_id: int, tokens_per_image: int) -> dict[str, Any]:
+    """The same left-padded prompts for llava-torch, from a flat LLaVA processor's ``inputs``: each image's
+    ``tokens_per_image`` placeholders become one ``IMAGE_TOKEN_INDEX``, ``pixel_values`` become ``images``, and
+    ``position_ids`` are given (llava then numbers each row from its first real token, as ``generate()`` does)."""
+    sequences = []
+    for ids, valid in zip(inputs["input_ids"], inputs["attention_mask"].bool()):
+        row = ids[valid]
+        is_image = row == image_token_id
+        if int(is_image.sum()) % tokens_per_image:
+            raise InputError(f"{int(is_image.sum())} image tokens in a row: not {tokens_per_image} each")
+        first = is_image & (torch.cumsum(is_image, 0) % tokens_per_image == 1 % tokens_per_image)
+        sequences.append(row[~is_image | first].masked_fill(first[~is_image | first], IMAGE_TOKEN_INDEX))
+    length = max(len(sequence) for sequence in sequences)
+    input_ids = torch.zeros(len(sequences), length, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, length - len(sequence) :] = sequence
+        mask[row, length - len(sequence) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "images": inputs["pixel_values"]}

@@ -48,6 +48,8 @@ from transformers import (
 )
 
 from vtprune.adapters import adapter_for
+from vtprune.adapters.llava_torch import LlavaTorchAdapter, llava_torch_inputs
+from vtprune.errors import VTPruneError
 from vtprune.toyvlm.data import CELL, IMAGE_SIZE, Sample, vocabulary
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -324,12 +326,18 @@ def predict(
     mask while every token keeps its original position, which is equivalent to pruning them before the LLM.
     """
     batch = encode_batch(model, processor, samples)
-    if keep_fn is not None:
+    llava_torch = LlavaTorchAdapter.serves(model)  # the toy converted to the original codebase's format
+    if llava_torch:
+        if keep_fn is not None:
+            raise VTPruneError("keep_fn hides image tokens in the mask; llava-torch's prompt has one per image")
+        tokens_per_image = model.get_vision_tower().num_patches_per_side ** 2
+        batch = llava_torch_inputs(batch, processor.image_token_id, tokens_per_image)
+    elif keep_fn is not None:
         image_pos = batch["input_ids"] == model.config.image_token_id
         keep = torch.tensor([list(keep_fn(s)) for s in samples], dtype=batch["attention_mask"].dtype)
         batch["attention_mask"][image_pos] = keep.flatten()
-    with torch.no_grad():
-        logits = model(**batch, logits_to_keep=1).logits[:, -1]
+    with torch.no_grad():  # llava-torch's forward has no logits_to_keep
+        logits = model(**batch, **({} if llava_torch else {"logits_to_keep": 1})).logits[:, -1]
     return [p.strip() for p in processor.batch_decode(logits.argmax(-1)[:, None], skip_special_tokens=True)]
 
 
