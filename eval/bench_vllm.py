@@ -105,7 +105,7 @@ def cuda_families(names: list[str], workdir: Path, n: int) -> list[Family]:
     return families
 
 
-def random_7b_checkpoint(name: str, folder: Path) -> None:
+def random_7b_checkpoint(name: str, folder: Path, device: str = "cuda") -> None:
     """LLaVA-1.5-7B (CLIP-L/336 + Vicuna-7B) or Qwen2.5-VL-7B shapes, random bfloat16 weights, the toy's tokenizer."""
     from transformers import AutoModelForImageTextToText, LlavaConfig, Qwen2_5_VLConfig
 
@@ -144,7 +144,7 @@ def random_7b_checkpoint(name: str, folder: Path) -> None:
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):  # on the GPU: initialising 7B parameters on the CPU takes minutes
             model = AutoModelForImageTextToText.from_config(config)
     finally:
         torch.set_default_dtype(default)
