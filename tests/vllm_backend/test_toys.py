@@ -10,14 +10,12 @@ import dataclasses
 import gc
 import importlib
 import os
-import shutil
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor
 
 # Skipped where vLLM is absent (the main session); noxfile.py's vllm session sets VTPRUNE_REQUIRE_VLLM, so a
@@ -26,7 +24,7 @@ vllm = importlib.import_module("vllm") if os.environ.get("VTPRUNE_REQUIRE_VLLM")
 
 import vtprune
 from vtprune.toyvlm import build_prompt, load_toy_model, make_split
-from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH
+from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH, save_for_stock_vllm
 from vtprune.vllm import SCHEDULE_KEY, UnsupportedScheduleError, engine_args
 from vtprune.vllm.plan import image_key
 
@@ -128,18 +126,6 @@ def unpruned_features(model, family, image):
     return model.visual(image["pixel_values"].to(model.visual.dtype), grid_thw=image["image_grid_thw"]).cpu()
 
 
-def stock_llava_checkpoint(folder):
-    """The toy LLaVA as stock vLLM loads it: its CLIP tower's weights under the ``vision_model.`` level."""
-    shutil.copytree(DEFAULT_PATH, folder)
-    weights = load_file(folder / "model.safetensors")
-    renamed = {
-        name.replace("vision_tower.", "vision_tower.vision_model.", 1) if name.startswith("vision_tower.") else name: t
-        for name, t in weights.items()
-    }
-    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
-
-
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
 def toy(request, tmp_path_factory):
     """Everything the tests compare, for one family: stock vLLM, the pruning class per schedule, the reference."""
@@ -149,7 +135,7 @@ def toy(request, tmp_path_factory):
     # The processor vLLM's front-end builds for the checkpoint (its default image backend), not the toy loader's
     # pinned one, so that both paths see the same pixels.
     processor = AutoProcessor.from_pretrained(path)
-    stock_path = stock_llava_checkpoint(tmp_path_factory.mktemp("stock") / "toy") if family == "llava" else path
+    stock_path = save_for_stock_vllm(tmp_path_factory.mktemp("stock") / "toy") if family == "llava" else path
     with engine(model=str(stock_path)) as llm:
         stock = generate(llm, processor)
     results, kept = {}, {}

@@ -23,12 +23,14 @@ vision transformer of depth 0: its 8 px patches go through the patch embedding o
 
 from __future__ import annotations
 
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForImageTextToText,
@@ -363,3 +365,17 @@ def evaluate(
     for start in range(0, len(samples), batch_size):
         predictions += predict(model, processor, samples[start : start + batch_size], keep_fn)
     return accuracy(samples, predictions)
+
+
+def save_for_stock_vllm(folder: str | Path) -> Path:
+    """Copy the toy LLaVA into ``folder`` as stock vLLM loads it: transformers 5 saves its CLIP tower without the
+    ``vision_model.`` level that vLLM's CLIP module has (vtprune's vLLM class inserts it itself); returns ``folder``."""
+    folder = Path(folder)
+    shutil.copytree(DEFAULT_PATH, folder)
+    weights = load_file(folder / "model.safetensors")
+    renamed = {
+        name.replace("vision_tower.", "vision_tower.vision_model.", 1) if name.startswith("vision_tower.") else name: t
+        for name, t in weights.items()
+    }
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
