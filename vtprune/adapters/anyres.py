@@ -42,7 +42,7 @@ class AnyResAdapter(ModelAdapter):
     def segments(self, item: VisualItem) -> tuple[Segment, ...] | None:
         if item.newline is None:
             return None
-        vision = self.model.config.vision_config
+        vision = self.config.vision_config
         return anyres_segments(item.newline, vision.image_size // vision.patch_size)
 
     def newline_embedding(self) -> Tensor | None:
@@ -60,7 +60,7 @@ class AnyResAdapter(ModelAdapter):
         processor: Any | None,
     ) -> list[ItemRegions]:
         # ``image_sizes`` of the inputs carry the originals' sizes: the given ones are not needed for images.
-        config = self.model.config
+        config = self.config
         tile = config.vision_config.image_size
         side = tile // config.vision_config.patch_size
         items = []
@@ -79,7 +79,7 @@ class AnyResAdapter(ModelAdapter):
         return items
 
     def _image_regions(self, index: int, size: PixelSize, tiled: bool, tile: int, side: int) -> ItemRegions:
-        pinpoints = self.model.config.image_grid_pinpoints
+        pinpoints = self.config.image_grid_pinpoints
         height, width = size
         tiles = image_size_to_num_patches(size, pinpoints, tile) if tiled else 1
         # Cell coordinates stand in for features: channel 0 marks cells (newlines are 0), 1 the grid (0 base,
@@ -138,14 +138,14 @@ class AnyResAdapter(ModelAdapter):
 
 class LlavaNextAdapter(AnyResAdapter):
     def pack(self, coords: Tensor, size: PixelSize) -> Tensor:
-        strategy = self.model.config.vision_feature_select_strategy
+        strategy = self.config.vision_feature_select_strategy
         packed, _ = self.inner.pack_image_features([coords], torch.tensor([size]), strategy, _no_newline(coords))
         return packed[0].double()
 
 
 class LlavaOnevisionAdapter(AnyResAdapter):
     def pack(self, coords: Tensor, size: PixelSize) -> Tensor:
-        aspect = getattr(self.model.config, "vision_aspect_ratio", "anyres_max_9")
+        aspect = getattr(self.config, "vision_aspect_ratio", "anyres_max_9")
         packed, _ = self.inner.pack_image_features(
             [coords], torch.tensor([size]), image_newline=_no_newline(coords), vision_aspect_ratio=aspect
         )
@@ -192,14 +192,14 @@ def _next_config(size: Size) -> LlavaNextConfig:
         text_config=llama_text(size),
         image_grid_pinpoints=_pinpoints(size),
         vision_feature_layer=-2,
-        image_token_id=IMAGE,
+        image_token_id=IMAGE,  # type: ignore[call-arg]  # accepted as a kwarg, not in the typed signature
     )
 
 
 def _onevision_config(size: Size) -> LlavaOnevisionConfig:
-    return LlavaOnevisionConfig(
+    return LlavaOnevisionConfig(  # type: ignore[call-arg]  # accepted as a kwarg, not in the typed signature
         vision_config=clip_vision(size),
-        text_config=Qwen2Config(**text_fields(size), head_dim=size.hidden // size.heads),
+        text_config=Qwen2Config(**text_fields(size), head_dim=size.hidden // size.heads),  # type: ignore[call-arg]  # accepted as a kwarg, not in the typed signature
         image_grid_pinpoints=_pinpoints(size),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -212,7 +212,8 @@ def _random_inputs(
     model: nn.Module, rows: list[RowSpec], generator: torch.Generator
 ) -> tuple[list[list[int]], dict[str, Tensor]]:
     """Images are sizes in base tiles: (1, 1) one tile, (1, 2) a wide image (base tile + 2 tiles)."""
-    config = model.config
+    config: Any = model.config  # a PretrainedConfig: torch types module attributes as Tensor | Module
+    inner: Any = model.model  # the family's inner model, whose feature methods nn.Module does not type
     side = config.vision_config.image_size
     sizes = [(h * side, w * side) for row in rows for h, w in row.images]
     extra: dict[str, Tensor] = {}
@@ -222,15 +223,13 @@ def _random_inputs(
         extra["pixel_values"] = torch.randn(len(sizes), max(tiles), 3, side, side, generator=generator)
         extra["image_sizes"] = torch.tensor(sizes)
         with torch.no_grad():  # the token counts, read off the model's own packing (base tile, tiles, newlines)
-            features = model.model.get_image_features(
-                pixel_values=extra["pixel_values"], image_sizes=extra["image_sizes"]
-            )
+            features = inner.get_image_features(pixel_values=extra["pixel_values"], image_sizes=extra["image_sizes"])
         counts = [len(f) for f in features.pooler_output]
     video_count = 0
     videos = sum(row.videos for row in rows)
     if videos:
         extra["pixel_values_videos"] = torch.randn(videos, 4, 3, side, side, generator=generator)
-        video_count = len(model.model.get_video_features(extra["pixel_values_videos"][:1]).pooler_output[0])
+        video_count = len(inner.get_video_features(extra["pixel_values_videos"][:1]).pooler_output[0])
     return llava_sequences(rows, counts, video_count, config.text_config.vocab_size, generator), extra
 
 

@@ -57,7 +57,14 @@ class ModelAdapter:
         return False
 
     @property
-    def inner(self) -> nn.Module:
+    def config(self) -> Any:
+        """The model's ``PretrainedConfig`` (torch types a module's attributes as ``Tensor | Module``)."""
+        return self.model.config
+
+    @property
+    def inner(self) -> Any:
+        # Any: the families' inner models differ in their methods (``pack_image_features``, ``get_image_features``,
+        # ...), which torch's typing of module attributes (``Tensor | Module``) cannot express.
         return self.model.model
 
     @property

@@ -37,7 +37,7 @@ class Gemma3Adapter(ModelAdapter):
 
     def special_token_ids(self) -> set[int]:
         # Gemma 3 names its image delimiters boi / eoi, not vision_start / vision_end.
-        config = self.model.config
+        config = self.config
         return super().special_token_ids() | {config.boi_token_index, config.eoi_token_index}
 
     def grids(self, items: list[VisualItem], positions: Tensor) -> list[Grid]:
@@ -56,7 +56,7 @@ class Gemma3Adapter(ModelAdapter):
         # The processor resizes each image to S x S (no crop, no padding): boxes stretch back onto the original.
         pixel_values = inputs["pixel_values"]
         processed = int(pixel_values.shape[-1])
-        side = round(self.model.config.mm_tokens_per_image**0.5)
+        side = round(self.config.mm_tokens_per_image**0.5)
 
         def to_original(boxes: Tensor, size: PixelSize) -> Tensor:
             return stretch(boxes, (processed, processed), size)
@@ -89,7 +89,7 @@ def _random_inputs(
     model: nn.Module, rows: list[RowSpec], generator: torch.Generator
 ) -> tuple[list[list[int]], dict[str, Tensor]]:
     """Images are (1, 1): one S x S image each, its tokens between begin- and end-of-image tokens."""
-    config = model.config
+    config: Any = model.config  # a PretrainedConfig: torch types module attributes as Tensor | Module
     image = config.vision_config.image_size
     vocab = config.text_config.vocab_size
     images, sequences = 0, []

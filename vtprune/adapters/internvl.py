@@ -44,9 +44,9 @@ class InternVLAdapter(ModelAdapter):
     ) -> list[ItemRegions]:
         # One item per tile, boxes in the tile's own pixels: the inputs do not say how tiles cut the original.
         pixel_values = inputs["pixel_values"]
-        vision = self.model.config.vision_config
+        vision = self.config.vision_config
         side = int(pixel_values.shape[-1]) // _side(vision.patch_size)
-        side = round(side * self.model.config.downsample_ratio)
+        side = round(side * self.config.downsample_ratio)
         return square_grid_regions(pixel_values, side, None, None)
 
 
@@ -54,7 +54,8 @@ def flat_outputs(output: ModelOutput, kept: list[Tensor], weights: list[Tensor |
     """The encoder output with each item's tokens reduced, as one (1, total, D) tensor: models that scatter the
     features over the placeholders in order (``masked_scatter``) read them flat, so items may differ in length."""
     shortened = type(output)(**dict(output.items()))
-    shortened.pooler_output = torch.cat(reduce_tokens(list(output.pooler_output), kept, weights))[None]
+    # Item access (kept in step with the attribute): ModelOutput declares no fields, its subclasses do.
+    shortened["pooler_output"] = torch.cat(reduce_tokens(list(output["pooler_output"]), kept, weights))[None]
     return shortened
 
 
@@ -73,7 +74,7 @@ def _random_config(size: Size) -> InternVLConfig:
         image_size=(image, image),
         patch_size=(size.patch, size.patch),
     )
-    text = Qwen2Config(**text_fields(size), head_dim=size.hidden // size.heads)
+    text = Qwen2Config(**text_fields(size), head_dim=size.hidden // size.heads)  # type: ignore[call-arg]  # accepted as a kwarg, not in the typed signature
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=0)
 
 
@@ -81,7 +82,7 @@ def _random_inputs(
     model: nn.Module, rows: list[RowSpec], generator: torch.Generator
 ) -> tuple[list[list[int]], dict[str, Tensor]]:
     """Images are (h, w) tiles; a tiled image (more than one) also gets the processor's thumbnail tile."""
-    config = model.config
+    config: Any = model.config  # a PretrainedConfig: torch types module attributes as Tensor | Module
     image = _side(config.vision_config.image_size)
     per_tile = round((image // _side(config.vision_config.patch_size)) * config.downsample_ratio) ** 2
     vocab = config.text_config.vocab_size

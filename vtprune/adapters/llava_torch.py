@@ -41,9 +41,12 @@ class LlavaTorchAdapter(ModelAdapter):
 
     splices_visual_rows = True
 
+    #: llava-torch's classes (``get_model``, ``get_vision_tower``, ...) carry no type information.
+    model: Any
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        if getattr(model.get_model(), "layers", None) is None:
+        if getattr(self.model.get_model(), "layers", None) is None:
             raise UnsupportedModelError(
                 f"vtprune supports llava-torch's Llama and Mistral models, not {type(model).__name__}: llava-torch "
                 "1.2.2's MPT forward calls prepare_inputs_labels_for_multimodal with arguments that do not match "
@@ -57,7 +60,7 @@ class LlavaTorchAdapter(ModelAdapter):
         return hasattr(model, "prepare_inputs_labels_for_multimodal") and has_projector
 
     @property
-    def inner(self) -> nn.Module:
+    def inner(self) -> Any:
         return self.model.get_model()
 
     @property
@@ -66,7 +69,7 @@ class LlavaTorchAdapter(ModelAdapter):
 
     @property
     def text_config(self) -> Any:
-        return self.model.config
+        return self.config
 
     def token_ids(self) -> dict[str, int]:
         return {"image": IMAGE_TOKEN_INDEX}
@@ -76,7 +79,7 @@ class LlavaTorchAdapter(ModelAdapter):
 
     def cls_attention_layer(self) -> nn.Module | None:
         # The tower layer whose output the projector reads; one tower pass per image only for flat LLaVA-1.5.
-        config = self.model.config
+        config = self.config
         tower = self.model.get_vision_tower()
         layer = config.mm_vision_select_layer
         flat = getattr(config, "mm_patch_merge_type", "flat") == "flat"
@@ -89,7 +92,7 @@ class LlavaTorchAdapter(ModelAdapter):
         return encoder.layers[layer].self_attn
 
     def grids(self, items: list[VisualItem], positions: Tensor) -> list[Grid]:
-        if getattr(self.model.config, "mm_patch_merge_type", "flat") != "flat":
+        if getattr(self.config, "mm_patch_merge_type", "flat") != "flat":
             return [None] * len(items)
         sizes = [item.columns.numel() for item in items]
         return [(1, math.isqrt(n), math.isqrt(n)) if math.isqrt(n) ** 2 == n else None for n in sizes]
@@ -170,7 +173,7 @@ class LlavaTorchAdapter(ModelAdapter):
             "inputs_embeds": embeds,
             "attention_mask": valid.to(mask.dtype),
             "position_ids": positions,
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)},
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)},  # type: ignore[arg-type]  # per image, as HF's own
         }
         if labels is not None:
             kwargs["labels"] = torch.where(text, labels.gather(1, column), IGNORE_INDEX).masked_fill(
@@ -186,8 +189,8 @@ class LlavaTorchAdapter(ModelAdapter):
         A run of image rows belongs to the placeholders between the text columns around it; several
         placeholders with no text between them make one run, split evenly (flat images all have one size).
         """
-        found = []
-        flat = getattr(self.model.config, "mm_patch_merge_type", "flat") == "flat"
+        found: list[tuple[int, Tensor]] = []
+        flat = getattr(self.config, "mm_patch_merge_type", "flat") == "flat"
         for row in range(input_ids.shape[0]):
             slots = visual[row].nonzero(as_tuple=True)[0]
             if slots.numel() == 0:

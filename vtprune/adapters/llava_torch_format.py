@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPImageProcessor
+from transformers import CLIPImageProcessor, GenerationConfig
 
 from ..errors import UnsupportedModelError
 
@@ -32,7 +32,7 @@ def save_as_llava_torch(model: nn.Module, folder: str | Path, tokenizer: Any | N
     folder); load it with :func:`load_llava_torch`, or with llava's ``load_pretrained_model(folder, None, name)``
     (float16; ``name`` must contain "llava")."""
     name = type(model).__name__
-    config = model.config
+    config: Any = model.config  # a PretrainedConfig: torch types module attributes as Tensor | Module
     anyres = name == "LlavaNextForConditionalGeneration"
     if name != "LlavaForConditionalGeneration" and not anyres:
         raise UnsupportedModelError(f"save_as_llava_torch converts LLaVA and LLaVA-NeXT models, not {name}")
@@ -46,7 +46,7 @@ def save_as_llava_torch(model: nn.Module, folder: str | Path, tokenizer: Any | N
         raise UnsupportedModelError("llava-torch reads one tower layer without its [CLS] token (strategy 'default')")
     folder = Path(folder)
     tower_folder = folder / TOWER_FOLDER
-    inner = model.model
+    inner: Any = model.model  # the LLaVA inner model (vision tower, projector, language model, newline)
     inner.vision_tower.save_pretrained(tower_folder)
     side = config.vision_config.image_size
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
@@ -77,7 +77,7 @@ def save_as_llava_torch(model: nn.Module, folder: str | Path, tokenizer: Any | N
         llava["image_grid_pinpoints"] = [[width, height] for height, width in config.image_grid_pinpoints]
     # Written as is: a PretrainedConfig would replace model_type by its class's.
     (folder / "config.json").write_text(json.dumps(llava, indent=2, sort_keys=True) + "\n")
-    model.generation_config.save_pretrained(folder)
+    cast(GenerationConfig, model.generation_config).save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     weights = {f"model.{key}": value for key, value in inner.language_model.state_dict().items()}
@@ -86,7 +86,7 @@ def save_as_llava_torch(model: nn.Module, folder: str | Path, tokenizer: Any | N
         weights.update({f"model.mm_projector.{index}.{key}": value for key, value in linear.state_dict().items()})
     if anyres:
         weights["model.image_newline"] = inner.image_newline.detach()
-    weights["lm_head.weight"] = model.lm_head.weight.detach()
+    weights["lm_head.weight"] = cast(nn.Linear, model.lm_head).weight.detach()
     save_file({key: value.contiguous().clone() for key, value in weights.items()}, folder / "model.safetensors")
     return folder
 

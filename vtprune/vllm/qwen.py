@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,6 +36,10 @@ from .pruning import PruningModel, ScheduleFieldProcessor, per_item
 _IMAGE_KEYS = ("pixel_values", "image_embeds")
 _VIDEO_KEYS = ("pixel_values_videos", "video_embeds")
 
+#: The mixins' own last base, typed Any: what they call on ``super()`` and ``self`` (``info``, ``visual``,
+#: ``get_mrope_input_positions``, ...) comes from the vLLM class each concrete class puts after them.
+_VllmClass: Any = object
+
 
 def merged_grid(grid_thw: Sequence[int], merge: int) -> tuple[int, int, int]:
     """(t, h, w) of an item's projected tokens: the patch grid after the spatial merge."""
@@ -42,7 +47,7 @@ def merged_grid(grid_thw: Sequence[int], merge: int) -> tuple[int, int, int]:
     return t, h // merge, w // merge
 
 
-class QwenScheduleProcessor(ScheduleFieldProcessor):
+class QwenScheduleProcessor(ScheduleFieldProcessor, _VllmClass):
     """Mixin for a Qwen-VL multimodal processor: an image's placeholder run shortened to the schedule's count."""
 
     def _get_prompt_updates(
@@ -69,7 +74,7 @@ class QwenScheduleProcessor(ScheduleFieldProcessor):
         return [shortened(update) if update.modality == "image" else update for update in updates]
 
 
-class QwenPruningModel(PruningModel):
+class QwenPruningModel(PruningModel, _VllmClass):
     """Mixin for a vLLM Qwen-VL model class (put it first in the bases)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -85,19 +90,19 @@ class QwenPruningModel(PruningModel):
     def _merge(self) -> int:
         return self.config.vision_config.spatial_merge_size
 
-    def embed_multimodal(self, **kwargs: object) -> tuple[Tensor, ...]:
+    def embed_multimodal(self, **kwargs: Any) -> tuple[Tensor, ...]:
         embeddings = tuple(super().embed_multimodal(**kwargs) or ())
         schedules = per_item(kwargs.get(SCHEDULE_KEY))
         if schedules is None or not embeddings:
             return embeddings
-        grids = [merged_grid(g, self._merge) for g in per_item(kwargs["image_grid_thw"])]
+        grids = [merged_grid(g, self._merge) for g in kwargs["image_grid_thw"]]  # one (t, h, w) per image
         count = len(grids)
         # The parent returns each modality's items in the order the modalities' keys came in.
         first = next(key for key in kwargs if key in _IMAGE_KEYS + _VIDEO_KEYS)
         images = slice(0, count) if first in _IMAGE_KEYS else slice(len(embeddings) - count, len(embeddings))
         pixels = kwargs.get("pixel_values")
         sizes = [int(np.prod(g)) * self._merge**2 for g in grids]
-        sources = embeddings[images] if pixels is None else per_item(pixels, sizes)
+        sources = embeddings[images] if pixels is None else cast(list[Tensor], per_item(pixels, sizes))  # not None
         pruned = self._vtprune_prune(embeddings[images], schedules, sources, grids)
         return embeddings[: images.start] + pruned + embeddings[images.stop :]
 
