@@ -6,11 +6,13 @@ from .engine.handle import PruneHandle
 from .errors import (
     AlreadyPrunedError,
     BudgetError,
+    BudgetWarning,
     ConcurrentCallError,
     InputError,
     LayerError,
     OptionError,
     RegistrationError,
+    RunFailed,
     ScheduleError,
     StrategyOutputError,
     TextTowerError,
@@ -23,7 +25,18 @@ from .errors import (
 )
 from .record import ImageRecord, PruneRecord
 from .schedule import Budget, Schedule, Stage, make_stage, parse_schedule
-from .strategies import GreedyStrategy, Option, Strategy, TokenContext, list_strategies, register_strategy
+from .strategies import (
+    DECODER_PLACE,
+    INPUT_PLACE,
+    GreedyStrategy,
+    MergingStrategy,
+    Option,
+    Strategy,
+    TokenContext,
+    list_strategies,
+    register_strategy,
+)
+from .vocabulary.grids import Segment
 
 __version__ = "0.1.0"
 
@@ -31,18 +44,24 @@ __all__ = [
     "AlreadyPrunedError",
     "Budget",
     "BudgetError",
+    "BudgetWarning",
+    "DECODER_PLACE",
     "ConcurrentCallError",
     "GreedyStrategy",
+    "INPUT_PLACE",
     "ImageRecord",
     "InputError",
     "LayerError",
+    "MergingStrategy",
     "Option",
     "OptionError",
     "PruneHandle",
     "PruneRecord",
     "RegistrationError",
+    "RunFailed",
     "Schedule",
     "ScheduleError",
+    "Segment",
     "Stage",
     "Strategy",
     "StrategyOutputError",

@@ -66,3 +66,16 @@ class WrappedCopyError(VTPruneError, TypeError):
 
 class UnsupportedTrainingError(VTPruneError, ValueError):
     """A training input a decoder stage cannot honour (labels, gradient checkpointing)."""
+
+
+class BudgetWarning(UserWarning):
+    """A budget asked for more tokens than an image has (shown once per place by default)."""
+
+
+class RunFailed(BaseException):
+    """A vtprune benchmark run (``vtprune.harness``) cannot go on (a ``generate()`` raised, or the model could not be set up).
+
+    Deliberately not an ``Exception``: lmms-eval catches ``Exception`` around ``generate()`` (an empty
+    answer) and around the whole evaluation (a traceback, then exit code 0), so only a
+    ``BaseException`` reliably stops the run and makes the process fail.
+    """

@@ -19,7 +19,7 @@ from decimal import Decimal
 from numbers import Integral, Real
 from typing import Any, Sequence
 
-from .errors import BudgetError, LayerError, ScheduleError
+from .errors import BudgetError, BudgetWarning, LayerError, ScheduleError
 from .strategies.base import DECODER_PLACE, INPUT_PLACE, Strategy
 from .strategies.options import constructor_defaults, declared_options, parse_value
 from .strategies.registry import NAME_PATTERN, make_strategy
@@ -68,10 +68,6 @@ class Budget:
             return str(self.keep)
         # The shortest decimal that reads back as the same float, positional (the grammar has no exponents).
         return format(Decimal(repr(self.keep_ratio)), "f")
-
-
-class BudgetWarning(UserWarning):
-    """A budget asked for more tokens than an image has (shown once per place by default)."""
 
 
 @dataclass

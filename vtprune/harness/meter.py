@@ -27,17 +27,9 @@ from torch import nn
 
 from ..engine.handle import PruneHandle
 from ..engine.input_hook import bind_arguments
+from ..errors import RunFailed
 from ..vocabulary.compat import get_cache
 from .flops import DecoderShape
-
-
-class RunFailed(BaseException):
-    """A vtprune benchmark run cannot go on (a ``generate()`` raised, or the model could not be set up).
-
-    Deliberately not an ``Exception``: lmms-eval catches ``Exception`` around ``generate()`` (an empty
-    answer) and around the whole evaluation (a traceback, then exit code 0), so only a
-    ``BaseException`` reliably stops the run and makes the process fail.
-    """
 
 
 @dataclass
