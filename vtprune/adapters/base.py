@@ -79,6 +79,14 @@ class ModelAdapter:
     def text_config(self) -> Any:
         return self.text_model.config
 
+    @property
+    def sliding_window(self) -> int | None:
+        """Width of the text layers' sliding-window attention, if any layer uses one (Gemma 3's local layers)."""
+        layer_types = getattr(self.text_config, "layer_types", None)
+        if layer_types is not None and all(kind == "full_attention" for kind in layer_types):
+            return None
+        return getattr(self.text_config, "sliding_window", None)
+
     def token_ids(self) -> dict[str, int]:
         """Placeholder token id of each visual modality the model takes."""
         config = self.model.config

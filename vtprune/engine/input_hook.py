@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from ..adapters.base import PIXEL_INPUTS, ModelAdapter
-from ..errors import UnsupportedCacheError, UnsupportedTrainingError, VTPruneError
+from ..errors import LayerError, UnsupportedCacheError, UnsupportedTrainingError, VTPruneError
 from ..record import ImageRecord
 from ..strategies.base import MergingStrategy, TokenContext
 from ..vocabulary.compat import CACHE_KWARG, get_cache
@@ -141,6 +141,7 @@ class InputHook:
         if self.stage is not None:
             kwargs = self._prune(kwargs, state, encoder_outputs)
             self.session.record_layer(0, state)
+            self._check_window(state)
         if attach:
             self._attach(state, kwargs)
         return kwargs
@@ -452,6 +453,7 @@ class InputHook:
         state.prefilling = False
         full = mask if mask is not None else ones_mask(input_ids.shape[0], expected, input_ids.device)
         input_mask = state.begin_decode_step(full)
+        self._check_window(state)
         if state.input_layout is not None:
             kwargs["attention_mask"] = input_mask
             position_ids = kwargs.get("position_ids")
@@ -462,6 +464,22 @@ class InputHook:
                 kwargs["position_ids"] = position_ids - state.position_shift[..., None]
             state.next_position = state.next_position + 1
         return kwargs
+
+    def _check_window(self, state: PruneState) -> None:
+        """Refuse a packed sequence that sliding-window layers would read differently from the unpruned one.
+
+        A sliding window counts slots of the sequence it is given: once the original sequence is longer than the
+        window, the local layers of the packed one reach back over more original tokens than the unpruned model's,
+        a silent difference. Up to the window's width the two are equal.
+        """
+        window = self.adapter.sliding_window
+        if window is not None and state.input_layout is not None and state.seen > window:
+            raise LayerError(
+                f"the sequence reached {state.seen} tokens, more than the {window}-token sliding window of "
+                f"{type(self.adapter.model).__name__}'s local attention layers, which count the tokens of the pruned "
+                "sequence and would then reach back further than the unpruned model; keep prompt plus "
+                f"max_new_tokens within {window} tokens to prune this model"
+            )
 
     def _has_visual_tokens(self, kwargs: dict[str, Any]) -> bool:
         input_ids = kwargs.get("input_ids")
