@@ -54,6 +54,7 @@ class Budget:
         if self.keep_ratio is not None:
             # round(r·N) as in DivPrune's reference, but never zero tokens for a non-empty image.
             return min(available, max(1, int(math.floor(self.keep_ratio * available + 0.5))))
+        assert self.keep is not None  # __post_init__: exactly one of keep / keep_ratio is set
         if self.keep > available:
             warnings.warn(
                 f"keep={self.keep} is more than the {available} visual tokens of an image; keeping all of them",
@@ -151,7 +152,7 @@ class Schedule:
     def resolved(self, num_layers: int) -> Schedule:
         """This schedule for a decoder of ``num_layers``: default depths filled in, every layer checked."""
         stages = [
-            replace(stage, layer=min(num_layers - 1, max(1, stage.strategy.default_layer(num_layers))))
+            replace(stage, layer=min(num_layers - 1, max(1, _default_layer(stage, num_layers))))
             if stage.place == DECODER_PLACE and stage.layer is None
             else stage
             for stage in self.stages
@@ -162,6 +163,7 @@ class Schedule:
 
     def check_depth(self, num_layers: int) -> None:
         for stage in self.decoder_stages:
+            assert stage.layer is not None  # a resolved schedule: every decoder stage has its layer
             if stage.layer >= num_layers:
                 raise LayerError(
                     f"{stage.strategy.name} at layer {stage.layer}: the decoder has layers 0..{num_layers - 1}"
@@ -173,6 +175,13 @@ class Schedule:
 
     def __str__(self) -> str:
         return "+".join(str(stage) for stage in self.stages)
+
+
+def _default_layer(stage: Stage, num_layers: int) -> int:
+    layer = stage.strategy.default_layer(num_layers)
+    # Stage.__post_init__ refuses a decoder stage without layer= whose strategy has no default_layer.
+    assert layer is not None, f"{stage.strategy.name} has no default layer"
+    return layer
 
 
 def make_stage(

@@ -9,6 +9,10 @@ normalises q and k per head before it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
 import torch
 from torch import Tensor, nn
 
@@ -25,16 +29,58 @@ def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-def _project(attn: nn.Module, hidden_states: Tensor, proj: nn.Module, norm: str) -> Tensor:
+_TensorFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class _QueryKey:
+    """What the scores read of a decoder attention module: the q and k projections (with Qwen3-VL's per-head
+    norms), the head size and the score scale."""
+
+    q_proj: _TensorFn
+    k_proj: _TensorFn
+    q_norm: _TensorFn | None
+    k_norm: _TensorFn | None
+    head_dim: int
+    scaling: float
+
+    @classmethod
+    def of(cls, attn: nn.Module) -> _QueryKey:
+        return cls(
+            q_proj=cast(nn.Module, attn.q_proj),
+            k_proj=cast(nn.Module, attn.k_proj),
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
+            head_dim=cast(int, attn.head_dim),
+            scaling=cast(float, attn.scaling),
+        )
+
+    @classmethod
+    def one_head(cls, attn: nn.Module, head: int) -> _QueryKey:
+        """The module restricted to one query head (and its key/value group)."""
+        config: Any = attn.config  # a PretrainedConfig: its fields differ per model family
+        heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, cast(int, attn.head_dim)
+        group = head // (heads // kv_heads)
+        return cls(
+            q_proj=_Rows(cast(nn.Linear, attn.q_proj), head * dim, dim),
+            k_proj=_Rows(cast(nn.Linear, attn.k_proj), group * dim, dim),
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
+            head_dim=dim,
+            scaling=cast(float, attn.scaling),
+        )
+
+
+def _project(hidden_states: Tensor, proj: _TensorFn, norm: _TensorFn | None, head_dim: int) -> Tensor:
     batch, length, _ = hidden_states.shape
-    states = proj(hidden_states).view(batch, length, -1, attn.head_dim)
-    if hasattr(attn, norm):
-        states = getattr(attn, norm)(states)
+    states = proj(hidden_states).view(batch, length, -1, head_dim)
+    if norm is not None:
+        states = norm(states)
     return states.transpose(1, 2).float()  # (B, heads, L, head_dim)
 
 
 def _scores(
-    attn: nn.Module,
+    attn: _QueryKey,
     queries_from: Tensor,
     hidden_states: Tensor,
     position_embeddings: tuple[Tensor, Tensor],
@@ -44,11 +90,11 @@ def _scores(
     batch = hidden_states.shape[0]
     # Tables are (1, L, d) when every row shares positions.
     cos, sin = (table.float().expand(batch, -1, -1) for table in position_embeddings)
-    keys = _apply_rope(_project(attn, hidden_states, attn.k_proj, "k_norm"), cos, sin)
+    keys = _apply_rope(_project(hidden_states, attn.k_proj, attn.k_norm, attn.head_dim), cos, sin)
     rows = torch.arange(batch, device=hidden_states.device)[:, None]
     query_states = queries_from[rows, query_rows]
     query_cos, query_sin = cos[rows, query_rows], sin[rows, query_rows]
-    queries = _apply_rope(_project(attn, query_states, attn.q_proj, "q_norm"), query_cos, query_sin)
+    queries = _apply_rope(_project(query_states, attn.q_proj, attn.q_norm, attn.head_dim), query_cos, query_sin)
     keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # grouped-query attention
     return (queries @ keys.transpose(-1, -2)) * attn.scaling
 
@@ -63,7 +109,7 @@ def last_token_attention(
     layer's input norm); ``valid`` (B, L) marks real tokens (padding and filler are masked out).
     """
     last = last_valid(valid)[:, None]
-    scores = _scores(attn, hidden_states, hidden_states, position_embeddings, last)  # (B, H, 1, L)
+    scores = _scores(_QueryKey.of(attn), hidden_states, hidden_states, position_embeddings, last)  # (B, H, 1, L)
     # The last token sees every earlier token, so padding is the only thing to mask.
     scores = scores.masked_fill(~valid[:, None, None, :].bool(), float("-inf"))
     return scores.softmax(dim=-1).mean(dim=1)[:, 0]
@@ -80,8 +126,9 @@ def cross_modal_shares(
     shares = torch.zeros(batch, 2, device=valid.device)
     causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
     probs = []
-    for head in range(attn.config.num_attention_heads):  # one head at a time keeps memory at B·L²
-        scores = _scores(_OneHead(attn, head), hidden_states, hidden_states, position_embeddings, positions)
+    config: Any = attn.config  # a PretrainedConfig: its fields differ per model family
+    for head in range(config.num_attention_heads):  # one head at a time keeps memory at B·L²
+        scores = _scores(_QueryKey.one_head(attn, head), hidden_states, hidden_states, position_embeddings, positions)
         allowed = causal & valid[:, None, :].bool()
         probs.append(scores[:, 0].masked_fill(~allowed, float("-inf")).softmax(dim=-1))
     mean = torch.stack(probs).mean(dim=0).nan_to_num()  # (B, L, L); padding query rows are all -inf
@@ -91,19 +138,6 @@ def cross_modal_shares(
     shares[:, 0] = (to_visual * text).sum(-1) / text.sum(-1).clamp(min=1)
     shares[:, 1] = (to_text * visual).sum(-1) / visual.sum(-1).clamp(min=1)
     return shares
-
-
-class _OneHead:
-    """View of an attention module restricted to one query head (and its key/value group)."""
-
-    def __init__(self, attn: nn.Module, head: int) -> None:
-        heads, kv_heads, dim = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
-        group = head // (heads // kv_heads)
-        self.head_dim, self.scaling = dim, attn.scaling
-        self.q_proj = _Rows(attn.q_proj, head * dim, dim)
-        self.k_proj = _Rows(attn.k_proj, group * dim, dim)
-        if hasattr(attn, "q_norm"):
-            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
 
 
 class _Rows:
@@ -121,8 +155,9 @@ class _Rows:
 def cls_attention(attn: nn.Module, hidden_states: Tensor) -> Tensor:
     """(B, S-1) attention of the [CLS] token (position 0) to the patch tokens in a ViT layer, heads averaged."""
     batch, length, _ = hidden_states.shape
-    heads = attn.num_heads
-    query = attn.q_proj(hidden_states[:, :1]).view(batch, 1, heads, -1).transpose(1, 2).float()
-    keys = attn.k_proj(hidden_states).view(batch, length, heads, -1).transpose(1, 2).float()
+    heads = cast(int, attn.num_heads)
+    q_proj, k_proj = cast(nn.Linear, attn.q_proj), cast(nn.Linear, attn.k_proj)
+    query = q_proj(hidden_states[:, :1]).view(batch, 1, heads, -1).transpose(1, 2).float()
+    keys = k_proj(hidden_states).view(batch, length, heads, -1).transpose(1, 2).float()
     probs = ((query @ keys.transpose(-1, -2)) * attn.scale).softmax(dim=-1)  # (B, H, 1, S)
     return probs.mean(dim=1)[:, 0, 1:]

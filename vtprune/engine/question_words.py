@@ -43,6 +43,7 @@ class QuestionTokens:
 
     def _is_word(self, token_id: int) -> bool:
         if token_id not in self._verdicts:
+            assert self.tokenizer is not None  # select() asks only when there is a tokenizer
             text = self.tokenizer.decode([token_id]).strip().lower()
             self._verdicts[token_id] = bool(_WORD.search(text)) and text not in STOP_WORDS | INSTRUCTION_WORDS
         return self._verdicts[token_id]
