@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
-from transformers import PretrainedConfig
+from transformers import GenerationMixin, PretrainedConfig
 from transformers.modeling_outputs import ModelOutput
 
 from ..errors import UnsupportedModelError
@@ -73,7 +73,7 @@ class ModelAdapter:
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.text_model.layers
+        return cast(nn.ModuleList, self.text_model.layers)
 
     @property
     def text_config(self) -> Any:
@@ -89,7 +89,7 @@ class ModelAdapter:
 
     def token_ids(self) -> dict[str, int]:
         """Placeholder token id of each visual modality the model takes."""
-        config = self.model.config
+        config = self.config
         ids = {"image": config.image_token_id}
         if getattr(config, "video_token_id", None) is not None:
             ids["video"] = config.video_token_id
@@ -97,9 +97,9 @@ class ModelAdapter:
 
     def special_token_ids(self) -> set[int]:
         """Token ids that are never question words: placeholders, vision delimiters, BOS/EOS/padding."""
-        configs = (self.model.config, self.text_config, self.model.generation_config)
+        configs = (self.config, self.text_config, self.model.generation_config)
         names = ("vision_start_token_id", "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
-        ids = set(self.token_ids().values())
+        ids: set[int | None] = set(self.token_ids().values())
         for config in configs:
             for name in names:
                 value = getattr(config, name, None)
@@ -110,8 +110,10 @@ class ModelAdapter:
         """The module that maps vision-tower features to the LLM's visual tokens (projector / merger)."""
         raise NotImplementedError
 
-    #: Vision-tower rows the projector reads per output token (Qwen's merger: a 2x2 block).
-    projector_rows: ClassVar[int] = 1
+    @property
+    def projector_rows(self) -> int:
+        """Vision-tower rows the projector reads per output token (Qwen's merger: a 2x2 block)."""
+        return 1
 
     def projector(self) -> Callable[[Tensor], Tensor]:
         """A float32 copy of the projector, as a function of ``pre_features`` rows (one row per token)."""
@@ -131,7 +133,8 @@ class ModelAdapter:
         Replaces the raw pixel inputs in ``kwargs`` by ``kwargs["mm_encoder_outputs"]``; the other
         inputs the encoder read (``image_grid_thw``, ``image_sizes``, ...) stay for the positions.
         """
-        encoded = self.model._prepare_multimodal_encoder_kwargs_for_generation(dict(kwargs))
+        generation = cast(GenerationMixin, self.model)  # an XxxForConditionalGeneration
+        encoded = generation._prepare_multimodal_encoder_kwargs_for_generation(dict(kwargs))
         kept = {key: value for key, value in kwargs.items() if key not in PIXEL_INPUTS}
         return {**kept, "mm_encoder_outputs": encoded["mm_encoder_outputs"]}
 
@@ -163,11 +166,10 @@ class ModelAdapter:
         """A copy of one modality's encoder output with each item's tokens reduced to ``kept``
         (or, where a merging strategy gave ``weights``, replaced by ``weights @ tokens``)."""
         shortened = type(output)(**dict(output.items()))
-        pooled = reduce_tokens(output.pooler_output, kept, weights)
-        if isinstance(output.pooler_output, Tensor):
-            # Some models stack equal-length items (OneVision videos); equal budgets keep them equal.
-            pooled = torch.stack(pooled)
-        shortened.pooler_output = pooled
+        items = output["pooler_output"]
+        pooled = reduce_tokens(items, kept, weights)
+        # Some models stack equal-length items (OneVision videos); equal budgets keep them equal.
+        shortened["pooler_output"] = torch.stack(pooled) if isinstance(items, Tensor) else pooled
         return shortened
 
     def intercept_splice(self, prefill: SplicePrefill) -> Callable[[], None]:

@@ -33,12 +33,12 @@ class LlavaAdapter(ModelAdapter):
     def cls_attention_layer(self) -> nn.Module | None:
         # The layer whose output the projector reads (hidden_states[k] is the output of layers[k] for k < 0).
         # One tower pass maps to one image's tokens; SigLIP towers have no [CLS].
-        layer = self.model.config.vision_feature_layer
+        layer = self.config.vision_feature_layer
         tower = self.inner.vision_tower
         encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # nesting varies by version
         if not isinstance(layer, int) or layer >= 0:
             return None
-        if encoder is None or getattr(self.model.config.vision_config, "model_type", "") != "clip_vision_model":
+        if encoder is None or getattr(self.config.vision_config, "model_type", "") != "clip_vision_model":
             return None
         if len(encoder.layers) + layer < 0:  # the projector reads the patch embeddings: no attention before them
             return None
@@ -54,7 +54,7 @@ class LlavaAdapter(ModelAdapter):
         # The raster of the processed S x S image, mapped back through pad-to-square / resize / centre crop.
         pixel_values = inputs["pixel_values"]
         processed = int(pixel_values.shape[-1])
-        side = processed // self.model.config.vision_config.patch_size
+        side = processed // self.config.vision_config.patch_size
 
         def to_original(boxes: Tensor, size: PixelSize) -> Tensor:
             return clip_geometry(size, processed, processor)(boxes)
@@ -117,7 +117,7 @@ def llava_sequences(
 
 def _random_config(size: Size) -> LlavaConfig:
     return LlavaConfig(
-        vision_config=clip_vision(size), text_config=llama_text(size), vision_feature_layer=-2, image_token_id=IMAGE
+        vision_config=clip_vision(size), text_config=llama_text(size), vision_feature_layer=-2, image_token_index=IMAGE
     )
 
 
@@ -125,7 +125,7 @@ def _random_inputs(
     model: nn.Module, rows: list[RowSpec], generator: torch.Generator
 ) -> tuple[list[list[int]], dict[str, Tensor]]:
     """Images are (1, 1): one S x S image each."""
-    config = model.config
+    config: Any = model.config  # a LlavaConfig
     side = config.vision_config.image_size
     images = sum(len(row.images) for row in rows)
     pixel_values = torch.randn(images, 3, side, side, generator=generator)

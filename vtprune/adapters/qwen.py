@@ -74,13 +74,14 @@ class QwenVLAdapter(ModelAdapter):
 
     def shorten_outputs(self, output: ModelOutput, kept: list[Tensor], weights: list[Tensor | None]) -> ModelOutput:
         shortened = super().shorten_outputs(output, kept, weights)
-        if getattr(output, "deepstack_features", None) is not None:
+        deepstack = output.get("deepstack_features")
+        if deepstack is not None:
             # Qwen3-VL adds these vision-layer features to the visual tokens of early decoder layers.
-            shortened.deepstack_features = [reduce_tokens(level, kept, weights) for level in output.deepstack_features]
+            shortened["deepstack_features"] = [reduce_tokens(level, kept, weights) for level in deepstack]
         return shortened
 
     def install_decoder_remap(self, current_source: Callable[[], Tensor | None]) -> Callable[[], None]:
-        text_model = self.text_model
+        text_model: Any = self.text_model  # Qwen3-VL's: a method torch's typing of module attributes cannot see
         if not hasattr(text_model, "_deepstack_process"):
             return lambda: None
         original = text_model._deepstack_process
@@ -105,7 +106,7 @@ class QwenVLAdapter(ModelAdapter):
         video_sizes: list[PixelSize] | None,
         processor: Any | None,
     ) -> list[ItemRegions]:
-        vision = self.model.config.vision_config
+        vision = self.config.vision_config
         patch, merge, temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
         items = []
         for modality, key, sizes in (
@@ -159,7 +160,7 @@ def _vision(size: Size) -> dict:
     }
 
 
-_TOKENS = {
+_TOKENS: dict[str, Any] = {
     "image_token_id": IMAGE,
     "video_token_id": VIDEO,
     "vision_start_token_id": VISION_START,
@@ -189,7 +190,7 @@ def _random_inputs(
 ) -> tuple[list[list[int]], dict[str, Tensor]]:
     """Images are their merged-token grid (h, w); a video is 2 frames of 2 x 2 merged tokens. ``frame_groups``:
     each video frame gets its own placeholder group after its timestamp text (Qwen3-VL)."""
-    config = model.config
+    config: Any = model.config  # a Qwen*VLConfig
     vision, vocab = config.vision_config, config.text_config.vocab_size
     patch, temporal, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
     pixels, grids, video_pixels, video_grids, sequences = [], [], [], [], []
@@ -210,7 +211,7 @@ def _random_inputs(
             else:
                 ids += [VISION_START] + [VIDEO] * (2 * 2 * 2) + [VISION_END]
         sequences.append(ids + text_ids(row.text_after, vocab, generator))
-    extra = {}
+    extra: dict[str, Tensor] = {}
     if pixels:
         extra.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(grids))
     if video_pixels:
@@ -224,7 +225,7 @@ def _qwen3_inputs(
     return _random_inputs(model, rows, generator, frame_groups=True)
 
 
-_QWEN = {
+_QWEN: dict[str, Any] = {
     "adapter": QwenVLAdapter,
     "test_images": ((2, 2), (2, 3)),
     "bench_image": (24, 24),
