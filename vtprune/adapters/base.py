@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationMixin, PretrainedConfig
+from transformers import PretrainedConfig
 from transformers.modeling_outputs import ModelOutput
 
 from ..errors import UnsupportedModelError
@@ -133,7 +133,8 @@ class ModelAdapter:
         Replaces the raw pixel inputs in ``kwargs`` by ``kwargs["mm_encoder_outputs"]``; the other
         inputs the encoder read (``image_grid_thw``, ``image_sizes``, ...) stay for the positions.
         """
-        generation = cast(GenerationMixin, self.model)  # an XxxForConditionalGeneration
+        # Any: transformers annotates this private generate() step as returning a Tensor; it returns the kwargs.
+        generation: Any = self.model
         encoded = generation._prepare_multimodal_encoder_kwargs_for_generation(dict(kwargs))
         kept = {key: value for key, value in kwargs.items() if key not in PIXEL_INPUTS}
         return {**kept, "mm_encoder_outputs": encoded["mm_encoder_outputs"]}
