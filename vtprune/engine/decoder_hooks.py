@@ -10,7 +10,7 @@ Decode steps give layers >= K a mask sized against cache layer K.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,7 +35,10 @@ class DecoderHooks:
         self.adapter = adapter
         self.settings = settings
         self.session = session
-        self.stages: dict[int, Stage] = {stage.layer: stage for stage in settings.schedule.decoder_stages}
+        self.stages: dict[int, Stage] = {}
+        for stage in settings.schedule.decoder_stages:
+            assert stage.layer is not None  # prune() resolves the schedule: every decoder stage has its layer
+            self.stages[stage.layer] = stage
 
     @property
     def first_layer(self) -> int:
@@ -48,7 +51,7 @@ class DecoderHooks:
             add_undo(layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True).remove)
         for layer, stage in self.stages.items():
             if stage.strategy.needs & {"attention", "cross_shares"}:
-                attn = layers[layer - 1].self_attn
+                attn = cast(nn.Module, layers[layer - 1].self_attn)
                 add_undo(attn.register_forward_hook(self._attention_hook(layer), with_kwargs=True).remove)
         add_undo(self.adapter.install_decoder_remap(self._current_source))
 

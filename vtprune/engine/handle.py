@@ -84,14 +84,15 @@ class PruneHandle(Uncopyable):
         """Mark the model's image encoding for a prefill (generate() runs it before the first forward; a plain
         forward through ``adapter.encode``), so hooks on the vision side keep what that encoding made and nothing
         else. An attribute on this one instance; removing it brings back the class method."""
-        encode = self.model._prepare_multimodal_encoder_kwargs_for_generation
+        model: Any = self.model  # an XxxForConditionalGeneration: torch's typing of module attributes hides methods
+        encode = model._prepare_multimodal_encoder_kwargs_for_generation
 
         def encode_for_prefill(*args: Any, **kwargs: Any) -> Any:
             with self.capture.encoding():
                 return encode(*args, **kwargs)
 
-        self.model._prepare_multimodal_encoder_kwargs_for_generation = encode_for_prefill
-        self.add_undo(lambda: delattr(self.model, "_prepare_multimodal_encoder_kwargs_for_generation"))
+        model._prepare_multimodal_encoder_kwargs_for_generation = encode_for_prefill
+        self.add_undo(lambda: delattr(model, "_prepare_multimodal_encoder_kwargs_for_generation"))
 
     def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.session.end()

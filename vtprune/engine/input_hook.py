@@ -14,10 +14,11 @@ import weakref
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
 from ..adapters.base import PIXEL_INPUTS, ModelAdapter
@@ -155,7 +156,8 @@ class InputHook:
             cache = kwargs[CACHE_KWARG] = DynamicCache(config=self.adapter.text_config)
         if cache is not None:
             setattr(cache, STATE_ATTR, state)
-            cache.update = CacheGuard(cache, self.session, state)
+            # An attribute on this one cache, shadowing the class's method (mypy flags every such assignment).
+            cache.update = CacheGuard(cache, self.session, state)  # type: ignore[method-assign]
 
     # --- models that splice visual rows themselves -------------------------------------------------
 
@@ -206,6 +208,7 @@ class InputHook:
             return None  # not the sequence that splice made: a forward of the user's own inputs_embeds
         if times > 1:
             state = state.repeat_rows(times)
+            assert self.session.record is not None  # prefill_spliced began the record of this prefill
             self.session.record.images = [item.record for item in state.items]
             self.session.record.layer_lengths = self.session.record.layer_lengths.repeat_interleave(times, 0)
         self._attach(state, kwargs)
@@ -292,13 +295,14 @@ class InputHook:
         return items
 
     def _prune(self, kwargs: dict[str, Any], state: PruneState, encoder_outputs: dict[str, Any]) -> dict[str, Any]:
+        assert self.stage is not None  # prefill prunes only for a schedule with an input stage
         input_ids = kwargs["input_ids"]
         positions = self.adapter.original_positions(kwargs, input_ids)
         grids = self.adapter.grids(state.items, positions)
         needs = self.stage.strategy.needs
         question, instruction = {}, {}
         if "text_embeds" in needs or "instruction" in needs:
-            embed = self.adapter.model.get_input_embeddings()
+            embed = cast(PreTrainedModel, self.adapter.model).get_input_embeddings()
             for row in {item.row for item in state.items}:
                 words = self.question_tokens.select(input_ids[row][state.prompt[row]])
                 if "text_embeds" in needs:
@@ -383,6 +387,7 @@ class InputHook:
         return [cls[image_of[pointer]] for pointer in pointers]
 
     def _record(self, state: PruneState) -> None:
+        assert self.stage is not None  # called by _prune
         for index, item in enumerate(state.items):
             item.record.kept_by_stage[self.stage.key] = state.kept_tokens(index)
 
@@ -441,7 +446,8 @@ class InputHook:
 
     def decode_step(self, state: PruneState, kwargs: dict[str, Any]) -> dict[str, Any]:
         input_ids = kwargs.get("input_ids")
-        new_tokens = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
+        tokens = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+        new_tokens = tokens.shape[1]
         mask = kwargs.get("attention_mask")
         expected = state.seen + new_tokens
         if new_tokens != 1 or (mask is not None and mask.shape[1] != expected):
@@ -451,10 +457,11 @@ class InputHook:
                 "Start a fresh generate() call with the whole conversation."
             )
         state.prefilling = False
-        full = mask if mask is not None else ones_mask(input_ids.shape[0], expected, input_ids.device)
+        full = mask if mask is not None else ones_mask(tokens.shape[0], expected, tokens.device)
         input_mask = state.begin_decode_step(full)
         self._check_window(state)
         if state.input_layout is not None:
+            assert state.next_position is not None  # _shorten sets it with the packed input layout
             kwargs["attention_mask"] = input_mask
             position_ids = kwargs.get("position_ids")
             if position_ids is None:
