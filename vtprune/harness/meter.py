@@ -18,9 +18,9 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -143,13 +143,15 @@ class GenerationMeter:
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True, prepend=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
         ]
-        original = model.generate  # the bound method of the class; restored by deleting the attribute
+        # The bound method of the class (torch types module attributes as Tensor | Module); the wrapper below is
+        # an instance attribute, restored by deleting it.
+        original = cast(Callable[..., Any], model.generate)
 
         @functools.wraps(original)
         def generate(*args: Any, **kwargs: Any) -> Any:
             return self._generate(original, args, kwargs)
 
-        model.generate = generate
+        model.__dict__["generate"] = generate
 
     def close(self) -> None:
         """Remove the hooks and the ``generate`` wrapper."""

@@ -24,10 +24,10 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from tqdm import tqdm
@@ -232,8 +232,9 @@ def time_interleaved(lm: VTPruneLMM, runs: list[Run], rounds: int) -> dict[str, 
         orders.append(order)
         for schedule in order:
             lm.set_schedule(schedule)
+            generate = cast(Callable[..., Any], lm.model.generate)  # torch types module attributes as Tensor | Module
             for args, kwargs in inputs:
-                lm.model.generate(*args, **{**kwargs, "max_new_tokens": 1})
+                generate(*args, **{**kwargs, "max_new_tokens": 1})
             measured[schedule].extend(lm.meter.calls)
     load_end = os.getloadavg()
     for run in runs:
