@@ -27,9 +27,8 @@ from ..adapters import ARCHITECTURES
 from ..api import prune
 from ..engine.handle import PruneHandle
 from ..schedule import Schedule, as_schedule, make_stage, parse_strategy
-from .meter import GenerationMeter, RunFailed, RunMeasurements
+from .meter import GenerationMeter, RunFailed, RunMeasurements, gather_calls, library_versions
 from .presets import preset_schedule
-from .sweep import gather_calls, library_versions
 
 #: config.model_type -> lmms-eval simple wrapper (module, class) that loads and prompts that family, as each
 #: family declares it (``Architecture.backbone``).

@@ -16,6 +16,7 @@ records its empty answer) and :attr:`GenerationMeter.failures` says how many the
 from __future__ import annotations
 
 import functools
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -258,3 +259,23 @@ class GenerationMeter:
                 )
             )
         return samples
+
+
+def gather_calls(calls: list[GenerateMeasurement], failures: int) -> tuple[list[GenerateMeasurement], int]:
+    """Every rank's measurements, on every rank (identity in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return calls, failures
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (calls, failures))
+    return [call for part, _ in gathered for call in part], sum(count for _, count in gathered)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {
+        **{name: version(name) for name in ("vtprune", "torch", "transformers", "lmms-eval")},
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
