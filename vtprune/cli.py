@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -31,7 +32,9 @@ def demo(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             answers = answer(model, processor, images, questions)
             seconds = time.perf_counter() - start
-        kept = handle.last_record.visual_tokens_left() // args.count
+        record = handle.last_record
+        assert record is not None, "generate() ran a prefill, which records what it pruned"
+        kept = record.visual_tokens_left() // args.count
         runs["unpruned" if schedule == "none" else schedule] = answers, seconds, kept
     name = "the shipped toy LLaVA" if args.model is None else f"the toy {model.config.model_type} in {args.model}"
     print(f"vtprune demo: {name} on {args.count} held-out questions (batched generate())\n")
@@ -50,8 +53,10 @@ def demo(args: argparse.Namespace) -> None:
         inputs = prompt_inputs(processor, images[shown], questions[shown])
         with torch.no_grad(), vtprune.pruned(model, args.schedule[0], tokenizer=processor) as handle:
             model(**inputs)  # the prefill generate() runs, for the picture
+        record = handle.last_record
+        assert record is not None, "the forward above is a prefill, which records what it pruned"
         picture = visualise.show_kept(
-            handle.last_record,
+            record,
             inputs,
             images[shown],
             model=model,
@@ -96,7 +101,8 @@ def viz(args: argparse.Namespace) -> None:
     ):
         model(**inputs)  # the prefill: what generate() would prune
     record = handle.last_record
-    drawing = {"model": model, "processor": processor, "questions": [question]}
+    assert record is not None, "the forward above is a prefill, which records what it pruned"
+    drawing: dict[str, Any] = {"model": model, "processor": processor, "questions": [question]}
     visualise.show_kept(record, inputs, [image], stages="all", label=args.schedule, **drawing).save(args.out)
     item = record.images[0]
     kept = ", ".join(f"{stage} {count}/{item.num_tokens}" for stage, count in item.tokens_after().items())

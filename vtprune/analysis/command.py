@@ -133,7 +133,7 @@ def suggest(found: Horizon, quality: ScoreQuality, budget: str, ratio: str) -> s
         for name in quality.auc
         if INPUT_PLACE in strategy_class(name.split("(")[0]).places and before
     }
-    first = max(rated, key=rated.get) if rated else "divprune"
+    first = max(rated, key=rated.__getitem__) if rated else "divprune"
     schedule = f"{first}:{budget}"
     if found.layer is not None:
         schedule += f"+random_deep@{max(1, found.layer)}:{ratio}"

@@ -161,7 +161,9 @@ def _sample(
     # the sample's images and videos and their token counts.
     with pruned(model, "none") as handle:
         full_logits = model(**inputs).logits[0]
-    items = [(image.modality, image.num_tokens) for image in handle.last_record.images]
+    record = handle.last_record
+    assert record is not None, "the forward above is a prefill, which records what it pruned"
+    items = [(image.modality, image.num_tokens) for image in record.images]
     if not items:
         raise VTPruneError("token_information: the sample has no visual tokens (no image or video)")
     mask = inputs.get("attention_mask")
@@ -171,7 +173,7 @@ def _sample(
     num_tokens = sum(count for _, count in items)
     measured = _measured_tokens(tokens, num_tokens, seed)
     values = {measure: torch.empty(len(layers), measured.numel()) for measure in MEASURES}
-    keys = [(image.modality, image.index) for image in handle.last_record.images]
+    keys = [(image.modality, image.index) for image in record.images]
     owner = [(index, local) for index, (_, count) in enumerate(items) for local in range(count)]
     for row_of_layer, layer in enumerate(layers):
         for start in range(0, measured.numel(), group_size):
@@ -205,10 +207,10 @@ def _measured_tokens(tokens: int | Tensor | None, num_tokens: int, seed: int) ->
             return torch.arange(num_tokens)
         return torch.randperm(num_tokens, generator=torch.Generator().manual_seed(seed))[:tokens].sort().values
     if isinstance(tokens, Tensor) and tokens.ndim == 1 and not tokens.is_floating_point():
-        tokens = tokens.cpu().long().unique()
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= num_tokens):
-            raise VTPruneError(f"tokens must index the sample's {num_tokens} visual tokens, got {tokens.tolist()}")
-        return tokens
+        indices = tokens.cpu().long().unique()
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_tokens):
+            raise VTPruneError(f"tokens must index the sample's {num_tokens} visual tokens, got {indices.tolist()}")
+        return indices
     raise VTPruneError("tokens must be None (all), an int (a random subset of that size) or a 1-D index tensor")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 from torch import nn
 
@@ -39,9 +40,9 @@ class DecoderShape:
     @classmethod
     def of(cls, text_model: nn.Module) -> DecoderShape:
         """Read the sizes off a decoder (``adapter.text_model``): its config, and its MLP for the gate."""
-        config = text_model.config
-        heads = config.num_attention_heads
-        mlp = text_model.layers[0].mlp
+        config: Any = text_model.config  # a PretrainedConfig: torch types module attributes as Tensor | Module
+        heads: int = config.num_attention_heads
+        mlp = cast(nn.ModuleList, text_model.layers)[0].mlp
         return cls(
             hidden=config.hidden_size,
             heads=heads,

@@ -27,9 +27,8 @@ from ..adapters import ARCHITECTURES
 from ..api import prune
 from ..engine.handle import PruneHandle
 from ..schedule import Schedule, as_schedule, make_stage, parse_strategy
-from .meter import GenerationMeter, RunFailed, RunMeasurements
+from .meter import GenerationMeter, RunFailed, RunMeasurements, gather_calls, library_versions
 from .presets import preset_schedule
-from .sweep import gather_calls, library_versions
 
 #: config.model_type -> lmms-eval simple wrapper (module, class) that loads and prompts that family, as each
 #: family declares it (``Architecture.backbone``).
@@ -138,9 +137,10 @@ class VTPruneLMM(lmms):
             self.pretrained = pretrained
             self.seed, self.newlines, self.on_error = seed, newlines, on_error
             self.measurements = measurements
-            self.handle: PruneHandle | None = None
-            self.meter: GenerationMeter | None = None
-            self.set_schedule(schedule)
+            self.handle = self._prune(schedule)
+            self.meter = GenerationMeter(
+                self.model, self.handle, tokenizer=self.tokenizer, fail_loudly=self.on_error == "raise"
+            )
         except Exception as exc:  # lmms-eval would print it and exit 0: see RunFailed
             raise RunFailed(f"vtprune could not set up {pretrained}: {type(exc).__name__}: {exc}") from exc
 
@@ -156,15 +156,13 @@ class VTPruneLMM(lmms):
 
     def set_schedule(self, schedule: str | Schedule) -> None:
         """Prune the loaded model with ``schedule`` from now on (what a sweep does between runs)."""
-        if self.handle is not None:
-            self.handle.remove()
-        self.handle = prune(self.model, schedule, seed=self.seed, newlines=self.newlines, tokenizer=self.tokenizer)
-        if self.meter is None:
-            self.meter = GenerationMeter(
-                self.model, self.handle, tokenizer=self.tokenizer, fail_loudly=self.on_error == "raise"
-            )
+        self.handle.remove()
+        self.handle = self._prune(schedule)
         self.meter.handle = self.handle
         self.meter.reset()
+
+    def _prune(self, schedule: str | Schedule) -> PruneHandle:
+        return prune(self.model, schedule, seed=self.seed, newlines=self.newlines, tokenizer=self.tokenizer)
 
     def clean(self) -> None:
         """lmms-eval's end of an evaluation: write and summarise what the pruning did, then lmms-eval's own clean-up."""
@@ -197,10 +195,8 @@ class VTPruneLMM(lmms):
 
     def close(self) -> None:
         """Unwrap the model: remove the meter and the pruning hooks."""
-        if self.meter is not None:
-            self.meter.close()
-        if self.handle is not None:
-            self.handle.remove()
+        self.meter.close()
+        self.handle.remove()
 
     # --- lmms-eval interface: the backbone does the work --------------------------------------
 

@@ -16,11 +16,12 @@ records its empty answer) and :attr:`GenerationMeter.failures` says how many the
 from __future__ import annotations
 
 import functools
+import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -143,13 +144,15 @@ class GenerationMeter:
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True, prepend=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
         ]
-        original = model.generate  # the bound method of the class; restored by deleting the attribute
+        # The bound method of the class (torch types module attributes as Tensor | Module); the wrapper below is
+        # an instance attribute, restored by deleting it.
+        original = cast(Callable[..., Any], model.generate)
 
         @functools.wraps(original)
         def generate(*args: Any, **kwargs: Any) -> Any:
             return self._generate(original, args, kwargs)
 
-        model.generate = generate
+        model.__dict__["generate"] = generate
 
     def close(self) -> None:
         """Remove the hooks and the ``generate`` wrapper."""
@@ -256,3 +259,23 @@ class GenerationMeter:
                 )
             )
         return samples
+
+
+def gather_calls(calls: list[GenerateMeasurement], failures: int) -> tuple[list[GenerateMeasurement], int]:
+    """Every rank's measurements, on every rank (identity in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return calls, failures
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (calls, failures))
+    return [call for part, _ in gathered for call in part], sum(count for _, count in gathered)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {
+        **{name: version(name) for name in ("vtprune", "torch", "transformers", "lmms-eval")},
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }

@@ -1,13 +1,34 @@
-"""A sweep's results as a markdown table and a plot (score and retained % against kept tokens)."""
+"""A sweep's results (one :class:`Run` per schedule) as a markdown table and a plot (score and retained % against
+kept tokens)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .sweep import Run
+from .meter import RunMeasurements
+
+
+@dataclass(kw_only=True)
+class Run(RunMeasurements):
+    """What one schedule did over the tasks (its measurements are :class:`RunMeasurements`' fields)."""
+
+    schedule: str
+    strategy: str
+    """The schedule without its budgets: one line per strategy in the plot."""
+    budget: str | None
+    scores: dict[str, dict[str, float]]
+    """task -> metric -> value, as lmms-eval reports them."""
+    score: float
+    """The headline metric (``metric`` of the first task)."""
+    retained: float | None = None
+    """``score`` as a percentage of the baseline's."""
+    seconds: float = 0.0
+    timing: dict[str, float] | None = None
+    """The interleaved timing of this schedule (:func:`~vtprune.harness.sweep.time_interleaved`): TTFT and prefill seconds, median,
+    min and max over every timed call, and the number of calls; None before the timing pass or with it off."""
 
 
 def _fmt(value: float | None, spec: str) -> str:

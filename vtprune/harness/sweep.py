@@ -21,46 +21,24 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
 from tqdm import tqdm
 
 from ..schedule import parse_schedule
-from .meter import GenerateMeasurement, RunMeasurements
-from .report import write_plot, write_table
+from .meter import GenerateMeasurement, gather_calls, library_versions
+from .report import Run, write_plot, write_table
 
 if TYPE_CHECKING:
     from .lmm import VTPruneLMM
 
 BASELINE = "none"
 RESULTS_FILE = "sweep.json"
-
-
-@dataclass(kw_only=True)
-class Run(RunMeasurements):
-    """What one schedule did over the tasks (its measurements are :class:`RunMeasurements`' fields)."""
-
-    schedule: str
-    strategy: str
-    """The schedule without its budgets: one line per strategy in the plot."""
-    budget: str | None
-    scores: dict[str, dict[str, float]]
-    """task -> metric -> value, as lmms-eval reports them."""
-    score: float
-    """The headline metric (``metric`` of the first task)."""
-    retained: float | None = None
-    """``score`` as a percentage of the baseline's."""
-    seconds: float = 0.0
-    timing: dict[str, float] | None = None
-    """The interleaved timing of this schedule (:func:`time_interleaved`): TTFT and prefill seconds, median,
-    min and max over every timed call, and the number of calls; None before the timing pass or with it off."""
 
 
 def _strategy_and_budget(schedule: str) -> tuple[str, str | None]:
@@ -87,26 +65,6 @@ def _headline(results: dict[str, Any], tasks: Sequence[str], metric: str | None)
     if metric not in first:
         raise ValueError(f"metric {metric!r} not reported by task {tasks[0]!r}; it reports {sorted(first)}")
     return scores, first[metric]
-
-
-def gather_calls(calls: list[GenerateMeasurement], failures: int) -> tuple[list[GenerateMeasurement], int]:
-    """Every rank's measurements, on every rank (identity in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return calls, failures
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, (calls, failures))
-    return [call for part, _ in gathered for call in part], sum(count for _, count in gathered)
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {
-        **{name: version(name) for name in ("vtprune", "torch", "transformers", "lmms-eval")},
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
 
 
 def run_sweep(
@@ -232,8 +190,9 @@ def time_interleaved(lm: VTPruneLMM, runs: list[Run], rounds: int) -> dict[str, 
         orders.append(order)
         for schedule in order:
             lm.set_schedule(schedule)
+            generate = cast(Callable[..., Any], lm.model.generate)  # torch types module attributes as Tensor | Module
             for args, kwargs in inputs:
-                lm.model.generate(*args, **{**kwargs, "max_new_tokens": 1})
+                generate(*args, **{**kwargs, "max_new_tokens": 1})
             measured[schedule].extend(lm.meter.calls)
     load_end = os.getloadavg()
     for run in runs:

@@ -105,7 +105,9 @@ def run_schedule(
     with vtprune.pruned(model, schedule, tokenizer=processor) as handle:
         for chunk in _batches(samples, batch_size):
             predictions += predict(model, processor, chunk)
-            kept += handle.last_record.visual_tokens_left()  # the record is per forward
+            record = handle.last_record
+            assert record is not None, "predict() ran a prefill, which records what it pruned"
+            kept += record.visual_tokens_left()  # the record is per forward
     seconds = (time.perf_counter() - start) / len(samples)
     return Row(
         schedule, budget, series_name(schedule, budget), kept / len(samples), accuracy(samples, predictions), seconds
@@ -175,10 +177,10 @@ def format_summary(rows: Sequence[Row], budgets: Sequence[int]) -> str:
     for name in sorted(by_series, key=lambda n: (-mean[n], n)):
         cells = []
         for k in budgets:
-            row = by_series[name].get(k)
-            cell = "" if row is None else f"{100 * row.accuracy['overall']:.1f}"
-            if row is not None and round(row.kept, 1) != k:
-                cell += f" ({row.kept:g})"
+            measured = by_series[name].get(k)
+            cell = "" if measured is None else f"{100 * measured.accuracy['overall']:.1f}"
+            if measured is not None and round(measured.kept, 1) != k:
+                cell += f" ({measured.kept:g})"
             cells.append(cell)
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)

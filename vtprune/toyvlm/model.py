@@ -27,6 +27,7 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -182,10 +183,11 @@ def _build_qwen2_vl_processor(task_words: Sequence[str]) -> Qwen2VLProcessor:
 
 def build_model(processor: ProcessorMixin, sizes: dict[str, int] | None = None) -> PreTrainedModel:
     """A randomly initialised toy VLM of ``processor``'s family, whose vocabulary and image geometry match it."""
+    model: PreTrainedModel
     if isinstance(processor, Qwen2VLProcessor):
         model = _build_qwen2_vl(processor, {**QWEN_DEFAULT_SIZES, **(sizes or {})})
     else:
-        model = _build_llava(processor, {**DEFAULT_SIZES, **(sizes or {})})
+        model = _build_llava(cast(LlavaProcessor, processor), {**DEFAULT_SIZES, **(sizes or {})})
     tokenizer = processor.tokenizer
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -222,7 +224,7 @@ def _build_llava(processor: LlavaProcessor, s: dict[str, int]) -> LlavaForCondit
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=processor.image_token_id,
+        image_token_index=processor.image_token_id,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,  # as LLaVA-1.5; with one layer: its input, see the module docstring
     )
@@ -291,7 +293,9 @@ def answer(
     """Greedy batched ``generate()`` (left padding), one answer string per (image, question)."""
     inputs = prompt_inputs(processor, images, questions)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        # transformers types generate's self as a Protocol that mypy cannot match with PreTrainedModel.
+        generate = cast(Callable[..., torch.Tensor], model.generate)
+        out = generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1] :]
     return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
 
@@ -332,8 +336,9 @@ def predict(
     if llava_torch:
         if keep_fn is not None:
             raise VTPruneError("keep_fn hides image tokens in the mask; llava-torch's prompt has one per image")
-        tokens_per_image = model.get_vision_tower().num_patches_per_side ** 2
-        batch = llava_torch_inputs(batch, processor.image_token_id, tokens_per_image)
+        llava_model: Any = model  # the llava package's LlavaLlamaForCausalLM (untyped)
+        tokens_per_image = llava_model.get_vision_tower().num_patches_per_side ** 2
+        batch = llava_torch_inputs(batch, cast(LlavaProcessor, processor).image_token_id, tokens_per_image)
     elif keep_fn is not None:
         image_pos = batch["input_ids"] == model.config.image_token_id
         keep = torch.tensor([list(keep_fn(s)) for s in samples], dtype=batch["attention_mask"].dtype)

@@ -14,6 +14,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+#: What Pillow's ``load_default`` returns: a scalable font (Pillow >= 10.1) or the bitmap one.
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
 #: Brightness left to what the model never saw or dropped (kept pixels are untouched).
 DIM = 0.3
 #: Colour of the frame drawn around every picture of a grid.
@@ -110,7 +113,8 @@ def grid(panels: Sequence[Panel], columns: int | None = None, *, height: int = 1
     columns = columns or len(panels)
     font = _font(12)
     scaled = [
-        p.image.resize((max(1, round(p.image.width * height / p.image.height)), height), Image.NEAREST) for p in panels
+        p.image.resize((max(1, round(p.image.width * height / p.image.height)), height), Image.Resampling.NEAREST)
+        for p in panels
     ]
     lines = max(p.title.count("\n") + 1 for p in panels)
     caption = 16 * lines + 4
@@ -151,13 +155,13 @@ def _pixel_boxes(boxes: Tensor, shape: tuple[int, int]) -> list[tuple[int, int, 
     return [tuple(b) for b in rounded.tolist()]
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> Font:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size
         return ImageFont.load_default()
 
 
-def _text_width(text: str, font: ImageFont.ImageFont) -> int:
+def _text_width(text: str, font: Font) -> int:
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     return int(max(draw.textlength(line, font=font) for line in text.split("\n")))

@@ -35,7 +35,7 @@ def photo_patches(photo: Image.Image, count: int, patch: int = 14) -> torch.Tens
     edge = min(width, height)
     left, top = (width - edge) // 2, (height - edge) // 2
     square = photo.convert("RGB").crop((left, top, left + edge, top + edge))
-    pixels = np.asarray(square.resize((side * patch, side * patch), Image.BICUBIC), dtype=np.float32) / 255
+    pixels = np.asarray(square.resize((side * patch, side * patch), Image.Resampling.BICUBIC), dtype=np.float32) / 255
     grid = pixels.reshape(side, patch, side, patch, 3).transpose(0, 2, 1, 3, 4).reshape(side * side, -1)
     return torch.from_numpy(grid[:count].copy())
 

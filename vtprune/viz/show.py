@@ -155,7 +155,9 @@ def compare(
     for schedule in schedules:
         with torch.no_grad(), pruned(model, schedule, **prune_options) as handle:
             model(**inputs)
-        pairs = match_records(handle.last_record, regions, inputs["input_ids"].shape[0])
+        record = handle.last_record
+        assert record is not None, "the forward above is a prefill, which records what it pruned"
+        pairs = match_records(record, regions, inputs["input_ids"].shape[0])
         columns.append(kept_panels(pairs, images, videos, label=schedule, questions=questions))
     interleaved = [column[i] for i in range(len(columns[0])) for column in columns]
     return grid(interleaved, columns=len(schedules))
