@@ -9,6 +9,7 @@ transformers path does with ``renumber=True``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
 
 import torch
 from vllm.model_executor.models.llava import (
@@ -52,13 +53,13 @@ class VTPruneLlavaMultiModalProcessor(ScheduleFieldProcessor, LlavaMultiModalPro
 )
 class VTPruneLlavaForConditionalGeneration(PruningModel, LlavaForConditionalGeneration):
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
-        schedules = per_item(kwargs.get(SCHEDULE_KEY))
-        pixels = kwargs.get("pixel_values")
+        schedules = per_item(cast("torch.Tensor | None", kwargs.get(SCHEDULE_KEY)))
+        pixels = cast("torch.Tensor | None", kwargs.get("pixel_values"))
         embeddings = super().embed_multimodal(**kwargs)
         if len(embeddings) == 0:
             return embeddings
         # Seeds and keys come from the pixels (precomputed embeddings: from the embeddings themselves).
-        sources = embeddings if pixels is None else per_item(pixels)
+        sources: Sequence[torch.Tensor] = embeddings if pixels is None else list(pixels)
         grids = [square_grid(features.shape[0]) for features in embeddings]
         return self._vtprune_prune(embeddings, schedules, sources, grids)
 

@@ -84,11 +84,14 @@ class PruningPlan:
 
     @property
     def stage(self) -> Stage:
-        return self.schedule.input_stage
+        stage = self.schedule.input_stage
+        assert stage is not None, "make_plan refuses schedules without an input stage"
+        return stage
 
     def tokens(self, num_tokens: int, grid: Grid) -> int:
         """How many rows an image of ``num_tokens`` projected tokens (raster ``grid``) becomes: content-free."""
         strategy, budget = self.stage.strategy, self.stage.budget
+        assert budget is not None, "an input stage has a budget (make_plan resolves the schedule)"
         if isinstance(strategy, MergingStrategy):
             # A merge's count depends on the grid and the budget only: measure it on blank tokens.
             blank = TokenContext(features=torch.zeros(num_tokens, 1), keep=num_tokens, grid=grid)

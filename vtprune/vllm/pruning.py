@@ -9,6 +9,7 @@ projected tokens go through vtprune's selection and come back as exactly the bud
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 from transformers import BatchFeature
@@ -20,8 +21,12 @@ from ..adapters.base import reduce_tokens
 from ..vocabulary.grids import Grid
 from .plan import SCHEDULE_KEY, Selections, decode_schedule, encode_schedule, image_key, make_plan, schedule_for
 
+#: The mixins' own last base, typed Any: what they call on ``super()`` and ``self`` (``info``, the processor and model
+#: methods they extend, ...) comes from the vLLM class each concrete class puts after them. ``object`` at run time.
+VllmClass: Any = object
 
-class ScheduleFieldProcessor:
+
+class ScheduleFieldProcessor(VllmClass):
     """Mixin for a ``BaseMultiModalProcessor`` subclass (put it first in the bases)."""
 
     def _vtprune_schedule(self, processor_kwargs: Mapping[str, object]) -> str | None:
@@ -49,7 +54,7 @@ class ScheduleFieldProcessor:
         return fields
 
 
-class PruningModel:
+class PruningModel(VllmClass):
     """Mixin for a vLLM multimodal model class: selection on projected tokens, remembered per (schedule, image)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:

@@ -36,10 +36,6 @@ from .pruning import PruningModel, ScheduleFieldProcessor, per_item
 _IMAGE_KEYS = ("pixel_values", "image_embeds")
 _VIDEO_KEYS = ("pixel_values_videos", "video_embeds")
 
-#: The mixins' own last base, typed Any: what they call on ``super()`` and ``self`` (``info``, ``visual``,
-#: ``get_mrope_input_positions``, ...) comes from the vLLM class each concrete class puts after them.
-_VllmClass: Any = object
-
 
 def merged_grid(grid_thw: Sequence[int], merge: int) -> tuple[int, int, int]:
     """(t, h, w) of an item's projected tokens: the patch grid after the spatial merge."""
@@ -47,7 +43,7 @@ def merged_grid(grid_thw: Sequence[int], merge: int) -> tuple[int, int, int]:
     return t, h // merge, w // merge
 
 
-class QwenScheduleProcessor(ScheduleFieldProcessor, _VllmClass):
+class QwenScheduleProcessor(ScheduleFieldProcessor):
     """Mixin for a Qwen-VL multimodal processor: an image's placeholder run shortened to the schedule's count."""
 
     def _get_prompt_updates(
@@ -74,7 +70,7 @@ class QwenScheduleProcessor(ScheduleFieldProcessor, _VllmClass):
         return [shortened(update) if update.modality == "image" else update for update in updates]
 
 
-class QwenPruningModel(PruningModel, _VllmClass):
+class QwenPruningModel(PruningModel):
     """Mixin for a vLLM Qwen-VL model class (put it first in the bases)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
