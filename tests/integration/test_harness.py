@@ -19,7 +19,7 @@ import vtprune
 from vtprune.adapters import architecture
 from vtprune.harness import DecoderShape, RunFailed, load_preset, preset_names
 from vtprune.harness.command import sweep_schedules
-from vtprune.harness.lmm import VTPruneLMM, backbone_class, schedule_from_args
+from vtprune.harness.lmm import VTPruneLMM, backbone_class, backbone_of, schedule_from_args
 from vtprune.harness.meter import GenerationMeter
 from vtprune.harness.sweep import run_sweep
 from vtprune.testing import MODEL_KINDS, TINY
@@ -148,11 +148,11 @@ def test_every_family_finds_the_lmms_eval_backbone_it_declares(tmp_path, kind):
     arch.random_config(TINY).save_pretrained(tmp_path)
     if arch.backbone is None:
         with pytest.raises(ValueError, match=f"is a {kind!r} checkpoint; vtprune's lmms-eval model supports"):
-            backbone_class(str(tmp_path))
+            backbone_of(str(tmp_path))
         return
-    module, name = arch.backbone
-    backbone = backbone_class(str(tmp_path))
-    assert backbone is getattr(importlib.import_module(module), name)
+    assert backbone_of(str(tmp_path)) == arch.backbone
+    backbone = backbone_class(arch.backbone)
+    assert backbone is getattr(importlib.import_module(arch.backbone.module), arch.backbone.name)
     assert backbone.is_simple
 
 

@@ -26,7 +26,7 @@ from ..errors import VTPruneError
 from ..vocabulary.grids import Segment
 from .base import Architecture, ModelAdapter
 from .geometry import ItemRegions, PixelSize, View, cell_boxes, clip_boxes, sample_boxes, shape_only
-from .llava import llava_sequences
+from .llava import LLAVA_HF, llava_sequences
 from .random_weights import IMAGE, VIDEO, RowSpec, Size, clip_vision, llama_text, text_fields
 
 if TYPE_CHECKING:
@@ -242,7 +242,7 @@ ARCHITECTURES = (
         random_inputs=_random_inputs,
         test_images=((1, 1), (1, 2)),
         bench_image=(1, 2),
-        backbone=("lmms_eval.models.simple.llava_hf", "LlavaHf"),
+        backbone=LLAVA_HF,
     ),
     Architecture(
         model_class="LlavaOnevisionForConditionalGeneration",
@@ -253,6 +253,6 @@ ARCHITECTURES = (
         test_images=((1, 1), (1, 2)),
         bench_image=(1, 2),
         takes_video=True,
-        backbone=("lmms_eval.models.simple.llava_hf", "LlavaHf"),
+        backbone=LLAVA_HF,
     ),
 )

@@ -209,6 +209,19 @@ class ModelAdapter:
         raise UnsupportedModelError(f"vtprune.viz has no token geometry for {type(self.model).__name__}")
 
 
+@dataclass(frozen=True)
+class Backbone:
+    """lmms-eval's simple wrapper that loads and prompts a class, and what it needs to run under vtprune's model."""
+
+    module: str
+    name: str
+    one_sample_at_a_time: bool = False
+    """It generates one sample at a time (lmms-eval's ``llava_hf`` asserts it mid-run): a larger ``--batch_size`` is
+    refused before any weights load."""
+    cpu_device_map: str | None = None
+    """The ``device_map`` it needs on the CPU, where the device name alone would make it pick cuda."""
+
+
 #: (token ids of each row, unpadded; pixel inputs) for a batch of ``RowSpec`` rows, laid out as the processor would.
 RandomInputs = Callable[[nn.Module, list[RowSpec], torch.Generator], tuple[list[list[int]], dict[str, Tensor]]]
 
@@ -237,8 +250,8 @@ class Architecture:
     takes_video: bool = False
     token_types: str | None = None
     """Input naming each token's modality (1 image, 2 video), which this class's forward reads, if any."""
-    backbone: tuple[str, str] | None = None
-    """lmms-eval's simple wrapper (module, class) that loads and prompts this class, if lmms-eval has one."""
+    backbone: Backbone | None = None
+    """lmms-eval's simple wrapper that loads and prompts this class, if lmms-eval has one."""
 
 
 def reduce_tokens(items: list[Tensor], kept: list[Tensor], weights: list[Tensor | None]) -> list[Tensor]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 from transformers.modeling_outputs import ModelOutput
 
-from .base import Architecture, Grid, ModelAdapter
+from .base import Architecture, Backbone, Grid, ModelAdapter
 from .geometry import ItemRegions, PixelSize, square_grid_regions, stretch
 from .internvl import flat_outputs
 from .llava import square_grids
@@ -112,6 +112,6 @@ ARCHITECTURES = (
         random_inputs=_random_inputs,
         test_images=((1, 1), (1, 1)),
         token_types="token_type_ids",
-        backbone=("lmms_eval.models.simple.gemma3", "Gemma3"),
+        backbone=Backbone("lmms_eval.models.simple.gemma3", "Gemma3"),
     ),
 )

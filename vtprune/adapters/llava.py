@@ -13,7 +13,7 @@ from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension
 
 from ..vocabulary.grids import Grid
-from .base import Architecture, ModelAdapter
+from .base import Architecture, Backbone, ModelAdapter
 from .geometry import ItemRegions, PixelSize, setting, shape_only, square_grid_regions
 from .random_weights import BOS, IMAGE, VIDEO, RowSpec, Size, clip_vision, llama_text, text_ids
 
@@ -134,6 +134,9 @@ def _random_inputs(
     return sequences, ({"pixel_values": pixel_values} if images else {})
 
 
+#: lmms-eval's wrapper of every LLaVA class in transformers (LLaVA-1.5, LLaVA-NeXT, OneVision).
+LLAVA_HF = Backbone("lmms_eval.models.simple.llava_hf", "LlavaHf", one_sample_at_a_time=True)
+
 ARCHITECTURES = (
     Architecture(
         model_class="LlavaForConditionalGeneration",
@@ -142,6 +145,6 @@ ARCHITECTURES = (
         random_config=_random_config,
         random_inputs=_random_inputs,
         test_images=((1, 1), (1, 1)),
-        backbone=("lmms_eval.models.simple.llava_hf", "LlavaHf"),
+        backbone=LLAVA_HF,
     ),
 )

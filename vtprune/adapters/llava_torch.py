@@ -26,7 +26,7 @@ from ..errors import InputError, UnsupportedModelError
 from ..vocabulary.compat import CACHE_KWARG, get_cache
 from ..vocabulary.grids import Grid, Segment
 from .anyres import anyres_segments
-from .base import Architecture, ModelAdapter, SplicePrefill
+from .base import Architecture, Backbone, ModelAdapter, SplicePrefill
 
 if TYPE_CHECKING:
     from ..engine.state import VisualItem
@@ -246,7 +246,7 @@ ARCHITECTURES = tuple(
         model_class=model_class,
         model_type=model_type,
         adapter=LlavaTorchAdapter,
-        backbone=("lmms_eval.models.simple.llava", "Llava"),
+        backbone=Backbone("lmms_eval.models.simple.llava", "Llava", cpu_device_map="auto"),
     )
     for model_class, model_type in (
         ("LlavaLlamaForCausalLM", "llava_llama"),

@@ -19,7 +19,7 @@ from transformers.modeling_outputs import ModelOutput
 from ..vocabulary.compat import CACHE_KWARG
 from ..vocabulary.grids import Grid, Segment
 from ..vocabulary.layout import take
-from .base import Architecture, ModelAdapter, reduce_tokens
+from .base import Architecture, Backbone, ModelAdapter, reduce_tokens
 from .geometry import ItemRegions, PixelSize, View, cell_boxes, clip_boxes, no_tokens, stretch
 from .random_weights import IMAGE, VIDEO, VISION_END, VISION_START, RowSpec, Size, text_fields, text_ids
 
@@ -238,7 +238,7 @@ ARCHITECTURES = (
         model_type="qwen2_vl",
         random_config=_qwen2_config,
         random_inputs=_random_inputs,
-        backbone=("lmms_eval.models.simple.qwen2_vl", "Qwen2_VL"),
+        backbone=Backbone("lmms_eval.models.simple.qwen2_vl", "Qwen2_VL"),
         **_QWEN,
     ),
     Architecture(
@@ -246,7 +246,7 @@ ARCHITECTURES = (
         model_type="qwen2_5_vl",
         random_config=_qwen2_5_config,
         random_inputs=_random_inputs,
-        backbone=("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VL"),
+        backbone=Backbone("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VL"),
         **_QWEN,
     ),
     Architecture(
@@ -254,7 +254,7 @@ ARCHITECTURES = (
         model_type="qwen3_vl",
         random_config=_qwen3_config,
         random_inputs=_qwen3_inputs,
-        backbone=("lmms_eval.models.simple.qwen3_vl", "Qwen3_VL"),
+        backbone=Backbone("lmms_eval.models.simple.qwen3_vl", "Qwen3_VL"),
         **_QWEN,
     ),
 )

@@ -24,19 +24,16 @@ from loguru import logger
 from transformers import PretrainedConfig
 
 from ..adapters import ARCHITECTURES
+from ..adapters.base import Backbone
 from ..api import prune
 from ..engine.handle import PruneHandle
 from ..schedule import Schedule, as_schedule, make_stage, parse_strategy
 from .meter import GenerationMeter, RunFailed, RunMeasurements, gather_calls, library_versions
 from .presets import preset_schedule
 
-#: config.model_type -> lmms-eval simple wrapper (module, class) that loads and prompts that family, as each
-#: family declares it (``Architecture.backbone``).
-BACKBONES: dict[str, tuple[str, str]] = {arch.model_type: arch.backbone for arch in ARCHITECTURES if arch.backbone}
-#: Backbone wrappers that run on the CPU only with device_map="auto" (any other value makes them pick cuda).
-AUTO_DEVICE_MAP_ON_CPU = {("lmms_eval.models.simple.llava", "Llava")}
-#: Backbone wrappers that generate one sample at a time (lmms-eval's simple ``llava_hf`` asserts it mid-run).
-SINGLE_SAMPLE_BACKBONES = {("lmms_eval.models.simple.llava_hf", "LlavaHf")}
+#: config.model_type -> lmms-eval simple wrapper that loads and prompts that family, as each family declares it
+#: (``Architecture.backbone``, with what the wrapper needs: one sample at a time, a CPU device map).
+BACKBONES: dict[str, Backbone] = {arch.model_type: arch.backbone for arch in ARCHITECTURES if arch.backbone}
 ON_ERROR = ("raise", "count")
 #: Where measurements go when lmms-eval was started without ``--output_path``.
 DEFAULT_MEASUREMENTS_DIR = "vtprune_measurements"
@@ -73,8 +70,8 @@ def schedule_from_args(
     return Schedule([make_stage(parse_strategy(strategy), layer=layer, keep=keep, keep_ratio=keep_ratio)])
 
 
-def backbone_class(pretrained: str, batch_size: int | str = 1) -> type[lmms]:
-    """The lmms-eval wrapper for the checkpoint's model family (imported only when needed).
+def backbone_of(pretrained: str, batch_size: int | str = 1) -> Backbone:
+    """The lmms-eval wrapper the checkpoint's model family declares.
 
     Refuses a batch size the wrapper cannot run, before any weights load: lmms-eval's ``llava_hf`` would fail on
     its first batch, and lmms-eval turns that into an error message and exit code 0.
@@ -86,13 +83,18 @@ def backbone_class(pretrained: str, batch_size: int | str = 1) -> type[lmms]:
             f"{pretrained} is a {model_type!r} checkpoint; vtprune's lmms-eval model supports "
             f"{', '.join(sorted(BACKBONES))}"
         )
-    module, name = BACKBONES[model_type]
-    if (module, name) in SINGLE_SAMPLE_BACKBONES and str(batch_size) != "1":
+    backbone = BACKBONES[model_type]
+    if backbone.one_sample_at_a_time and str(batch_size) != "1":
         raise ValueError(
-            f"--batch_size {batch_size}: lmms-eval's {module.rsplit('.', 1)[-1]} wrapper, which runs {model_type!r} "
-            "checkpoints, generates one sample at a time; pass --batch_size 1"
+            f"--batch_size {batch_size}: lmms-eval's {backbone.module.rsplit('.', 1)[-1]} wrapper, which runs "
+            f"{model_type!r} checkpoints, generates one sample at a time; pass --batch_size 1"
         )
-    return getattr(importlib.import_module(module), name)
+    return backbone
+
+
+def backbone_class(backbone: Backbone) -> type[lmms]:
+    """The lmms-eval wrapper class itself (imported only when needed)."""
+    return getattr(importlib.import_module(backbone.module), backbone.name)
 
 
 class VTPruneLMM(lmms):
@@ -128,11 +130,11 @@ class VTPruneLMM(lmms):
                 raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
             schedule = schedule_from_args(strategy, keep, keep_ratio, layer, preset)  # fail before loading weights
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            backbone = backbone_class(pretrained, backbone_args.get("batch_size", 1))
+            backbone = backbone_of(pretrained, backbone_args.get("batch_size", 1))
             # llava_hf's default device_map="" fails with transformers 5.x; Qwen's defaults to "cuda".
-            auto = device == "cpu" and (backbone.__module__, backbone.__name__) in AUTO_DEVICE_MAP_ON_CPU
-            backbone_args.setdefault("device_map", "auto" if auto else device)
-            self.backbone = backbone(pretrained=pretrained, device=device, **backbone_args)
+            cpu_map = backbone.cpu_device_map if device == "cpu" else None
+            backbone_args.setdefault("device_map", cpu_map or device)
+            self.backbone = backbone_class(backbone)(pretrained=pretrained, device=device, **backbone_args)
             super().__init__()
             self.pretrained = pretrained
             self.seed, self.newlines, self.on_error = seed, newlines, on_error
