@@ -12,14 +12,14 @@ import sys
 
 import torch
 
-from vtprune.toyvlm.model import DEFAULT_SIZES, FAMILIES
+from vtprune.toyvlm.model import DEFAULT_FAMILY, DEFAULT_SIZES, FAMILIES
 from vtprune.toyvlm.tasks import TASKS
 from vtprune.toyvlm.train import train
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=FAMILIES, default="llava", help="architecture of the toy VLM")
+    parser.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY, help="architecture of the toy VLM")
     parser.add_argument("--task", choices=list(TASKS), default="shapes", help="what the toy VLM learns to answer")
     parser.add_argument("--out", required=True, help="folder to save_pretrained the best checkpoint into")
     parser.add_argument("--steps", type=int, default=5000)
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     for size, default in DEFAULT_SIZES.items():
-        parser.add_argument(f"--{size.replace('_', '-')}", type=int, default=default, help="model size")
+        # No default here: a family may declare its own sizes (the toy Qwen2-VL's depth-0 vision transformer).
+        parser.add_argument(
+            f"--{size.replace('_', '-')}", type=int, help=f"model size (default {default}, or the family's)"
+        )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     best = train(
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup=args.warmup,
         family=args.family,
         task=args.task,
-        sizes={size: getattr(args, size) for size in DEFAULT_SIZES},
+        sizes={size: getattr(args, size) for size in DEFAULT_SIZES if getattr(args, size) is not None},
         eval_every=args.eval_every,
         log=lambda line: print(line, flush=True),
     )

@@ -21,7 +21,7 @@ from qwen_checkpoints import random_qwen_checkpoint
 
 import vtprune
 from vtprune.toyvlm import make_split
-from vtprune.toyvlm.model import QWEN_IMAGE
+from vtprune.toyvlm.model import toy_of
 from vtprune.vllm import SCHEDULE_KEY, engine_args
 from vtprune.vllm.plan import encode_schedule, image_key
 
@@ -34,7 +34,7 @@ COMPARED = (None, "matryoshka:16", "uniform:25%")
 
 
 def prompt(sample):
-    return f"{sample.question} {QWEN_IMAGE} answer :"
+    return f"{sample.question} {toy_of('qwen2_vl').image_placeholder} answer :"
 
 
 def run(llm, schedule=None):

@@ -16,6 +16,7 @@ from ..errors import UnsupportedModelError
 from ..vocabulary.grids import Grid, Segment
 from .geometry import ItemRegions, PixelSize
 from .random_weights import RowSpec, Size
+from .toys import ToyVLM
 
 if TYPE_CHECKING:
     from ..engine.state import VisualItem
@@ -252,6 +253,8 @@ class Architecture:
     """Input naming each token's modality (1 image, 2 video), which this class's forward reads, if any."""
     backbone: Backbone | None = None
     """lmms-eval's simple wrapper that loads and prompts this class, if lmms-eval has one."""
+    toy: ToyVLM | None = None
+    """How ``vtprune.toyvlm`` builds this class as a trained toy VLM, for the families it has toys of."""
 
 
 def reduce_tokens(items: list[Tensor], kept: list[Tensor], weights: list[Tensor | None]) -> list[Tensor]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from transformers import LlavaConfig
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PreTrainedTokenizerFast, ProcessorMixin
 from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension
 
@@ -16,6 +16,7 @@ from ..vocabulary.grids import Grid
 from .base import Architecture, Backbone, ModelAdapter
 from .geometry import ItemRegions, PixelSize, setting, shape_only, square_grid_regions
 from .random_weights import BOS, IMAGE, VIDEO, RowSpec, Size, clip_vision, llama_text, text_ids
+from .toys import ToyGeometry, ToyVLM, token_id
 
 if TYPE_CHECKING:
     from ..engine.state import VisualItem
@@ -134,6 +135,59 @@ def _random_inputs(
     return sequences, ({"pixel_values": pixel_values} if images else {})
 
 
+_TOY_IMAGE = "<image>"
+
+
+def _toy_processor(tokenizer: PreTrainedTokenizerFast, geometry: ToyGeometry, chat_template: str) -> ProcessorMixin:
+    # Imported here: the image processor classes are imported on use, not with vtprune.
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": geometry.image_size},
+        crop_size={"height": geometry.image_size, "width": geometry.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=geometry.cell,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=chat_template,
+    )
+
+
+def _toy_config(
+    tokenizer: PreTrainedTokenizerFast, geometry: ToyGeometry, text: dict[str, Any], sizes: Mapping[str, int]
+) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=sizes["vision_hidden"],
+        intermediate_size=2 * sizes["vision_hidden"],
+        num_hidden_layers=sizes["vision_layers"],
+        num_attention_heads=sizes["heads"],
+        image_size=geometry.image_size,
+        patch_size=geometry.cell,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**text),
+        image_token_index=token_id(tokenizer, _TOY_IMAGE),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,  # as LLaVA-1.5; with one layer: its input, the patch embeddings (vtprune.toyvlm)
+    )
+
+
+#: The toy LLaVA (CLIP tower, LLaVA projector, Llama text model; the PIL image processor: the base install has no
+#: torchvision).
+TOY = ToyVLM(
+    image_placeholder=_TOY_IMAGE,
+    special_tokens=("<pad>", "<unk>", "</s>", _TOY_IMAGE),
+    named_tokens={"image_token": _TOY_IMAGE},
+    processor=_toy_processor,
+    config=_toy_config,
+    processor_class="LlavaProcessor",
+    image_backend="pil",
+)
+
 #: lmms-eval's wrapper of every LLaVA class in transformers (LLaVA-1.5, LLaVA-NeXT, OneVision).
 LLAVA_HF = Backbone("lmms_eval.models.simple.llava_hf", "LlavaHf", one_sample_at_a_time=True)
 
@@ -146,5 +200,6 @@ ARCHITECTURES = (
         random_inputs=_random_inputs,
         test_images=((1, 1), (1, 1)),
         backbone=LLAVA_HF,
+        toy=TOY,
     ),
 )

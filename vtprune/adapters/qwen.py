@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+from transformers import (
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
+    Qwen3VLConfig,
+)
 from transformers.modeling_outputs import ModelOutput
 
 from ..vocabulary.compat import CACHE_KWARG
@@ -22,6 +29,7 @@ from ..vocabulary.layout import take
 from .base import Architecture, Backbone, ModelAdapter, reduce_tokens
 from .geometry import ItemRegions, PixelSize, View, cell_boxes, clip_boxes, no_tokens, stretch
 from .random_weights import IMAGE, VIDEO, VISION_END, VISION_START, RowSpec, Size, text_fields, text_ids
+from .toys import ToyGeometry, ToyVLM, token_id
 
 if TYPE_CHECKING:
     from ..engine.state import VisualItem
@@ -185,6 +193,72 @@ def _qwen3_config(size: Size) -> PretrainedConfig:
     return Qwen3VLConfig(text_config=_text(size, mrope_interleaved=True), vision_config=vision, **_TOKENS)
 
 
+#: The toy Qwen2-VL's special tokens; a prompt writes an image as <|vision_start|><|image_pad|><|vision_end|> and the
+#: processor repeats <|image_pad|> per token.
+_TOY_TOKENS = {
+    "vision_start_token": "<|vision_start|>",
+    "image_token": "<|image_pad|>",
+    "vision_end_token": "<|vision_end|>",
+    "video_token": "<|video_pad|>",
+}
+#: 8 px patches merged 2 x 2: one visual token per cell of the toy's images.
+_TOY_MERGE = 2
+
+
+def _toy_geometry(geometry: ToyGeometry) -> dict[str, int]:
+    return {"patch_size": geometry.cell // _TOY_MERGE, "merge_size": _TOY_MERGE, "temporal_patch_size": 2}
+
+
+def _toy_processor(tokenizer: PreTrainedTokenizerFast, geometry: ToyGeometry, chat_template: str) -> ProcessorMixin:
+    # Imported here: without torchvision, importing these warns about Qwen2-VL on every command that imports vtprune.
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    patches = _toy_geometry(geometry)
+    # Pixel limits keep a task image at its size (one token per cell) and shrink larger pictures to that area.
+    pixels = {"min_pixels": (2 * geometry.cell) ** 2, "max_pixels": geometry.image_size**2}
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**patches, **pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**patches, **pixels),
+        chat_template=chat_template,
+    )
+
+
+def _toy_config(
+    tokenizer: PreTrainedTokenizerFast, geometry: ToyGeometry, text: dict[str, Any], sizes: Mapping[str, int]
+) -> PretrainedConfig:
+    head_dim = text["hidden_size"] // sizes["heads"]
+    # M-RoPE splits a head's rotary half-dimensions over (t, h, w), in Qwen2-VL's 1:1.5:1.5 proportion.
+    mrope = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]
+    patches = _toy_geometry(geometry)
+    vision = {
+        "depth": sizes["vision_layers"],
+        "embed_dim": sizes["vision_hidden"],
+        "hidden_size": text["hidden_size"],
+        "num_heads": sizes["heads"],
+        "patch_size": patches["patch_size"],
+        "spatial_merge_size": patches["merge_size"],
+        "temporal_patch_size": patches["temporal_patch_size"],
+    }
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
+    ids: dict[str, Any] = {f"{name}_id": token_id(tokenizer, token) for name, token in _TOY_TOKENS.items()}
+    return Qwen2VLConfig(vision_config=vision, text_config={**text, "rope_parameters": rope}, **ids)
+
+
+#: The toy Qwen2-VL: its vision transformer at depth 0, so a visual token carries only its own cell (as the toy
+#: LLaVA's patch embeddings do); torchvision's image processor (its processor needs torchvision for videos anyway).
+TOY = ToyVLM(
+    image_placeholder=_TOY_TOKENS["vision_start_token"] + _TOY_TOKENS["image_token"] + _TOY_TOKENS["vision_end_token"],
+    special_tokens=("<pad>", "<unk>", "</s>", *_TOY_TOKENS.values()),
+    named_tokens=_TOY_TOKENS,
+    processor=_toy_processor,
+    config=_toy_config,
+    processor_class="Qwen2VLProcessor",
+    image_backend="torchvision",
+    sizes={"vision_layers": 0},
+)
+
+
 def _random_inputs(
     model: nn.Module, rows: list[RowSpec], generator: torch.Generator, *, frame_groups: bool = False
 ) -> tuple[list[list[int]], dict[str, Tensor]]:
@@ -239,6 +313,7 @@ ARCHITECTURES = (
         random_config=_qwen2_config,
         random_inputs=_random_inputs,
         backbone=Backbone("lmms_eval.models.simple.qwen2_vl", "Qwen2_VL"),
+        toy=TOY,
         **_QWEN,
     ),
     Architecture(

@@ -1,11 +1,11 @@
-"""The toy VLMs: real ``LlavaForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration`` built from small
-configs, plus their processors.
+"""The toy VLMs: real transformers VLM classes built from small configs, plus their processors.
 
-Everything is a stock transformers class (LLaVA: CLIP vision tower, LLaVA projector, Llama text model,
-``CLIPImageProcessorPil``, ``LlavaProcessor``; Qwen2-VL: its vision transformer and 2 x 2 merger, Qwen2 text model
-with M-RoPE, ``Qwen2VLImageProcessor``, ``Qwen2VLProcessor``; both with a word-level ``PreTrainedTokenizerFast``),
-so a saved folder loads with ``from_pretrained`` / ``AutoProcessor.from_pretrained`` exactly like a hub checkpoint
-and runs through the same code paths as LLaVA-1.5 and Qwen2-VL.
+Each family with a toy declares how it is built (``Architecture.toy`` in ``vtprune.adapters``: the toy LLaVA is a
+CLIP vision tower, LLaVA projector and Llama text model with CLIP's PIL image processor; the toy Qwen2-VL its vision
+transformer and 2 x 2 merger with a Qwen2 text model and M-RoPE); this module gives them a word-level
+``PreTrainedTokenizerFast``, the prompt format and the sizes. Everything is a stock transformers class, so a saved
+folder loads with ``from_pretrained`` / ``AutoProcessor.from_pretrained`` exactly like a hub checkpoint and runs
+through the same code paths as LLaVA-1.5 and Qwen2-VL.
 
 Prompt format (ours to choose): ``"{question} <image> answer :"`` -- the question comes *before* the image so that,
 under causal attention, every image token can already attend to the question and mark whether it is relevant; the
@@ -23,6 +23,7 @@ vision transformer of depth 0: its 8 px patches go through the patch embedding o
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -36,22 +37,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
 )
 
-from vtprune.adapters import adapter_for
+from vtprune.adapters import ARCHITECTURES, adapter_for, architecture
 from vtprune.adapters.llava_torch import LlavaTorchAdapter, llava_torch_inputs
+from vtprune.adapters.toys import ToyGeometry, ToyVLM
 from vtprune.errors import VTPruneError
 from vtprune.toyvlm.data import CELL, IMAGE_SIZE, Sample, vocabulary
 
@@ -59,20 +52,14 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_PATH = ASSETS / "toy_llava"
 QWEN2_VL_PATH = ASSETS / "toy_qwen2_vl"
 DIGITS_PATH = ASSETS / "toy_llava_digits"
-#: The toy families: ``family=`` of :func:`build_processor` and the trainer.
-FAMILIES = ("llava", "qwen2_vl")
-#: Image processor backend per family, as :func:`build_processor` builds it: the PIL one for LLaVA (the base install
-#: has no torchvision), torchvision for Qwen2-VL (its processor needs torchvision for videos anyway). The two backends
-#: resize and normalise with different float rounding, which moves the toy benchmark's figures.
-IMAGE_PROCESSOR_BACKEND = {"llava": "pil", "qwen2_vl": "torchvision"}
-PATCH_SIZE = CELL  # one grid cell of the task is one patch, i.e. one visual token
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>", IMAGE_TOKEN)
-# Qwen2-VL: 8 px patches merged 2 x 2, so again one visual token per cell; an image is written
-# <|vision_start|><|image_pad|><|vision_end|> and the processor repeats <|image_pad|> per token.
-QWEN_PATCH_SIZE = CELL // 2
-QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-QWEN_SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+#: The toy families, ``family=`` of :func:`build_processor` and the trainer: the ``model_type`` of every class whose
+#: family declares how it is built as a toy (``Architecture.toy``).
+FAMILIES = tuple(arch.model_type for arch in ARCHITECTURES if arch.toy is not None)
+#: The family of the shipped default toy, what :func:`build_processor` and the trainer build unless told.
+DEFAULT_FAMILY: str = json.loads((DEFAULT_PATH / "config.json").read_text())["model_type"]
+#: The toys' square images: one grid cell of the task is one visual token.
+GEOMETRY = ToyGeometry(image_size=IMAGE_SIZE, cell=CELL)
+IMAGE_TOKEN = "<image>"  # how the chat template below writes an image; each family's placeholder replaces it
 # The question always comes before the image (see the module docstring), however the caller orders them:
 # structured content puts text parts first, and "<image>" placeholders inside a string (lmms-eval's
 # llava_hf wrapper prepends them) are moved behind its text. System messages (lmms-eval's Qwen wrappers send
@@ -101,7 +88,8 @@ def chat_template(placeholder: str) -> str:
     return _CHAT_TEMPLATE.replace(IMAGE_TOKEN, placeholder)
 
 
-# Model sizes of the shipped checkpoint (train.py can override them, e.g. for tiny smoke tests).
+# Model sizes of the shipped checkpoints (train.py can override them, e.g. for tiny smoke tests; a family may declare
+# its own, ``ToyVLM.sizes``: Qwen2-VL's vision transformer runs at depth 0, see the module docstring).
 DEFAULT_SIZES: dict[str, int] = {
     "vision_hidden": 64,
     "vision_layers": 1,
@@ -109,13 +97,28 @@ DEFAULT_SIZES: dict[str, int] = {
     "text_layers": 4,
     "heads": 4,
 }
-# Qwen2-VL's vision transformer runs at depth 0 (see the module docstring).
-QWEN_DEFAULT_SIZES: dict[str, int] = {**DEFAULT_SIZES, "vision_layers": 0}
+
+
+def toy_of(family: str) -> ToyVLM:
+    """How ``family`` (a ``model_type``) is built as a toy, or a clear error naming the toy families."""
+    toy = architecture(family).toy if family in FAMILIES else None
+    if toy is None:
+        raise ValueError(f"unknown toy VLM family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return toy
+
+
+def toy_of_processor(processor: ProcessorMixin | None) -> ToyVLM:
+    """The toy family of ``processor`` (built here or loaded from a toy's folder); the default family's otherwise."""
+    lineage = {cls.__name__ for cls in type(processor).__mro__}
+    for family in FAMILIES:
+        if toy_of(family).processor_class in lineage:
+            return toy_of(family)
+    return toy_of(DEFAULT_FAMILY)
 
 
 def image_placeholder(processor: ProcessorMixin | None = None) -> str:
-    """How a prompt writes one image for ``processor``'s family (LLaVA's ``<image>`` when none is given)."""
-    return QWEN_IMAGE if isinstance(processor, Qwen2VLProcessor) else IMAGE_TOKEN
+    """How a prompt writes one image for ``processor``'s family (the default family's when none is given)."""
+    return toy_of_processor(processor).image_placeholder
 
 
 def build_prompt(question: str, processor: ProcessorMixin | None = None) -> str:
@@ -139,56 +142,24 @@ def _word_tokenizer(
     )
 
 
-def build_processor(family: str = "llava", task_words: Sequence[str] | None = None) -> ProcessorMixin:
+def build_processor(family: str = DEFAULT_FAMILY, task_words: Sequence[str] | None = None) -> ProcessorMixin:
     """Word-level tokenizer + the family's image processor, combined so an image expands to one token per cell.
 
     ``task_words`` is the task's vocabulary (default: the shapes task's).
     """
+    toy = toy_of(family)
     words = vocabulary() if task_words is None else task_words
-    if family == "qwen2_vl":
-        return _build_qwen2_vl_processor(words)
-    if family != "llava":
-        raise ValueError(f"unknown toy VLM family {family!r}; choose one of {', '.join(FAMILIES)}")
-    tokenizer = _word_tokenizer(SPECIAL_TOKENS, {"image_token": IMAGE_TOKEN}, words)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-        chat_template=chat_template(IMAGE_TOKEN),
-    )
-
-
-def _build_qwen2_vl_processor(task_words: Sequence[str]) -> Qwen2VLProcessor:
-    # Imported here: without torchvision, importing these warns about Qwen2-VL on every command that imports vtprune.
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    names = ("vision_start_token", "image_token", "vision_end_token", "video_token")
-    tokenizer = _word_tokenizer(QWEN_SPECIAL_TOKENS, dict(zip(names, QWEN_SPECIAL_TOKENS[3:], strict=True)), task_words)
-    geometry = {"patch_size": QWEN_PATCH_SIZE, "merge_size": 2, "temporal_patch_size": 2}
-    # Pixel limits keep a task image at its 192 x 192 (12 x 12 tokens) and shrink larger pictures to that area.
-    pixels = {"min_pixels": (2 * CELL) ** 2, "max_pixels": IMAGE_SIZE**2}
-    return Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**geometry, **pixels),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**geometry, **pixels),
-        chat_template=chat_template(QWEN_IMAGE),
-    )
+    tokenizer = _word_tokenizer(toy.special_tokens, dict(toy.named_tokens), words)
+    return toy.processor(tokenizer, GEOMETRY, chat_template(toy.image_placeholder))
 
 
 def build_model(processor: ProcessorMixin, sizes: dict[str, int] | None = None) -> PreTrainedModel:
     """A randomly initialised toy VLM of ``processor``'s family, whose vocabulary and image geometry match it."""
-    model: PreTrainedModel
-    if isinstance(processor, Qwen2VLProcessor):
-        model = _build_qwen2_vl(processor, {**QWEN_DEFAULT_SIZES, **(sizes or {})})
-    else:
-        model = _build_llava(cast(LlavaProcessor, processor), {**DEFAULT_SIZES, **(sizes or {})})
+    toy = toy_of_processor(processor)
     tokenizer = processor.tokenizer
+    merged = {**DEFAULT_SIZES, **toy.sizes, **(sizes or {})}
+    config = toy.config(tokenizer, GEOMETRY, _text_sizes(tokenizer, merged), merged)
+    model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
@@ -210,61 +181,10 @@ def _text_sizes(tokenizer: PreTrainedTokenizerFast, s: dict[str, int]) -> dict:
     }
 
 
-def _build_llava(processor: LlavaProcessor, s: dict[str, int]) -> LlavaForConditionalGeneration:
-    tokenizer = processor.tokenizer
-    vision = CLIPVisionConfig(
-        hidden_size=s["vision_hidden"],
-        intermediate_size=2 * s["vision_hidden"],
-        num_hidden_layers=s["vision_layers"],
-        num_attention_heads=s["heads"],
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-    )
-    text = LlamaConfig(**_text_sizes(tokenizer, s))
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=processor.image_token_id,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,  # as LLaVA-1.5; with one layer: its input, see the module docstring
-    )
-    return LlavaForConditionalGeneration(config)
-
-
-def _build_qwen2_vl(processor: Qwen2VLProcessor, s: dict[str, int]) -> Qwen2VLForConditionalGeneration:
-    tokenizer = processor.tokenizer
-    head_dim = s["text_hidden"] // s["heads"]
-    # M-RoPE splits a head's rotary half-dimensions over (t, h, w), in Qwen2-VL's 1:1.5:1.5 proportion.
-    mrope = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]
-    vision = {
-        "depth": s["vision_layers"],
-        "embed_dim": s["vision_hidden"],
-        "hidden_size": s["text_hidden"],
-        "num_heads": s["heads"],
-        "patch_size": QWEN_PATCH_SIZE,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    }
-    text = {
-        **_text_sizes(tokenizer, s),
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-    }
-    ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
-    return Qwen2VLForConditionalGeneration(config)
-
-
 def load_toy_model(path: str | Path | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
     """(model, processor) from a saved folder of either family, by default the toy LLaVA shipped in the package.
 
-    The image processor's backend is pinned per family (:data:`IMAGE_PROCESSOR_BACKEND`), so the pixels -- and the
+    The image processor's backend is pinned per family (``ToyVLM.image_backend``), so the pixels -- and the
     benchmark's figures, which hinge on exact ties between identical cells -- do not depend on whether torchvision
     happens to be installed.
     """
@@ -273,7 +193,7 @@ def load_toy_model(path: str | Path | None = None) -> tuple[PreTrainedModel, Pro
         raise FileNotFoundError(f"no toy VLM checkpoint in {folder}; train one with eval/train_toy_vlm.py")
     model = AutoModelForImageTextToText.from_pretrained(folder)
     model.eval()
-    backend = IMAGE_PROCESSOR_BACKEND[model.config.model_type]
+    backend = toy_of(model.config.model_type).image_backend
     return model, AutoProcessor.from_pretrained(folder, backend=backend)
 
 
@@ -338,7 +258,8 @@ def predict(
             raise VTPruneError("keep_fn hides image tokens in the mask; llava-torch's prompt has one per image")
         llava_model: Any = model  # the llava package's LlavaLlamaForCausalLM (untyped)
         tokens_per_image = llava_model.get_vision_tower().num_patches_per_side ** 2
-        batch = llava_torch_inputs(batch, cast(LlavaProcessor, processor).image_token_id, tokens_per_image)
+        llava_processor: Any = processor  # the toy LLaVA's, which names its placeholder id
+        batch = llava_torch_inputs(batch, llava_processor.image_token_id, tokens_per_image)
     elif keep_fn is not None:
         image_pos = batch["input_ids"] == model.config.image_token_id
         keep = torch.tensor([list(keep_fn(s)) for s in samples], dtype=batch["attention_mask"].dtype)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, ProcessorMixin
 
 from vtprune.toyvlm.data import TRAIN_SEED_BASE, VALIDATION_SEED, Sample, box_patches, object_patch_mask
-from vtprune.toyvlm.model import build_model, build_processor, encode_batch, evaluate
+from vtprune.toyvlm.model import DEFAULT_FAMILY, build_model, build_processor, encode_batch, evaluate
 from vtprune.toyvlm.tasks import TASKS, Task
 
 
@@ -128,13 +128,13 @@ def train(
     lr: float = 1e-3,
     warmup: int = 200,
     sizes: dict[str, int] | None = None,
-    family: str = "llava",
+    family: str = DEFAULT_FAMILY,
     task: str = "shapes",
     eval_every: int = 250,
     eval_samples: int = 250,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """Train a toy VLM of ``family`` (``"llava"`` or ``"qwen2_vl"``) on ``task`` (a name in ``tasks.TASKS``) and save
+    """Train a toy VLM of ``family`` (one of ``model.FAMILIES``) on ``task`` (a name in ``tasks.TASKS``) and save
     the best (validation accuracy) checkpoint with ``save_pretrained`` to ``out_dir``.
 
     Returns the validation accuracy of the saved checkpoint (per question type and ``"overall"``). The log line
