@@ -44,9 +44,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vtprune.toyvlm.model import FAMILIES
+
 SCHEDULES = ["divprune:16", "uniform:25%"]
 CUDA_SCHEDULES = ["divprune:64", "uniform:25%"]
-FAMILIES = ("llava", "qwen2_vl")
+#: Per toy family, the full-size shapes of its ``--device cuda`` checkpoint (data, as a config.json is).
+SHAPES_7B = Path(__file__).with_name("shapes_7b.json")
 
 
 @dataclasses.dataclass
@@ -67,13 +70,13 @@ def toy_families(names: list[str], workdir: Path, n: int) -> list[Family]:
     from transformers import AutoProcessor
 
     from vtprune.toyvlm import build_prompt, make_split
-    from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH, save_for_stock_vllm
+    from vtprune.toyvlm.model import save_for_stock_vllm, toy_path
 
     samples = make_split(0, n)
     families = []
     for name in names:
-        path = DEFAULT_PATH if name == "llava" else QWEN2_VL_PATH
-        stock = save_for_stock_vllm(workdir / "stock_llava") if name == "llava" else path
+        path = toy_path(name)
+        stock = save_for_stock_vllm(workdir / f"stock_{name}", path)
         processor = AutoProcessor.from_pretrained(path)
         requests = [Request(build_prompt(s.question, processor), s.image) for s in samples]
         families.append(Family(name, path, stock, requests))
@@ -81,18 +84,19 @@ def toy_families(names: list[str], workdir: Path, n: int) -> list[Family]:
 
 
 def cuda_families(names: list[str], workdir: Path, n: int) -> list[Family]:
-    """Random-weight checkpoints with 7B shapes (LLaVA-1.5-7B; Qwen2.5-VL-7B for "qwen2_vl"), random-pixel images."""
+    """Random-weight checkpoints with 7B shapes (``shapes_7b.json``), random-pixel images."""
     from transformers import AutoProcessor
 
     from vtprune.toyvlm import build_prompt, make_split
 
+    shapes = json.loads(SHAPES_7B.read_text())
     families = []
     for name in names:
         path = workdir / f"{name}_7b"
         if not (path / "config.json").exists():
             random_7b_checkpoint(name, path)
         processor = AutoProcessor.from_pretrained(path)
-        size = 336 if name == "llava" else 672  # 576 image tokens either way
+        size = shapes[name]["image_side"]
         rng = np.random.default_rng(0)
         requests = [
             Request(
@@ -106,39 +110,24 @@ def cuda_families(names: list[str], workdir: Path, n: int) -> list[Family]:
 
 
 def random_7b_checkpoint(name: str, folder: Path, device: str = "cuda") -> None:
-    """LLaVA-1.5-7B (CLIP-L/336 + Vicuna-7B) or Qwen2.5-VL-7B shapes, random bfloat16 weights, the toy's tokenizer."""
-    from transformers import AutoModelForImageTextToText, LlavaConfig, Qwen2_5_VLConfig
+    """The toy family ``name`` at its full-size shapes (``shapes_7b.json``: LLaVA-1.5-7B, Qwen2.5-VL-7B), random
+    bfloat16 weights, the toy's tokenizer."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH
+    from vtprune.toyvlm.model import toy_path
 
-    toy = DEFAULT_PATH if name == "llava" else QWEN2_VL_PATH
+    shape = json.loads(SHAPES_7B.read_text())[name]
+    toy = toy_path(name)
     shutil.copytree(toy, folder, ignore=shutil.ignore_patterns("model.safetensors", "config.json", "clip_text"))
     toy_config = json.loads((toy / "config.json").read_text())
+    fields = dict(shape["config"], **{key: toy_config[key] for key in shape["toy_token_ids"]})
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     processor = json.loads((folder / "processor_config.json").read_text())
-    if name == "llava":
-        vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
-        vision.update(image_size=336, patch_size=14, projection_dim=768)
-        text = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32}
-        text.update(num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
-        config = LlavaConfig(
-            vision_config=dict(vision, model_type="clip_vision_model"),
-            text_config=text,
-            image_token_index=toy_config["image_token_index"],
-            vision_feature_layer=-2,
-        )
-        processor["image_processor"].update(crop_size={"height": 336, "width": 336}, size={"shortest_edge": 336})
-        processor["patch_size"] = 14
-    else:
-        vision = {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420, "out_hidden_size": 3584}
-        vision.update(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112)
-        vision.update(fullatt_block_indexes=[7, 15, 23, 31], in_channels=3)
-        text = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28}
-        text.update(num_key_value_heads=4, vocab_size=152064, max_position_embeddings=4096, rms_norm_eps=1e-6)
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
-        ids = {key: toy_config[key] for key in ("image_token_id", "video_token_id", "vision_start_token_id")}
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-        processor["processor_class"] = "Qwen2_5_VLProcessor"
-        processor["image_processor"].update(patch_size=14, max_pixels=672 * 672, min_pixels=56 * 56)
+    for key, value in shape["processor"].items():
+        if isinstance(value, dict):
+            processor[key].update(value)
+        else:
+            processor[key] = value
     (folder / "processor_config.json").write_text(json.dumps(processor, indent=2))
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -315,10 +304,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from vtprune.vllm import ARCHITECTURES as VLLM_ARCHITECTURES
     from vtprune.vllm import engine_args
 
     for schedule in args.schedules:  # refused schedules fail here, before any engine starts
-        engine_args("unused", schedule, architecture="LlavaForConditionalGeneration")
+        engine_args("unused", schedule, architecture=next(iter(VLLM_ARCHITECTURES)))
     if args.device == "cpu":
         # The toys need a few MiB of KV cache; one process starts faster on few cores and lets HF and vLLM share it.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -293,14 +293,24 @@ def evaluate(
     return accuracy(samples, predictions)
 
 
-def save_for_stock_vllm(folder: str | Path) -> Path:
-    """Copy the toy LLaVA into ``folder`` as stock vLLM loads it: transformers 5 saves its CLIP tower without the
-    ``vision_model.`` level that vLLM's CLIP module has (vtprune's vLLM class inserts it itself); returns ``folder``."""
-    folder = Path(folder)
-    shutil.copytree(DEFAULT_PATH, folder)
-    weights = load_file(folder / "model.safetensors")
+def toy_path(family: str) -> Path:
+    """The shipped toy of ``family`` (``vtprune/assets/toy_<family>``)."""
+    toy_of(family)
+    return ASSETS / f"toy_{family}"
+
+
+def save_for_stock_vllm(folder: str | Path, source: str | Path = DEFAULT_PATH) -> Path:
+    """The toy in ``source`` as stock vLLM loads it, in ``folder`` where it must change: transformers 5 saves a CLIP
+    tower without the ``vision_model.`` level that vLLM's CLIP module has (vtprune's vLLM class inserts it itself);
+    a toy without such a tower loads as it is, and ``source`` itself is returned."""
+    folder, source = Path(folder), Path(source)
+    weights = load_file(source / "model.safetensors")
+    tower = "vision_tower."
+    if not any(name.startswith(tower) for name in weights):
+        return source
+    shutil.copytree(source, folder)
     renamed = {
-        name.replace("vision_tower.", "vision_tower.vision_model.", 1) if name.startswith("vision_tower.") else name: t
+        name.replace(tower, f"{tower}vision_model.", 1) if name.startswith(tower) else name: t
         for name, t in weights.items()
     }
     save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
