@@ -105,14 +105,16 @@ class MMTok(GreedyStrategy):
         for image, ctx in enumerate(contexts):
             by_rows.setdefault(self.coverage_rows(ctx), []).append(image)
         orders: dict[int, Tensor] = {}
+        n, width = contexts[0].features.shape
         for rows, images in by_rows.items():
             start = 0  # the first image of ``group`` among ``images``
-            # Each image holds its float32 weights and the loop's scratch buffer.
-            for group in memory_groups([contexts[i] for i in images], 2 * rows * contexts[0].num_tokens * 4):
-                weights = torch.empty(len(group), rows, group[0].num_tokens, device=group[0].features.device)
-                for index, ctx in enumerate(group):
-                    weights[index] = self.coverage_weights(ctx)
-                orders.update(zip(images[start : start + len(group)], coverage_order(weights, group[0].keep)))
+            # Each image of a group holds its float32 weights and the loop's scratch buffer, and they are alive
+            # while the next image's weights are made, which takes a normalised float32 copy of its tokens.
+            group_images = [contexts[i] for i in images]
+            for group in memory_groups(group_images, 2 * rows * n * 4, transient_bytes=n * width * 4):
+                # The weights are a temporary, so they are gone before the next group's are made.
+                order = coverage_order(torch.stack([self.coverage_weights(ctx) for ctx in group]), group[0].keep)
+                orders.update(zip(images[start : start + len(group)], order))
                 start += len(group)
         return [orders[image] for image in range(len(contexts))]
 
