@@ -84,13 +84,14 @@ def select_tokens(
 
     Consecutive images whose candidates have the same count, width and budget go to the strategy as
     one group (``Strategy.select_batch``: the greedy strategies run one loop for the group, not one
-    per image), so a strategy still sees the images in batch order; every result is checked on its own. Newline tokens are ordinary candidates by default, as in
+    per image), so a strategy still sees the images in batch order; every result is checked on its own.
+    A group's contexts exist only while it is selected, and on a CPU an image whose float32 context is a
+    copy is a group of its own (:func:`_copied_on_cpu`). Newline tokens are ordinary candidates by default, as in
     DivPrune's reference; with ``newlines="drop"`` they are never kept and the budget counts the
     other tokens only (as MMTok).
     """
     kept: dict[int, Tensor] = {}
-    pending: dict[int, tuple[Tensor, TokenContext]] = {}  # image -> (candidates, what the strategy sees)
-    groups: list[list[int]] = []
+    groups: list[list[tuple[int, Tensor, int]]] = []  # per group, (image, candidates, keep) of its members
     last = None  # the (count, width, keep) of the group being filled
     for image, inputs in enumerate(images):
         features = inputs.features
@@ -105,28 +106,51 @@ def select_tokens(
             continue
         if "attention" in strategy.needs and inputs.attention is None:
             raise VTPruneError(f"strategy {strategy.name!r} needs attention scores; run it inside the decoder")
-        pending[image] = candidates, restrict(inputs, keep, candidates)
-        check_finite(image, pending[image][1])
         key = (available, features.shape[1], keep)
-        if key != last:
+        alone = _copied_on_cpu(inputs, candidates)
+        if key != last or alone:
             groups.append([])
-            last = key
-        groups[-1].append(image)
+        last = None if alone else key
+        groups[-1].append((image, candidates, keep))
     for members in groups:
-        chosen = strategy.select_batch([pending[image][1] for image in members])
-        if not isinstance(chosen, (list, tuple)) or len(chosen) != len(members):
-            got = f"{len(chosen)} selections" if isinstance(chosen, (list, tuple)) else type(chosen).__name__
-            raise StrategyOutputError(
-                f"strategy {strategy.name!r} returned {got} for {len(members)} images; select_batch must return a "
-                "list of index tensors, one per image"
-            )
-        # A merging strategy's count follows its own rounding (matryoshka: the nearest pooling scale).
-        exact = strategy.needs_budget and not isinstance(strategy, MergingStrategy)
-        for image, indices in zip(members, chosen):
-            candidates, ctx = pending[image]
-            _check(strategy.name, indices, ctx.keep if exact else None, ctx.num_tokens)
-            kept[image] = candidates[indices.to(candidates.device)]
+        kept.update(_select_group(strategy, images, members))
     return [kept[image] for image in range(len(images))]
+
+
+def _select_group(
+    strategy: Strategy, images: Sequence[TokenContext], members: list[tuple[int, Tensor, int]]
+) -> dict[int, Tensor]:
+    """The kept indices of one group's images (``members``: image, candidates, keep), each checked. The strategy's
+    contexts are built here and released on return, so only one group's float32 copies exist at a time."""
+    contexts = [restrict(images[image], keep, candidates) for image, candidates, keep in members]
+    for (image, _, _), ctx in zip(members, contexts):
+        check_finite(image, ctx)
+    chosen = strategy.select_batch(contexts)
+    if not isinstance(chosen, (list, tuple)) or len(chosen) != len(members):
+        got = f"{len(chosen)} selections" if isinstance(chosen, (list, tuple)) else type(chosen).__name__
+        raise StrategyOutputError(
+            f"strategy {strategy.name!r} returned {got} for {len(members)} images; select_batch must return a "
+            "list of index tensors, one per image"
+        )
+    # A merging strategy's count follows its own rounding (matryoshka: the nearest pooling scale).
+    exact = strategy.needs_budget and not isinstance(strategy, MergingStrategy)
+    kept = {}
+    for (image, candidates, _), ctx, indices in zip(members, contexts, chosen):
+        _check(strategy.name, indices, ctx.keep if exact else None, ctx.num_tokens)
+        kept[image] = candidates[indices.to(candidates.device)]
+    return kept
+
+
+def _copied_on_cpu(image: TokenContext, candidates: Tensor) -> bool:
+    """Whether the strategy's float32 view of ``image`` (:func:`restrict`) copies its tokens in CPU memory:
+    half-precision tokens or pre-projector features, or candidates that leave some tokens out. Such an image is a
+    group of its own, so a batch holds one image's copies at a time, as one call of the papers' code per image
+    does (8 x 576 x 4096 bfloat16 tokens: 75 MB of float32 copies at once otherwise). On an accelerator the group
+    stays whole: its greedy loop is launch-bound, and one loop for the batch is the point of grouping."""
+    if image.features.device.type != "cpu":
+        return False
+    per_token = (x for x in (image.features, image.pre_features) if x is not None)
+    return any(x.dtype != torch.float32 for x in per_token) or candidates.numel() != image.num_tokens
 
 
 @torch.no_grad()

@@ -93,14 +93,17 @@ def stacked_cosines(contexts: Sequence[TokenContext], dtype: torch.dtype, distan
     return out
 
 
-def memory_groups(contexts: Sequence[TokenContext], bytes_per_image: int) -> list[Sequence[TokenContext]]:
-    """On a CPU, the group cut into runs whose working matrices (``bytes_per_image`` each) together take no more
-    memory than one image's reference formulation does (a normalised float32 copy of the tokens and a float32
-    N x N matrix). On an accelerator the group stays whole: its loop is launch-bound and its memory is large."""
+def memory_groups(
+    contexts: Sequence[TokenContext], bytes_per_image: int, transient_bytes: int = 0
+) -> list[Sequence[TokenContext]]:
+    """On a CPU, the group cut into runs whose working matrices (``bytes_per_image`` each), plus
+    ``transient_bytes`` held once while they are made, together take no more memory than one image's reference
+    formulation does (a normalised float32 copy of the tokens and a float32 N x N matrix); at least one image a
+    run. On an accelerator the group stays whole: its loop is launch-bound and its memory is large."""
     if contexts[0].features.device.type != "cpu":
         return [contexts]
     n, width = contexts[0].features.shape
-    size = max(1, (n * width + n * n) * 4 // bytes_per_image)
+    size = max(1, ((n * width + n * n) * 4 - transient_bytes) // bytes_per_image)
     return [contexts[start : start + size] for start in range(0, len(contexts), size)]
 
 
@@ -148,6 +151,11 @@ def farthest_point_order(dist: Tensor, first: Tensor, count: int) -> tuple[Tenso
         torch.minimum(to_set, rows(dist, j), out=to_set)
         to_set.scatter_(-1, j[..., None], -torch.inf)
     return torch.stack(picks, dim=-1), torch.stack(gains, dim=-1)
+
+
+def max_min_order(dist: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """DivPrune's greedy max-min diversity: :func:`farthest_point_order` from the :func:`most_isolated` token."""
+    return farthest_point_order(dist, most_isolated(dist), count)
 
 
 def order_scores(order: Tensor, gains: Tensor) -> Tensor:

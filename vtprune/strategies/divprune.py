@@ -11,10 +11,9 @@ from .base import GreedyStrategy, TokenContext
 from .diversity import (
     PRECISIONS,
     cosine_distances,
-    farthest_point_order,
     matrix_bytes,
+    max_min_order,
     memory_groups,
-    most_isolated,
     order_scores,
     precision_dtype,
     stacked_cosines,
@@ -55,14 +54,13 @@ class DivPrune(GreedyStrategy):
     def order_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
         orders: list[Tensor] = []
         for group in memory_groups(contexts, matrix_bytes(contexts, self.dtype)):
-            dist = stacked_cosines(group, self.dtype, distances=True)
-            orders += farthest_point_order(dist, most_isolated(dist), group[0].keep)[0]
+            # The matrices are a temporary, so they are gone before the next group's are made.
+            orders += max_min_order(stacked_cosines(group, self.dtype, distances=True), group[0].keep)[0]
         return orders
 
     def scores(self, ctx: TokenContext) -> Tensor:
         """Each token's cosine distance to the tokens picked before it, in the greedy order over all tokens."""
-        dist = cosine_distances(ctx.features, self.dtype)
-        return order_scores(*farthest_point_order(dist, most_isolated(dist), ctx.num_tokens))
+        return order_scores(*max_min_order(cosine_distances(ctx.features, self.dtype), ctx.num_tokens))
 
     def __repr__(self) -> str:
         return f"DivPrune(precision={self.precision!r})"

@@ -105,14 +105,19 @@ class MMTok(GreedyStrategy):
         for image, ctx in enumerate(contexts):
             by_rows.setdefault(self.coverage_rows(ctx), []).append(image)
         orders: dict[int, Tensor] = {}
+        n, width = contexts[0].features.shape
         for rows, images in by_rows.items():
             start = 0  # the first image of ``group`` among ``images``
-            # Each image holds its float32 weights and the loop's scratch buffer.
-            for group in memory_groups([contexts[i] for i in images], 2 * rows * contexts[0].num_tokens * 4):
-                weights = torch.empty(len(group), rows, group[0].num_tokens, device=group[0].features.device)
-                for index, ctx in enumerate(group):
-                    weights[index] = self.coverage_weights(ctx)
-                orders.update(zip(images[start : start + len(group)], coverage_order(weights, group[0].keep)))
+            # Each image of a group holds its float32 weights and the loop's scratch buffer, and they are alive
+            # while the next image's weights are made, which takes a normalised float32 copy of its tokens.
+            group_images = [contexts[i] for i in images]
+            for group in memory_groups(group_images, 2 * rows * n * 4, transient_bytes=n * width * 4):
+                # The weights are a temporary, so they are gone before the next group's are made; one image's are
+                # a view of its own matrix, not a stacked copy.
+                weights = [self.coverage_weights(ctx) for ctx in group]
+                order = coverage_order(weights[0][None] if len(group) == 1 else torch.stack(weights), group[0].keep)
+                del weights
+                orders.update(zip(images[start : start + len(group)], order))
                 start += len(group)
         return [orders[image] for image in range(len(contexts))]
 
@@ -137,14 +142,22 @@ class MMTok(GreedyStrategy):
                 f"width {features.shape[1]}"
             )
         if text is not None:
-            text_term = _coverage_probabilities(text, features, self.text_temp).div_(text.shape[0])
+            text_term = _coverage_probabilities(text, features, self.text_temp)
             if self.variant == "text":
-                return text_term
+                return text_term.div_(text.shape[0])
         clip = features if ctx.pre_features is None else ctx.pre_features
         if clip.shape[0] != n:
             raise ValueError(f"pre_features has {clip.shape[0]} rows for {n} tokens")
-        vision_term = _coverage_probabilities(clip, clip, self.vision_temp).div_(n)
-        return vision_term if text is None else torch.cat([text_term, vision_term.mul_(self.alpha)])
+        vision_term = _coverage_probabilities(clip, clip, self.vision_temp)
+        if text is None:
+            return vision_term.div_(n)
+        # Both terms divided straight into one matrix, made once the terms' temporaries are gone: no concatenated
+        # copy.
+        words = text.shape[0]
+        weights = torch.empty(words + n, n, device=features.device)
+        torch.div(text_term, words, out=weights[:words])
+        torch.div(vision_term, n, out=weights[words:]).mul_(self.alpha)
+        return weights
 
     def coverage_rows(self, ctx: TokenContext) -> int:
         """How many rows :meth:`coverage_weights` has for ``ctx``: question words, tokens, or both."""
