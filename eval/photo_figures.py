@@ -17,50 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import vtprune
 from vtprune import viz
-from vtprune.testing import IMAGE, MID, VISION_END, VISION_START, build_model
-from vtprune.viz.photos import llava_photo_inputs, sample_photos
+from vtprune.adapters import ARCHITECTURES, architecture
+from vtprune.testing import MID, build_model
+from vtprune.viz.photos import sample_photos
 
 SCHEDULES = ("divprune:64", "random:64", "fastv@2:64", "mmtok:64")
-
-
-def next_inputs(model, photo: Image.Image):
-    from transformers import LlavaNextImageProcessor
-
-    processor = LlavaNextImageProcessor(
-        image_grid_pinpoints=model.config.image_grid_pinpoints,
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-    )
-    out = processor(images=[photo], return_tensors="pt")
-    with torch.no_grad():  # AnyRes: base tile + high-res grid with row newlines, counted by the model itself
-        count = len(model.model.get_image_features(**out).pooler_output[0])
-    ids = [1, 7, 8] + [IMAGE] * count + [9, 10, 11]
-    return processor, {
-        "input_ids": torch.tensor([ids]),
-        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-        "pixel_values": out["pixel_values"],
-        "image_sizes": out["image_sizes"],
-    }
-
-
-def qwen_inputs(model, photo: Image.Image):
-    from transformers import Qwen2VLImageProcessor
-
-    processor = Qwen2VLImageProcessor(min_pixels=200 * 28 * 28, max_pixels=320 * 28 * 28, patch_size=14)
-    out = processor(images=[photo], return_tensors="pt")
-    tokens = int(out["image_grid_thw"].prod()) // 4
-    ids = torch.tensor([[7, 8, VISION_START] + [IMAGE] * tokens + [VISION_END, 9, 10, 11]])
-    return processor, {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": out["pixel_values"],
-        "image_grid_thw": out["image_grid_thw"],
-        "mm_token_type_ids": (ids == IMAGE).long(),
-    }
+#: ``sample_photos()``'s files, in its order.
+PHOTO_NAMES = ("china.jpg", "flower.jpg")
+#: The classes whose family declares how a real photo goes in (``Architecture.photo``), in registry order.
+PHOTO_KINDS = tuple(arch.model_type for arch in ARCHITECTURES if arch.photo is not None)
 
 
 def feature_space(model, inputs, schedules, title: str):
@@ -102,32 +70,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs", help="folder for the PNGs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=PHOTO_KINDS,
+        default=list(PHOTO_KINDS),
+        help="model types to draw (default: every class whose family declares how a photo goes in); the first one's "
+        "tokens are also drawn in feature space",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    china, flower = sample_photos()
+    photos = sample_photos()
     out = Path(args.out)
-    panels = []
-    runs = (
-        ("llava", lambda model, photo: llava_photo_inputs(photo), china),
-        ("llava_next", next_inputs, china),
-        ("qwen2_5_vl", qwen_inputs, flower),
-    )
-    for kind, make, photo in runs:
+    panels: list[viz.Panel] = []
+    several_views: list[viz.Panel] = []  # AnyRes: two views per strategy (base tile, high-res grid), a picture apart
+    for index, kind in enumerate(args.models):
+        photo_spec = architecture(kind).photo
+        assert photo_spec is not None  # --models choices
+        photo = photos[photo_spec.sample]
         model = build_model(kind, MID)
-        processor, inputs = make(model, photo)
-        label = {
-            "llava": "LLaVA-1.5 geometry, 576 tokens",
-            "llava_next": "LLaVA-NeXT AnyRes geometry (base tile + high-res grid)",
-            "qwen2_5_vl": "Qwen2.5-VL dynamic grid",
-        }[kind]
+        processor, inputs = photo_spec.inputs(model, photo)
         picture = viz.compare(model, inputs, [photo], list(SCHEDULES), processor=processor)
-        if kind == "llava_next":  # two views per strategy (base tile, high-res grid): a picture of its own
-            viz.grid([viz.Panel(f"{label} (RANDOM weights)", picture)], height=600).save(out / "photo_kept_anyres.png")
-        else:
-            panels.append(viz.Panel(f"{label} (RANDOM weights)", picture))
-        if kind == "llava":
-            title = f"{label}, RANDOM weights: projected tokens of china.jpg, kept (red) vs dropped"
+        views = viz.token_regions(model, inputs, images=[photo], processor=processor)[0].views
+        (several_views if len(views) > 1 else panels).append(viz.Panel(f"{photo_spec.title} (RANDOM weights)", picture))
+        if index == 0:
+            name = PHOTO_NAMES[photo_spec.sample]
+            title = f"{photo_spec.title}, RANDOM weights: projected tokens of {name}, kept (red) vs dropped"
             feature_space(model, inputs, SCHEDULES, title).savefig(out / "photo_feature_space.png", dpi=110)
+    if several_views:
+        viz.grid(several_views, height=600).save(out / "photo_kept_anyres.png")
     viz.grid(panels, columns=1, height=300).save(out / "photo_kept.png")
     print(f"-> {out}/photo_kept.png, {out}/photo_kept_anyres.png, {out}/photo_feature_space.png")
 

@@ -1,8 +1,9 @@
 """The family registry: one module per model family, each declaring its ``ARCHITECTURES``.
 
 Everything vtprune knows about a model class (its adapter, ``model_type``, lmms-eval backbone, token geometry,
-random-weight config) is one :class:`Architecture` in its family's module; the engine, ``viz``, the harness and
-``vtprune.testing`` look classes up here. Adding a family = one module here + adding it to ``FAMILIES``.
+random-weight config, toy VLM and photo recipes) is one :class:`Architecture` in its family's module; the engine,
+``viz``, the harness, ``vtprune.testing``, ``vtprune.toyvlm`` and the benchmarks look classes up here
+(``tests/engine/test_family_names.py`` checks that nothing else names one). Adding a family = one module here + adding it to ``FAMILIES``.
 """
 
 from __future__ import annotations

@@ -24,12 +24,14 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from ..errors import VTPruneError
 from ..vocabulary.grids import Segment
-from .base import Architecture, ModelAdapter
+from .base import Architecture, ModelAdapter, Photo
 from .geometry import ItemRegions, PixelSize, View, cell_boxes, clip_boxes, sample_boxes, shape_only
 from .llava import LLAVA_HF, llava_sequences
-from .random_weights import IMAGE, VIDEO, RowSpec, Size, clip_vision, llama_text, text_fields
+from .random_weights import BOS, IMAGE, VIDEO, RowSpec, Size, clip_vision, llama_text, text_fields
 
 if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
     from ..engine.state import VisualItem
 
 
@@ -233,6 +235,29 @@ def _random_inputs(
     return llava_sequences(rows, counts, video_count, config.text_config.vocab_size, generator), extra
 
 
+def _photo_inputs(model: nn.Module, photo: PILImage) -> tuple[Any, dict[str, Tensor]]:
+    """AnyRes on 336 px tiles: base tile + high-res grid with row newlines, counted by the model itself."""
+    from transformers import LlavaNextImageProcessor
+
+    config: Any = model.config
+    processor = LlavaNextImageProcessor(
+        image_grid_pinpoints=config.image_grid_pinpoints,
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+    )
+    out = processor(images=[photo], return_tensors="pt")
+    inner: Any = model.model
+    with torch.no_grad():
+        count = len(inner.get_image_features(**out).pooler_output[0])
+    ids = [BOS, 7, 8] + [IMAGE] * count + [9, 10, 11]
+    return processor, {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": out["pixel_values"],
+        "image_sizes": out["image_sizes"],
+    }
+
+
 ARCHITECTURES = (
     Architecture(
         model_class="LlavaNextForConditionalGeneration",
@@ -243,6 +268,7 @@ ARCHITECTURES = (
         test_images=((1, 1), (1, 2)),
         bench_image=(1, 2),
         backbone=LLAVA_HF,
+        photo=Photo(_photo_inputs, "LLaVA-NeXT AnyRes geometry (base tile + high-res grid)"),
     ),
     Architecture(
         model_class="LlavaOnevisionForConditionalGeneration",

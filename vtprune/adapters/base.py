@@ -19,6 +19,8 @@ from .random_weights import RowSpec, Size
 from .toys import ToyVLM
 
 if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
     from ..engine.state import VisualItem
 
 #: Raw visual inputs the vision encoder consumes.
@@ -223,6 +225,19 @@ class Backbone:
     """The ``device_map`` it needs on the CPU, where the device name alone would make it pick cuda."""
 
 
+@dataclass(frozen=True)
+class Photo:
+    """How a real photograph goes into this class's random-weight model at benchmark size (``MID``), for pictures
+    of its token geometry (``eval/photo_figures.py``)."""
+
+    inputs: Callable[[nn.Module, PILImage], tuple[Any, dict[str, Tensor]]]
+    """(model, photo) -> (the image processor used, the model's inputs: the photo and a short prompt)."""
+    title: str
+    """What the picture shows of the geometry."""
+    sample: int = 0
+    """Which of ``vtprune.viz.photos.sample_photos()`` it is drawn on (0: china.jpg, 1: flower.jpg)."""
+
+
 #: (token ids of each row, unpadded; pixel inputs) for a batch of ``RowSpec`` rows, laid out as the processor would.
 RandomInputs = Callable[[nn.Module, list[RowSpec], torch.Generator], tuple[list[list[int]], dict[str, Tensor]]]
 
@@ -255,6 +270,8 @@ class Architecture:
     """lmms-eval's simple wrapper that loads and prompts this class, if lmms-eval has one."""
     toy: ToyVLM | None = None
     """How ``vtprune.toyvlm`` builds this class as a trained toy VLM, for the families it has toys of."""
+    photo: Photo | None = None
+    """How a real photograph is fed to it, for the classes whose geometry the README pictures."""
 
 
 def reduce_tokens(items: list[Tensor], kept: list[Tensor], weights: list[Tensor | None]) -> list[Tensor]:

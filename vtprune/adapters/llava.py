@@ -13,12 +13,14 @@ from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension
 
 from ..vocabulary.grids import Grid
-from .base import Architecture, Backbone, ModelAdapter
+from .base import Architecture, Backbone, ModelAdapter, Photo
 from .geometry import ItemRegions, PixelSize, setting, shape_only, square_grid_regions
 from .random_weights import BOS, IMAGE, VIDEO, RowSpec, Size, clip_vision, llama_text, text_ids
 from .toys import ToyGeometry, ToyVLM, token_id
 
 if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
     from ..engine.state import VisualItem
 
 
@@ -188,6 +190,28 @@ TOY = ToyVLM(
     image_backend="pil",
 )
 
+
+def clip_photo_inputs(photo: PILImage, side: int, tokens: int) -> tuple[Any, dict[str, Tensor]]:
+    """(processor, inputs) for one photo and a short prompt on a LLaVA-1.5-like model: CLIP's ``side`` px resize and
+    centre crop, ``tokens`` image tokens."""
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    pixel_values = processor(images=[photo], return_tensors="pt")["pixel_values"]
+    ids = [BOS, 7, 8] + [IMAGE] * tokens + [9, 10, 11]
+    return processor, {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": pixel_values,
+    }
+
+
+def _photo_inputs(model: nn.Module, photo: PILImage) -> tuple[Any, dict[str, Tensor]]:
+    config: Any = model.config  # a LlavaConfig
+    vision = config.vision_config
+    return clip_photo_inputs(photo, vision.image_size, (vision.image_size // vision.patch_size) ** 2)
+
+
 #: lmms-eval's wrapper of every LLaVA class in transformers (LLaVA-1.5, LLaVA-NeXT, OneVision).
 LLAVA_HF = Backbone("lmms_eval.models.simple.llava_hf", "LlavaHf", one_sample_at_a_time=True)
 
@@ -201,5 +225,6 @@ ARCHITECTURES = (
         test_images=((1, 1), (1, 1)),
         backbone=LLAVA_HF,
         toy=TOY,
+        photo=Photo(_photo_inputs, "LLaVA-1.5 geometry, 576 tokens"),
     ),
 )

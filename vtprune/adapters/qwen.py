@@ -26,12 +26,14 @@ from transformers.modeling_outputs import ModelOutput
 from ..vocabulary.compat import CACHE_KWARG
 from ..vocabulary.grids import Grid, Segment
 from ..vocabulary.layout import take
-from .base import Architecture, Backbone, ModelAdapter, reduce_tokens
+from .base import Architecture, Backbone, ModelAdapter, Photo, reduce_tokens
 from .geometry import ItemRegions, PixelSize, View, cell_boxes, clip_boxes, no_tokens, stretch
 from .random_weights import IMAGE, VIDEO, VISION_END, VISION_START, RowSpec, Size, text_fields, text_ids
 from .toys import ToyGeometry, ToyVLM, token_id
 
 if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
     from ..engine.state import VisualItem
 
 
@@ -299,6 +301,23 @@ def _qwen3_inputs(
     return _random_inputs(model, rows, generator, frame_groups=True)
 
 
+def _photo_inputs(model: nn.Module, photo: PILImage) -> tuple[Any, dict[str, Tensor]]:
+    """Patch 14, 2 x 2 merge, a dynamic grid from the photo's own size."""
+    from transformers import Qwen2VLImageProcessor
+
+    processor = Qwen2VLImageProcessor(min_pixels=200 * 28 * 28, max_pixels=320 * 28 * 28, patch_size=14)
+    out = processor(images=[photo], return_tensors="pt")
+    tokens = int(out["image_grid_thw"].prod()) // 4
+    ids = torch.tensor([[7, 8, VISION_START] + [IMAGE] * tokens + [VISION_END, 9, 10, 11]])
+    return processor, {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": out["pixel_values"],
+        "image_grid_thw": out["image_grid_thw"],
+        "mm_token_type_ids": (ids == IMAGE).long(),
+    }
+
+
 _QWEN: dict[str, Any] = {
     "adapter": QwenVLAdapter,
     "test_images": ((2, 2), (2, 3)),
@@ -322,6 +341,7 @@ ARCHITECTURES = (
         random_config=_qwen2_5_config,
         random_inputs=_random_inputs,
         backbone=Backbone("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VL"),
+        photo=Photo(_photo_inputs, "Qwen2.5-VL dynamic grid", sample=1),
         **_QWEN,
     ),
     Architecture(

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..testing import IMAGE
+from ..adapters.llava import clip_photo_inputs
 
 LLAVA_TOKENS = 576  # LLaVA-1.5: CLIP 336 px, patch 14 -> 24 x 24
 
@@ -43,13 +43,4 @@ def photo_patches(photo: Image.Image, count: int, patch: int = 14) -> torch.Tens
 def llava_photo_inputs(photo: Image.Image) -> tuple:
     """(processor, inputs) for one photo and a short prompt on ``vtprune.testing``'s LLaVA at the LLaVA-1.5
     geometry (``build_model("llava", MID)``): CLIP's 336 px resize and centre crop, 576 image tokens."""
-    from transformers import CLIPImageProcessor
-
-    processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    pixel_values = processor(images=[photo], return_tensors="pt")["pixel_values"]
-    ids = [1, 7, 8] + [IMAGE] * LLAVA_TOKENS + [9, 10, 11]
-    return processor, {
-        "input_ids": torch.tensor([ids]),
-        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-        "pixel_values": pixel_values,
-    }
+    return clip_photo_inputs(photo, 336, LLAVA_TOKENS)
