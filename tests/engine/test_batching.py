@@ -14,7 +14,7 @@ import vtprune
 from vtprune.engine.selection import select_tokens
 from vtprune.errors import VTPruneError
 from vtprune.schedule import Budget
-from vtprune.strategies import DivPrune, GreedyStrategy, Strategy, divprune, mmtok, todre, zoo
+from vtprune.strategies import DivPrune, GreedyStrategy, Strategy, diversity, divprune, mmtok, todre, zoo
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.registry import make_strategy
 
@@ -251,19 +251,21 @@ class OpCounter(TorchDispatchMode):
 
 
 @pytest.fixture
-def whole_groups(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every strategy keeps a group of images whole, as on an accelerator (on a CPU ``memory_groups`` cuts it to
-    bound the memory; MMTok's always to single images)."""
+def as_on_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choices a CPU makes differently, made as on an accelerator: every strategy keeps a group of images whole
+    (on a CPU ``memory_groups`` cuts it to bound the memory; MMTok's always to single images), and the duplicate
+    snap compares every entry (on a CPU it selects the rows that share a norm, which reads back)."""
     for module in (divprune, mmtok, todre, zoo):
         monkeypatch.setattr(module, "memory_groups", lambda contexts, *_, **__: [contexts])
+    monkeypatch.setattr(diversity, "compares_shared_norms_only", lambda device: False)
 
 
-@pytest.mark.usefixtures("whole_groups")
+@pytest.mark.usefixtures("as_on_an_accelerator")
 @pytest.mark.parametrize(("name", "options"), GREEDY, ids=[f"{n}{o}" for n, o in GREEDY])
 def test_greedy_loops_run_a_fixed_number_of_ops_per_pick_and_never_read_back(name: str, options: dict) -> None:
     # What a GPU needs from a k-step loop: no host synchronisation per pick, and as many kernel launches per pick
     # for a group of images as for one. Counted as aten ops (each one launch on a GPU) for 1 and 3 images at two
-    # budgets: the extra ops per extra pick must be the same constant. The groups stay whole (whole_groups).
+    # budgets: the extra ops per extra pick must be the same constant (as_on_an_accelerator).
     strategy = make_strategy(name, **options)
     gen = torch.Generator().manual_seed(0)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtprune.strategies import DivPrune, ToDRE
+from vtprune.strategies import DivPrune, ToDRE, diversity
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.diversity import cosine_distances, cosine_similarities
 from vtprune.strategies.zoo import product_order
@@ -22,6 +22,13 @@ def with_duplicates(count: int, distinct: int, width: int, seed: int) -> tuple[t
     return vectors[ids], ids
 
 
+@pytest.fixture(params=["rows sharing a norm", "every entry"])
+def snap(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways the snap finds duplicates: on a CPU among the rows that share a norm, on an accelerator everywhere."""
+    monkeypatch.setattr(diversity, "compares_shared_norms_only", lambda device: request.param == "rows sharing a norm")
+
+
+@pytest.mark.usefixtures("snap")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("count", "distinct", "width"), [(144, 4, 128), (600, 150, 1024)])
 def test_exact_duplicates_are_at_distance_exactly_zero(count, distinct, width, dtype):
@@ -35,6 +42,7 @@ def test_exact_duplicates_are_at_distance_exactly_zero(count, distinct, width, d
     assert torch.equal(dist, dist.T)
 
 
+@pytest.mark.usefixtures("snap")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_exact_duplicates_in_one_block_have_equal_rows(dtype):
     # One BLAS call sums every dot product in the same order, so within a block duplicates' rows are equal bit for

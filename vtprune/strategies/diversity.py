@@ -43,10 +43,12 @@ def cosine_similarities(features: Tensor, dtype: torch.dtype = torch.float32, ou
     place, a block of rows at a time, by the outer product of the row norms, so the only N x N buffer
     is the result (no normalised copy of the features). The self-cosines that division leaves a few
     ulps above or below 1 are set to exactly 1, and so is every entry equal to the self-cosine of its
-    row or column: an exact duplicate of a token has the same dot products in the same call, so
-    duplicates get cosine exactly 1 (distance exactly 0) to each other and tie exactly (ties go to
-    the lower index instead of following the sign of rounding noise); tokens within float32
-    resolution of each other are treated alike. Half precision: the reference's own steps (normalise
+    row or column among tokens of bit-equal norms: an exact duplicate of a token has the same norm and
+    the same dot products in the same call, so duplicates get cosine exactly 1 (distance exactly 0) to
+    each other and tie exactly (ties go to the lower index instead of following the sign of rounding
+    noise). Only the rows that share a norm value are compared, so tokens without duplicates cost no
+    pass over the matrix on a CPU (the comparison over all of it was a quarter of this function at 2880 x 1024).
+    Half precision: the reference's own steps (normalise
     the rows in ``dtype``, then multiply), which reproduce its picks on fp16 / bf16 models and cannot
     overflow float16 as a Gram matrix of large-norm tokens would. Zero rows get cosine 0 to everything
     (themselves included) instead of NaN.
@@ -65,12 +67,43 @@ def cosine_similarities(features: Tensor, dtype: torch.dtype = torch.float32, ou
         # earlier: half the multiply-adds of the full product, and the matrix exactly symmetric.
         torch.mm(x[block], x[start:].T, out=gram[block, start:])
         gram[start + _BLOCK :, block] = gram[block, start + _BLOCK :].T
-    # cos(x_i, x_i) as the division below rounds it; NaN for zero rows, which stay at cosine 0.
-    itself = (gram.diagonal() / (norms * norms)).masked_fill_(gram.diagonal() == 0, torch.nan)
     for start in range(0, n, _BLOCK):
-        rows = gram[start : start + _BLOCK].div_(norms[start : start + _BLOCK, None] * norms)
-        rows.masked_fill_((rows == itself[start : start + _BLOCK, None]) | (rows == itself), 1.0)
+        gram[start : start + _BLOCK].div_(norms[start : start + _BLOCK, None] * norms)
+    _snap_duplicates(gram, norms)
     return gram
+
+
+def _snap_duplicates(cosines: Tensor, norms: Tensor) -> None:
+    """Set to exactly 1, in place, each self-cosine and every entry equal to the self-cosine of its row or column
+    among tokens whose norms are equal bit for bit (zero rows excepted: they stay at cosine 0).
+
+    Exact duplicates have bit-equal norms (one reduction per row), so on a CPU only the rows that share a norm value
+    are compared: no pass over the N x N matrix, and none at all for tokens without duplicates. Finding those rows
+    reads their count back to the host, which an accelerator would wait for; there every entry is compared (a few
+    fast passes), so that nothing in the selection reads back."""
+    itself = cosines.diagonal()
+    nonzero = itself != 0
+    if compares_shared_norms_only(cosines.device):
+        _, group, counts = torch.unique(norms, return_inverse=True, return_counts=True)
+        shared = ((counts[group] > 1) & nonzero).nonzero()[:, 0]
+        if shared.numel():
+            block = cosines[shared[:, None], shared]  # a copy; its diagonal holds the rows' self-cosines
+            own = block.diagonal()
+            same_norm = group[shared][:, None] == group[shared]
+            block.masked_fill_(same_norm & ((block == own[:, None]) | (block == own)), 1.0)
+            cosines[shared[:, None], shared] = block
+    else:
+        own = itself.masked_fill(~nonzero, torch.nan)  # zero rows match nothing
+        for start in range(0, cosines.shape[0], _BLOCK):
+            rows = cosines[start : start + _BLOCK]
+            same_norm = norms[start : start + _BLOCK, None] == norms
+            rows.masked_fill_(same_norm & ((rows == own[start : start + _BLOCK, None]) | (rows == own)), 1.0)
+    itself.masked_fill_(nonzero, 1.0)
+
+
+def compares_shared_norms_only(device: torch.device) -> bool:
+    """Whether :func:`_snap_duplicates` compares only the rows that share a norm value (on a CPU)."""
+    return device.type == "cpu"
 
 
 def cosine_distances(features: Tensor, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
