@@ -304,8 +304,9 @@ class InputHook:
         question, instruction = {}, {}
         if "text_embeds" in needs or "instruction" in needs:
             embed = cast(PreTrainedModel, self.adapter.model).get_input_embeddings()
+            delimiters = self.adapter.image_delimiter_ids(input_ids)
             for row in {item.row for item in state.items}:
-                words = self.question_tokens.select(input_ids[row][state.prompt[row]])
+                words = self.question_tokens.select(input_ids[row][state.prompt[row]], delimiters)
                 if "text_embeds" in needs:
                     question[row] = embed(words)
                 if "instruction" in needs:
