@@ -20,7 +20,7 @@ import vtprune
 from vtprune.adapters import adapter_for
 from vtprune.adapters.llava_torch import IMAGE_TOKEN_INDEX, LlavaTorchAdapter, fix_cache_keyword
 from vtprune.adapters.llava_torch_format import load_llava_torch, save_as_llava_torch
-from vtprune.errors import InputError, UnsupportedModelError
+from vtprune.errors import InputError, LayerError, UnsupportedModelError
 from vtprune.testing import RowSpec, build_inputs, build_model
 
 # Skipped where llava-torch is absent; noxfile.py's tests session installs it and sets VTPRUNE_REQUIRE_LLAVA_TORCH, so
@@ -260,6 +260,37 @@ def test_half_precision_keep_all_is_bit_identical_and_prunes(flat_pair, dtype):
     pruned_logits, kept, _ = run(llava, inputs, "mmtok:5+fastv@2:50%", generate={})
     assert [k.numel() for k in kept] == [3, 3, 3]
     assert pruned_logits.shape[1] < logits.shape[1] and bool(pruned_logits.isfinite().all())
+
+
+def test_a_mistral_decode_past_the_sliding_window_is_refused(flat_pair, tmp_path):
+    """llava-torch takes the packed prefill as its own sequence (no input layout left to map generate()'s mask
+    through), so the refusal must count the original tokens there too: a prompt within the window prunes, the
+    decoded token that takes the original sequence past it is refused (the transformers path: test_gemma3.py)."""
+    from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+
+    model, llava = flat_pair
+    folder = Path(llava.config._name_or_path)
+    for name in ("model.safetensors", "generation_config.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    inputs = as_llava_torch(model, build_inputs(model, [RowSpec(images=[(1, 1)], text_before=3, text_after=6)]))
+    length = inputs["input_ids"].shape[1] - 1 + 16  # the image's placeholder stands for its 16 tokens
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["LlavaMistralForCausalLM"], model_type="llava_mistral", sliding_window=length)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    mistral = LlavaMistralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    mistral.get_vision_tower().load_model()
+    assert adapter_for(mistral).sliding_window == length
+    rest = {key: value for key, value in inputs.items() if key != "input_ids"}
+    with torch.no_grad(), warnings.catch_warnings(), vtprune.pruned(mistral, "divprune:40%") as handle:
+        warnings.simplefilter("ignore", FutureWarning)  # llava passes past_key_values, deprecated in 5.24
+        mistral(**inputs)  # the prompt fits the window: exact
+        assert handle.last_record.images[0].kept.numel() == 6
+        with pytest.raises(LayerError, match="max_new_tokens"):
+            mistral.generate(inputs["input_ids"], **rest, max_new_tokens=3, do_sample=False)
+        mistral.config.sliding_window = length - 1
+        with pytest.raises(LayerError, match=f"reached {length} tokens"):
+            mistral(**inputs)
+    assert not mistral._forward_pre_hooks
 
 
 def test_labels_use_cache_false_and_adjacent_images(toy_pair):

@@ -109,6 +109,11 @@ class ModelAdapter:
                 ids.update(value if isinstance(value, (list, tuple)) else [value])
         return {int(i) for i in ids if i is not None}
 
+    def image_delimiter_ids(self, input_ids: Tensor) -> set[int]:
+        """Ids of the tokens that open and close images in ``input_ids``, where the config does not name them (see
+        ``special_token_ids`` for those it does); never question words either."""
+        return set()
+
     def projector_module(self) -> nn.Module:
         """The module that maps vision-tower features to the LLM's visual tokens (projector / merger)."""
         raise NotImplementedError

@@ -29,6 +29,15 @@ class InternVLAdapter(ModelAdapter):
     def grids(self, items: list[VisualItem], positions: Tensor) -> list[Grid]:
         return square_grids(items)
 
+    def image_delimiter_ids(self, input_ids: Tensor) -> set[int]:
+        # InternVL's config names only the context (placeholder) token; <img> and </img> are the tokenizer's. Its
+        # processor writes every image and video frame as <img> + placeholders + </img>, so the tokens flanking each
+        # run of placeholders are the delimiters, read from the prompt with or without a tokenizer.
+        placeholder = input_ids == self.config.image_token_id
+        opens = placeholder[..., 1:] & ~placeholder[..., :-1]  # a run starts at j + 1: <img> at j
+        closes = placeholder[..., :-1] & ~placeholder[..., 1:]  # a run ends at j: </img> at j + 1
+        return set(input_ids[..., :-1][opens].tolist()) | set(input_ids[..., 1:][closes].tolist())
+
     def projector_module(self) -> nn.Module:
         return self.inner.multi_modal_projector  # reads one pixel-shuffled row per token
 

@@ -184,6 +184,7 @@ class InputHook:
         if state is not None:
             # The model's input is now the packed sequence: generate()'s mask and positions grow from it.
             state.input_layout = None
+            state.dropped_from_input = state.seen - state.valid.shape[1]
             state.seen = state.valid.shape[1]
         if not inside_forward:
             self._local.pending_splice = None if state is None else (state, kwargs["inputs_embeds"])
@@ -303,8 +304,9 @@ class InputHook:
         question, instruction = {}, {}
         if "text_embeds" in needs or "instruction" in needs:
             embed = cast(PreTrainedModel, self.adapter.model).get_input_embeddings()
+            delimiters = self.adapter.image_delimiter_ids(input_ids)
             for row in {item.row for item in state.items}:
-                words = self.question_tokens.select(input_ids[row][state.prompt[row]])
+                words = self.question_tokens.select(input_ids[row][state.prompt[row]], delimiters)
                 if "text_embeds" in needs:
                     question[row] = embed(words)
                 if "instruction" in needs:
@@ -366,6 +368,7 @@ class InputHook:
             return kwargs
         layout = pack(keep, state.left_pad)
         state.input_layout = layout
+        state.packed = True
         state.apply(layout)
         self._record(state)
         return self._shorten(kwargs, layout, positions, state, encoder_outputs, kept_by_modality, weights_by_modality)
@@ -480,9 +483,9 @@ class InputHook:
         a silent difference. Up to the window's width the two are equal.
         """
         window = self.adapter.sliding_window
-        if window is not None and state.input_layout is not None and state.seen > window:
+        if window is not None and state.packed and state.original_length > window:
             raise LayerError(
-                f"the sequence reached {state.seen} tokens, more than the {window}-token sliding window of "
+                f"the sequence reached {state.original_length} tokens, more than the {window}-token sliding window of "
                 f"{type(self.adapter.model).__name__}'s local attention layers, which count the tokens of the pruned "
                 "sequence and would then reach back further than the unpruned model; keep prompt plus "
                 f"max_new_tokens within {window} tokens to prune this model"

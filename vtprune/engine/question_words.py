@@ -10,7 +10,8 @@ words and punctuation; without one every non-special text token counts.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,9 +49,11 @@ class QuestionTokens:
             self._verdicts[token_id] = bool(_WORD.search(text)) and text not in STOP_WORDS | INSTRUCTION_WORDS
         return self._verdicts[token_id]
 
-    def select(self, ids: Tensor) -> Tensor:
-        """The question-word ids among a row's text token ids, in order."""
-        keep = [i for i in ids.tolist() if i not in self.special_ids and (self.tokenizer is None or self._is_word(i))]
+    def select(self, ids: Tensor, delimiters: Iterable[int] = ()) -> Tensor:
+        """The question-word ids among a row's text token ids, in order; ``delimiters``: the prompt's image
+        delimiters that the special ids do not name (``ModelAdapter.image_delimiter_ids``)."""
+        special = self.special_ids | set(delimiters)
+        keep = [i for i in ids.tolist() if i not in special and (self.tokenizer is None or self._is_word(i))]
         return torch.tensor(keep, dtype=torch.long, device=ids.device)
 
     def decode(self, ids: Tensor) -> str:

@@ -47,12 +47,20 @@ class PruneState:
     """(B, L) index of each visual slot in its item's own token order (-1: text)."""
     left_pad: bool
     seen: int
-    """Tokens of the original (unpruned) layout seen so far: prompt length, then +1 per decode step."""
+    """Tokens of the sequence generate()'s mask counts so far: prompt length, then +1 per decode step. That is the
+    original (unpruned) layout, unless the model took the packed sequence as its own (``dropped_from_input``)."""
     prompt: Tensor
     """(B, L) the prompt's real tokens: ``valid`` without the tokens a cache-less generate() appended. Selection
     reads only these (question words, the scoring query), so every step of such a call picks the same tokens."""
     input_layout: Layout | None = None
-    """Layout the LLM input was packed into (None: the input was left as it was)."""
+    """Layout the LLM input was packed into, while the model's mask counts the original layout (None: the input
+    was left as it was, or the model took the packed sequence as its own)."""
+    packed: bool = False
+    """Whether the input stage packed the sequence; it stays set where ``input_layout`` is cleared because the model
+    took the packed sequence as its own (models that splice their visual rows themselves)."""
+    dropped_from_input: int = 0
+    """Where the model took the packed sequence as its own: the tokens the input stage dropped from it, which
+    ``seen`` no longer counts."""
     decoder_layouts: dict[int, Layout] = field(default_factory=dict)
     """Decoder layer -> layout its stage packed the hidden states into (identity layouts are left out)."""
     next_position: Tensor | None = None
@@ -71,6 +79,11 @@ class PruneState:
     step_masks: dict[int, Tensor] = field(default_factory=dict)
     """Decode step: decoder layer K -> 2-D mask in the layout of layers >= K."""
     step_causal: dict[int, object] = field(default_factory=dict)
+
+    @property
+    def original_length(self) -> int:
+        """Tokens of the original (unpruned) sequence so far, prompt and decoded."""
+        return self.seen + self.dropped_from_input
 
     def apply(self, layout: Layout) -> None:
         """Move the per-slot bookkeeping to ``layout``."""
