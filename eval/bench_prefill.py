@@ -154,7 +154,9 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=MID.hidden, help="text hidden size (heads of 32 dims, GQA 2:1)")
-    parser.add_argument("--layers", type=int, default=None, help=f"decoder layers (default {MID.layers}, or the shape's)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help=f"decoder layers (default {MID.layers}, or the shape's)"
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="a real model's decoder (not --hidden)")
     parser.add_argument("--attn", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2")
     parser.add_argument("--repeats", type=int, default=5)
