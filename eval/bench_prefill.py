@@ -44,8 +44,8 @@ SCHEDULES = ["uniform:50%", "uniform:25%", "uniform:11%", "divprune:25%", "divpr
 #: ``--shape``: the text decoders of real 7B models (width, heads, KV heads, MLP width, depth); the vision towers
 #: stay small, since images are encoded before the timed prefill.
 SHAPES = {
-    "llava-1.5-7b": dict(hidden=4096, heads=32, kv_heads=32, intermediate=11008, layers=32),
-    "qwen2.5-vl-7b": dict(hidden=3584, heads=28, kv_heads=4, intermediate=18944, layers=28),
+    "llava-1.5-7b": {"hidden": 4096, "heads": 32, "kv_heads": 32, "intermediate": 11008, "layers": 32},
+    "qwen2.5-vl-7b": {"hidden": 3584, "heads": 28, "kv_heads": 4, "intermediate": 18944, "layers": 28},
 }
 
 
