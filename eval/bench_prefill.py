@@ -34,12 +34,19 @@ import torch
 import vtprune
 from vtprune.adapters import architecture
 from vtprune.errors import VTPruneError
-from vtprune.testing import MID, MODEL_KINDS, RowSpec, build_inputs, build_model
+from vtprune.testing import MID, MODEL_KINDS, RowSpec, Size, build_inputs, build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import peak_extra_bytes  # next to this script
 
 SCHEDULES = ["uniform:50%", "uniform:25%", "uniform:11%", "divprune:25%", "divprune:11%", "fastv@2:50%", "fastv@2:25%"]
+
+#: ``--shape``: the text decoders of real 7B models (width, heads, KV heads, MLP width, depth); the vision towers
+#: stay small, since images are encoded before the timed prefill.
+SHAPES = {
+    "llava-1.5-7b": {"hidden": 4096, "heads": 32, "kv_heads": 32, "intermediate": 11008, "layers": 32},
+    "qwen2.5-vl-7b": {"hidden": 3584, "heads": 28, "kv_heads": 4, "intermediate": 18944, "layers": 28},
+}
 
 
 def image_rows(kind: str, batch: int) -> list[RowSpec]:
@@ -80,10 +87,22 @@ def timed_prefill(model: torch.nn.Module, inputs: dict, device: torch.device) ->
     return time.perf_counter() - start
 
 
+def model_size(args: argparse.Namespace) -> Size:
+    """The decoder ``--shape`` names (its depth unless ``--layers`` is given), or ``--hidden`` / ``--layers`` wide
+    and deep with heads of 32 dims, GQA 2:1."""
+    if args.shape:
+        shape = dict(SHAPES[args.shape])
+        shape["layers"] = args.layers or shape["layers"]
+        return replace(MID, **shape)
+    layers = args.layers or MID.layers
+    return replace(MID, hidden=args.hidden, layers=layers, heads=args.hidden // 32, kv_heads=args.hidden // 64)
+
+
 def bench_kind(kind: str, schedules: list[str], args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
-    size = replace(MID, hidden=args.hidden, layers=args.layers, heads=args.hidden // 32, kv_heads=args.hidden // 64)
-    model = build_model(kind, size).to(device=device, dtype=args.dtype)
+    with device:  # built where it runs: a 7B-shaped decoder's weights would take minutes to initialise on a CPU
+        model = build_model(kind, model_size(args), attn_implementation=args.attn)
+    model = model.to(dtype=args.dtype)
     inputs = build_inputs(model, image_rows(kind, args.batch))
     inputs = {k: v.to(device) if not v.is_floating_point() else v.to(device, args.dtype) for k, v in inputs.items()}
     inputs = prefill_inputs(model, inputs)
@@ -135,7 +154,11 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=MID.hidden, help="text hidden size (heads of 32 dims, GQA 2:1)")
-    parser.add_argument("--layers", type=int, default=MID.layers, help="decoder layers")
+    parser.add_argument(
+        "--layers", type=int, default=None, help=f"decoder layers (default {MID.layers}, or the shape's)"
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="a real model's decoder (not --hidden)")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,8 +172,8 @@ def main() -> None:
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"# prefill benchmark: {machine}, {args.dtype}, batch {args.batch}, hidden {args.hidden}, {args.layers} layers, "
-        f"min of {args.repeats} interleaved runs"
+        f"# prefill benchmark: {machine}, {args.dtype}, batch {args.batch}, {args.shape or f'hidden {args.hidden}'}, "
+        f"{model_size(args).layers} layers, {args.attn} attention, min of {args.repeats} interleaved runs"
     )
     header = [
         "class",

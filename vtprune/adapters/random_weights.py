@@ -30,6 +30,8 @@ class Size:
     image: int
     """Image side in pixels (LLaVA) / in merged tokens (Qwen grids are derived from it)."""
     patch: int
+    intermediate: int = 0
+    """Text MLP width; 0: twice ``hidden`` (real models' widths for benchmarks at their shapes)."""
 
 
 TINY = Size(hidden=32, layers=4, heads=4, kv_heads=2, vocab=96, vision_hidden=16, vision_layers=2, image=16, patch=4)
@@ -51,7 +53,7 @@ def text_fields(size: Size) -> dict:
     return {
         "vocab_size": size.vocab,
         "hidden_size": size.hidden,
-        "intermediate_size": 2 * size.hidden,
+        "intermediate_size": size.intermediate or 2 * size.hidden,
         "num_hidden_layers": size.layers,
         "num_attention_heads": size.heads,
         "num_key_value_heads": size.kv_heads,
