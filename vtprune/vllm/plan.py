@@ -46,8 +46,9 @@ UNAVAILABLE_INPUTS = {
     "attention": "it scores with decoder attention, and vLLM's attention kernels return no weights",
     "cross_shares": "it scores with decoder attention, and vLLM's attention kernels return no weights",
     "cls_attention": "it needs the vision tower's [CLS] attention, which vLLM's fused vision attention does not return",
-    "projector": "it needs the projector as a float32 function of the projector's inputs: vLLM's projector layers "
-    "run in the model's dtype and, under tensor parallelism, are sharded across processes",
+    "projector": "it needs the projector as a float32 function of the projector's inputs, and vLLM's projector is "
+    "made of its own parallel linear layers (sharded under tensor parallelism; on CPU their weights may be repacked "
+    "for its GEMM kernels), of which this backend makes no float32 copy",
     "instruction": "it reads the question as text with a CLIP text tower, which the pruning classes do not load",
 }
 
