@@ -15,9 +15,8 @@ from vtprune.vllm.plan import Selections, decode_schedule, encode_schedule, imag
     [
         ("fastv@2:50%", "paged KV cache"),
         ("divprune:64+random_deep@2:50%", "paged KV cache"),
-        ("mmtok:64", "nor part of its encoder-cache key"),
         ("todre:64", "[CLS] attention"),
-        ("zoo:64", "projector"),
+        ("zoo:64", "projector as a float32 function"),
         ("none", "decides its own count"),
     ],
 )
@@ -114,7 +113,25 @@ def test_the_schedule_travels_as_a_tensor_and_comes_back():
 def test_remembered_selections_are_bounded():
     selections = Selections(capacity=2)
     for key in range(3):
-        selections.put("divprune:16", key, (torch.arange(2), None))
-    assert selections.get("divprune:16", 0) is None
-    assert selections.get("divprune:16", 2) is not None
-    assert selections.get("uniform:25%", 2) is None
+        selections.put(("divprune:16", key, ()), (torch.arange(2), None))
+    assert selections.get(("divprune:16", 0, ())) is None
+    assert selections.get(("divprune:16", 2, ())) is not None
+    assert selections.get(("uniform:25%", 2, ())) is None
+    assert selections.get(("divprune:16", 2, (5,))) is None  # another question, another selection
+
+
+def test_mmtok_runs_on_the_question_words_and_the_projector_inputs():
+    plan = make_plan("mmtok:16")
+    assert plan.reads("text_embeds") and plan.reads("pre_features")
+    assert not make_plan("divprune:16").reads("text_embeds")
+    generator = torch.Generator().manual_seed(0)
+    features, pre_features = torch.randn(144, 16, generator=generator), torch.randn(144, 24, generator=generator)
+    questions = [torch.randn(3, 16, generator=generator) for _ in range(2)]
+    chosen = [
+        plan.select(features, (1, 12, 12), seed=0, text_embeds=question, pre_features=pre_features)[0]
+        for question in questions
+    ]
+    for question, kept in zip(questions, chosen, strict=True):
+        expected = vtprune.select("mmtok", features, keep=16, text_embeds=question, pre_features=pre_features)
+        assert torch.equal(kept, expected)
+    assert not torch.equal(chosen[0], chosen[1])  # the question decides part of the selection

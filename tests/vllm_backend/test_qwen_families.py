@@ -91,7 +91,7 @@ def embedded_rows(model, image, schedule):
     kwargs = {"pixel_values": image["pixel_values"], "image_grid_thw": image["image_grid_thw"]}
     (full,) = model.embed_multimodal(**kwargs)
     (pruned,) = model.embed_multimodal(**kwargs, **{SCHEDULE_KEY: encode_schedule(schedule, 1)})
-    kept, _ = model.vtprune_selections.get(schedule, image_key(image["pixel_values"]))
+    kept, _ = model.vtprune_selections.get((schedule, image_key(image["pixel_values"]), ()))
     return full.cpu(), pruned.cpu(), kept.cpu(), getattr(model, "visual_dim", full.shape[1])
 
 

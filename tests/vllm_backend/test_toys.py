@@ -23,6 +23,7 @@ from transformers import AutoProcessor
 vllm = importlib.import_module("vllm") if os.environ.get("VTPRUNE_REQUIRE_VLLM") else pytest.importorskip("vllm")
 
 import vtprune
+from vtprune.engine.question_words import QuestionTokens
 from vtprune.toyvlm import build_prompt, load_toy_model, make_split
 from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH, save_for_stock_vllm
 from vtprune.vllm import SCHEDULE_KEY, UnsupportedScheduleError, engine_args
@@ -44,6 +45,9 @@ NOISE = [
     for seed, sample in enumerate(SAMPLES[:3])
 ]
 RANDOM = "random:10"
+#: mmtok reads the question: one noise image (no ties) asked two different questions, sent in one batch.
+MMTOK = "mmtok:16"
+ASKED_TWICE = [dataclasses.replace(NOISE[0], question=SAMPLES[index].question) for index in (0, 2)]
 NEW_TOKENS = 3
 #: vLLM's CPU kernels against transformers' SDPA, float32: the prototype measured < 1e-4.
 LOGPROB_TOLERANCE = 1e-4
@@ -85,7 +89,7 @@ def generate(llm, processor, schedule=None, samples=SAMPLES):
     return answers, first, logprobs
 
 
-def transformers_path(model, processor, schedule, renumber, samples=SAMPLES):
+def transformers_path(model, processor, schedule, renumber, samples=SAMPLES, tokenizer=None):
     """Per sample: (answer, first-token id, its log-prob, kept indices or None) from vtprune's hooks."""
     rows = []
     for s in samples:
@@ -94,7 +98,7 @@ def transformers_path(model, processor, schedule, renumber, samples=SAMPLES):
         if schedule is None:
             out, kept = model.generate(**inputs, **kwargs, return_dict_in_generate=True), None
         else:
-            with vtprune.pruned(model, schedule, renumber=renumber) as handle:
+            with vtprune.pruned(model, schedule, renumber=renumber, tokenizer=tokenizer) as handle:
                 out = model.generate(**inputs, **kwargs, return_dict_in_generate=True)
             kept = handle.last_record.images[0].kept.tolist()
         new = out.sequences[0, inputs["input_ids"].shape[1] :]
@@ -146,6 +150,7 @@ def toy(request, tmp_path_factory):
         for schedule in (None, "divprune:144", DIVPRUNE) + COMPARED + (RANDOM,):
             results[schedule] = generate(llm, processor, schedule)
         results["noise"] = generate(llm, processor, DIVPRUNE, NOISE)
+        results["mmtok"] = generate(llm, processor, MMTOK, ASKED_TWICE)
         kept = llm.apply_model(lambda m: dict(m.vtprune_selections.kept))[0]
         with pytest.raises(UnsupportedScheduleError, match="inside the decoder") as refused:
             generate(llm, processor, "fastv@2:50%")
@@ -154,8 +159,10 @@ def toy(request, tmp_path_factory):
     renumber = family == "llava"
     reference = {schedule: transformers_path(model, processor, schedule, renumber) for schedule in (None,) + COMPARED}
     reference["noise"] = transformers_path(model, processor, DIVPRUNE, renumber, NOISE)
+    reference["mmtok"] = transformers_path(model, processor, MMTOK, renumber, ASKED_TWICE, tokenizer=processor)
     return {
         "family": family,
+        "path": path,
         "stock": stock,
         "results": results,
         "kept": kept,
@@ -190,7 +197,7 @@ def test_kept_sets_answers_and_logprobs_equal_the_transformers_path(toy, schedul
     reference = toy["reference"][schedule]
     assert len(reference) == len(SAMPLES)
     for key, row in zip(toy["keys"], reference):
-        kept, _ = toy["kept"][(schedule, key)]
+        kept, _ = toy["kept"][(schedule, key, ())]
         assert kept.tolist() == row[3]
     assert answers == [row[0] for row in reference]
     assert first == [row[1] for row in reference]
@@ -202,7 +209,7 @@ def test_kept_sets_answers_and_logprobs_equal_the_transformers_path(toy, schedul
 def test_divprune_keeps_what_vtprunes_selection_keeps_on_vllms_features(toy):
     for key, features in zip(toy["keys"], toy["features"], strict=True):
         assert features.shape[0] == 144
-        kept, _ = toy["kept"][(DIVPRUNE, key)]
+        kept, _ = toy["kept"][(DIVPRUNE, key, ())]
         assert kept.tolist() == vtprune.select("divprune", features, keep=16).tolist()
 
 
@@ -211,7 +218,7 @@ def test_divprune_without_ties_keeps_and_answers_as_the_transformers_path(toy):
     reference = toy["reference"]["noise"]
     assert len(reference) == len(NOISE) == len(toy["noise_keys"])
     for key, row in zip(toy["noise_keys"], reference):
-        kept, _ = toy["kept"][(DIVPRUNE, key)]
+        kept, _ = toy["kept"][(DIVPRUNE, key, ())]
         assert kept.tolist() == row[3]
     assert answers == [row[0] for row in reference]
     assert first == [row[1] for row in reference]
@@ -220,10 +227,32 @@ def test_divprune_without_ties_keeps_and_answers_as_the_transformers_path(toy):
 
 def test_random_is_seeded_by_the_pixels(toy):
     for key in toy["keys"]:
-        kept, _ = toy["kept"][(RANDOM, key)]
+        kept, _ = toy["kept"][(RANDOM, key, ())]
         assert torch.equal(kept, vtprune.select("random", torch.zeros(144, 1), keep=10, seed=key))
-    draws = {tuple(toy["kept"][(RANDOM, key)][0].tolist()) for key in toy["keys"]}
+    draws = {tuple(toy["kept"][(RANDOM, key, ())][0].tolist()) for key in toy["keys"]}
     assert len(draws) > 1  # different images, different draws
+
+
+def test_mmtok_selects_per_question_as_the_transformers_path(toy):
+    """One image, two questions, one batch: vLLM's caches keep the two apart (the question words enter the image's
+    hash), and each selection is the transformers path's for its question."""
+    answers, first, logprobs = toy["results"]["mmtok"]
+    reference = toy["reference"]["mmtok"]
+    processor = AutoProcessor.from_pretrained(toy["path"])
+    words = QuestionTokens(processor.tokenizer.all_special_ids, processor.tokenizer)
+    image = toy["noise_keys"][0]
+    chosen = []
+    for sample, row in zip(ASKED_TWICE, reference, strict=True):
+        ids = processor.tokenizer(build_prompt(sample.question, processor))["input_ids"]
+        question = tuple(words.select(torch.tensor(ids)).tolist())
+        assert len(question) >= 2
+        kept, _ = toy["kept"][(MMTOK, image, question)]
+        assert kept.tolist() == row[3]
+        chosen.append(row[3])
+    assert chosen[0] != chosen[1]
+    assert answers == [row[0] for row in reference]
+    assert first == [row[1] for row in reference]
+    assert logprobs == pytest.approx([row[2] for row in reference], abs=LOGPROB_TOLERANCE)
 
 
 def test_decoder_stage_schedules_are_refused_per_request(toy):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -29,6 +29,21 @@ PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
 #: The engine's prefill for models that splice visual rows themselves: called with a function that runs the
 #: model's own splice and returns it in the engine's form, it returns that prefill pruned.
 SplicePrefill = Callable[[Callable[[], dict[str, Any]]], dict[str, Any]]
+
+
+#: Config attributes naming tokens that are never question words: vision delimiters, BOS/EOS/padding.
+SPECIAL_TOKEN_NAMES = ("vision_start_token_id", "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_token_ids(placeholders: Iterable[int], configs: Iterable[object]) -> set[int]:
+    """Token ids that are never question words: the visual ``placeholders`` and the ids the ``configs`` name in
+    :data:`SPECIAL_TOKEN_NAMES` (shared with the vLLM backend, which reads vLLM's copy of the config)."""
+    ids: set[int | None] = set(placeholders)
+    for config in configs:
+        for name in SPECIAL_TOKEN_NAMES:
+            value = getattr(config, name, None)
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return {int(i) for i in ids if i is not None}
 
 
 class ModelAdapter:
@@ -100,14 +115,9 @@ class ModelAdapter:
 
     def special_token_ids(self) -> set[int]:
         """Token ids that are never question words: placeholders, vision delimiters, BOS/EOS/padding."""
-        configs = (self.config, self.text_config, self.model.generation_config)
-        names = ("vision_start_token_id", "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
-        ids: set[int | None] = set(self.token_ids().values())
-        for config in configs:
-            for name in names:
-                value = getattr(config, name, None)
-                ids.update(value if isinstance(value, (list, tuple)) else [value])
-        return {int(i) for i in ids if i is not None}
+        return special_token_ids(
+            self.token_ids().values(), (self.config, self.text_config, self.model.generation_config)
+        )
 
     def image_delimiter_ids(self, input_ids: Tensor) -> set[int]:
         """Ids of the tokens that open and close images in ``input_ids``, where the config does not name them (see

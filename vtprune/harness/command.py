@@ -7,6 +7,7 @@ from typing import Any
 
 from ..arguments import at_least
 from .presets import load_preset
+from .sweep import RUNTIMES
 
 
 def add_sweep_command(commands: Any) -> None:
@@ -42,6 +43,13 @@ def add_sweep_command(commands: Any) -> None:
         type=at_least(1),
         default=2,
         help="generate() calls (the task's first) timed per schedule and round",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="transformers",
+        help="vllm: evaluate on one vLLM engine with vtprune's pruning class (--model vtprune_vllm; --model-args go "
+        "to it, e.g. max_model_len=4096; no timing pass)",
     )
     parser.set_defaults(run=run_sweep_command)
 
@@ -93,6 +101,7 @@ def run_sweep_command(args: argparse.Namespace) -> None:
         resume=not args.no_resume,
         timing_rounds=args.timing_rounds,
         timing_calls=args.timing_calls,
+        runtime=args.runtime,
     )
     if runs:
         print(markdown_table(runs))

@@ -10,6 +10,12 @@ Data parallel: start it under ``torchrun --nproc_per_node N -m vtprune.cli sweep
 splits the documents across ranks and gathers the scores, and the sweep gathers every rank's
 measurements before rank 0 writes.
 
+vLLM (``runtime="vllm"``): one engine (:class:`~vtprune.harness.vllm_lmm.VTPruneVLLM`, lmms-eval's ``vllm`` model
+with vtprune's pruning class) serves every run; the baseline is the engine unpruned and each schedule goes with each
+request (``mm_processor_kwargs``). A run's record is then what vLLM served: the image tokens of every prompt (mean
+kept, and the baseline's mean as the count before pruning). vLLM batches requests, so there is no per-call timing
+pass (eval/bench_vllm.py measures vLLM's throughput and TTFT).
+
 Timings: a run's own measurements are taken while it is evaluated, one run after another, so a change of load
 between runs shows up as a difference between them. After the accuracy runs the sweep therefore times the
 prefill of the same few ``generate()`` calls (the task's first ones, to the first token) for every schedule in
@@ -36,6 +42,11 @@ from .report import Run, write_plot, write_table
 
 if TYPE_CHECKING:
     from .lmm import VTPruneLMM
+    from .vllm_lmm import VTPruneVLLM
+
+#: Where a sweep's runs are evaluated: vtprune's transformers hooks (``--model vtprune``) or vLLM's pruning classes
+#: (``--model vtprune_vllm``).
+RUNTIMES = ("transformers", "vllm")
 
 BASELINE = "none"
 RESULTS_FILE = "sweep.json"
@@ -83,13 +94,16 @@ def run_sweep(
     progress: bool = True,
     timing_rounds: int = 3,
     timing_calls: int = 2,
+    runtime: str = "transformers",
 ) -> list[Run]:
     """Evaluate the baseline and each schedule on ``tasks``; write ``sweep.json``, ``sweep.md`` and ``sweep.png``.
 
     ``model_args`` go to :class:`VTPruneLMM` (and through it to the backbone wrapper), ``metric``
     names the headline metric (default: the first one the first task reports). After the accuracy runs,
     ``timing_rounds`` interleaved rounds time the prefill of the task's first ``timing_calls`` ``generate()`` calls
-    for every schedule (0 turns it off; a resumed sweep re-times every schedule). Returns the runs, baseline first.
+    for every schedule (0 turns it off; a resumed sweep re-times every schedule). ``runtime="vllm"`` evaluates on one
+    vLLM engine instead (``model_args`` go to :class:`~vtprune.harness.vllm_lmm.VTPruneVLLM`; no timing pass).
+    Returns the runs, baseline first.
     """
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
@@ -98,6 +112,8 @@ def run_sweep(
 
     if timing_rounds < 0 or timing_calls < 1:
         raise ValueError(f"timing_rounds must be >= 0 and timing_calls >= 1, got {timing_rounds}, {timing_calls}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     output_dir = Path(output_dir)
     ordered = [BASELINE] + [s for s in dict.fromkeys(schedules) if s != BASELINE]
     for schedule in ordered:
@@ -110,13 +126,38 @@ def run_sweep(
         "model_args": model_args or {},
         "metric": metric,
         "seed": seed,
+        "runtime": runtime,
     }
     done = _load_done(output_dir / RESULTS_FILE, settings) if resume else {}
-    # The sweep writes every run's measurements itself, so the model writes no file per run.
-    lm = VTPruneLMM(pretrained, seed=seed, batch_size=batch_size, **{**(model_args or {}), "measurements": "off"})
     task_manager = TaskManager(include_path=include_path, model_name="vtprune")  # index the tasks once
     is_writer = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate set RANK and WORLD_SIZE
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+
+    def evaluate(model: VTPruneLMM | VTPruneVLLM) -> dict[str, Any]:
+        return simple_evaluate(
+            model=model,
+            tasks=list(tasks),
+            task_manager=task_manager,
+            limit=limit,
+            batch_size=batch_size,
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            # Under torchrun: lmms-eval's torch.distributed path (gloo on CPU, where accelerate sees one process).
+            distributed_executor_backend="torchrun" if world_size > 1 else "accelerate",
+        )
+
+    if runtime == "vllm":
+        if world_size > 1:
+            raise ValueError(
+                "runtime='vllm' runs in one process: start it without torchrun and give vLLM tensor_parallel_size "
+                "in model_args"
+            )
+        return _sweep_on_vllm(pretrained, ordered, done, evaluate, output_dir, settings, tasks, metric, batch_size)
+    # The sweep writes every run's measurements itself, so the model writes no file per run.
+    lm = VTPruneLMM(pretrained, seed=seed, batch_size=batch_size, **{**(model_args or {}), "measurements": "off"})
     lm.meter.inputs_to_keep = timing_calls if timing_rounds else 0
     runs: list[Run] = []
     timing: dict[str, Any] | None = None
@@ -127,20 +168,7 @@ def run_sweep(
                 continue
             lm.set_schedule(schedule)
             start = time.perf_counter()
-            results = simple_evaluate(
-                model=lm,
-                tasks=list(tasks),
-                task_manager=task_manager,
-                limit=limit,
-                batch_size=batch_size,
-                bootstrap_iters=0,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-                # Under torchrun: lmms-eval's torch.distributed path (gloo on CPU, where accelerate sees one process).
-                distributed_executor_backend="torchrun" if world_size > 1 else "accelerate",
-            )
+            results = evaluate(lm)
             calls, failures = gather_calls(list(lm.meter.calls), len(lm.meter.failures))
             if not is_writer:
                 continue
@@ -169,6 +197,44 @@ def run_sweep(
         lm.close()
     if is_writer:
         _write(output_dir, settings, runs, timing)
+    return runs
+
+
+def _sweep_on_vllm(
+    pretrained: str,
+    ordered: list[str],
+    done: dict[str, Run],
+    evaluate: Callable[[VTPruneVLLM], dict[str, Any]],
+    output_dir: Path,
+    settings: dict[str, Any],
+    tasks: Sequence[str],
+    metric: str | None,
+    batch_size: int,
+) -> list[Run]:
+    """:func:`run_sweep`'s runs on one vLLM engine: unpruned for the baseline, each schedule per request."""
+    from .vllm_lmm import VTPruneVLLM
+
+    lm = VTPruneVLLM(model=pretrained, batch_size=batch_size, **settings["model_args"])
+    runs: list[Run] = []
+    try:
+        for schedule in ordered:
+            if schedule in done:
+                runs.append(done[schedule])
+                continue
+            lm.set_schedule(None if schedule == BASELINE else schedule)
+            start = time.perf_counter()
+            results = evaluate(lm)
+            strategy, budget = _strategy_and_budget(schedule)
+            scores, score = _headline(results, tasks, metric)
+            run = Run(schedule=schedule, strategy=strategy, budget=budget, scores=scores, score=score)
+            run.generate_calls = len(lm.image_tokens)
+            run.visual_tokens_kept = statistics.fmean(lm.image_tokens) if lm.image_tokens else 0.0
+            run.visual_tokens_before = runs[0].visual_tokens_kept if runs else run.visual_tokens_kept  # the baseline's
+            run.seconds = time.perf_counter() - start
+            runs.append(run)
+            _write(output_dir, settings, runs)
+    finally:
+        lm.close()
     return runs
 
 

@@ -23,8 +23,8 @@ from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from .plan import SCHEDULE_KEY, make_plan, square_grid
-from .pruning import PruningModel, ScheduleFieldProcessor, per_item
+from .plan import make_plan, square_grid
+from .pruning import PruningModel, ScheduleFieldProcessor, questions_of, schedules_of
 
 
 class VTPruneLlavaMultiModalProcessor(ScheduleFieldProcessor, LlavaMultiModalProcessor):
@@ -52,16 +52,21 @@ class VTPruneLlavaMultiModalProcessor(ScheduleFieldProcessor, LlavaMultiModalPro
     VTPruneLlavaMultiModalProcessor, info=LlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
 class VTPruneLlavaForConditionalGeneration(PruningModel, LlavaForConditionalGeneration):
+    def _vtprune_projector(self) -> tuple[torch.nn.Module | None, int]:
+        return getattr(self, "multi_modal_projector", None), 1
+
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
-        schedules = per_item(cast("torch.Tensor | None", kwargs.get(SCHEDULE_KEY)))
+        schedules = schedules_of(kwargs)
         pixels = cast("torch.Tensor | None", kwargs.get("pixel_values"))
-        embeddings = super().embed_multimodal(**kwargs)
-        if len(embeddings) == 0:
-            return embeddings
-        # Seeds and keys come from the pixels (precomputed embeddings: from the embeddings themselves).
-        sources: Sequence[torch.Tensor] = embeddings if pixels is None else list(pixels)
-        grids = [square_grid(features.shape[0]) for features in embeddings]
-        return self._vtprune_prune(embeddings, schedules, sources, grids)
+        with self._vtprune_encoding(schedules or ()):
+            embeddings = super().embed_multimodal(**kwargs)
+            if len(embeddings) == 0:
+                return embeddings
+            # Seeds and keys come from the pixels (precomputed embeddings: from the embeddings themselves).
+            sources: Sequence[torch.Tensor] = embeddings if pixels is None else list(pixels)
+            grids = [square_grid(features.shape[0]) for features in embeddings]
+            questions = questions_of(kwargs, len(embeddings))
+            return self._vtprune_prune(embeddings, schedules, sources, questions, grids)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # transformers 5 saves a LLaVA's CLIP tower without its ``vision_model.`` level (the shipped toy

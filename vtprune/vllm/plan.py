@@ -29,16 +29,27 @@ from ..vocabulary.grids import Grid
 #: as the per-image tensor field that carries it to the model.
 SCHEDULE_KEY = "vtprune_schedule"
 
+#: The key of the question's word ids: added to an image's processor kwargs by the front-end (never by the user) when
+#: its schedule reads the question, so vLLM's multimodal hash, and with it the encoder-output cache and the prefix
+#: cache, tells two questions about one image apart; then the per-image tensor field that carries the ids.
+QUESTION_KEY = "vtprune_question"
+
+#: Config attributes naming a model's visual placeholder tokens (vLLM's configs spell LLaVA's ``image_token_index``).
+PLACEHOLDER_NAMES = ("image_token_id", "image_token_index", "video_token_id")
+
+#: Strategy inputs the pruning classes provide: the question's words embedded by the language model (from the
+#: prompt the front-end sees) and the projector's inputs (recorded by a hook on the projector while it encodes).
+AVAILABLE_INPUTS = frozenset({"text_embeds", "pre_features"})
+
 #: Why a strategy input cannot be had inside vLLM's multimodal embedding step.
 UNAVAILABLE_INPUTS = {
     "attention": "it scores with decoder attention, and vLLM's attention kernels return no weights",
     "cross_shares": "it scores with decoder attention, and vLLM's attention kernels return no weights",
     "cls_attention": "it needs the vision tower's [CLS] attention, which vLLM's fused vision attention does not return",
-    "text_embeds": "it needs the question, which vLLM's multimodal embedding step never sees: the prompt is neither "
-    "an input of an image's processing nor part of its encoder-cache key, so two questions about one image would "
-    "share a selection",
-    "pre_features": "it needs the projector's inputs, which this backend does not expose yet",
-    "projector": "it needs the projector as a function, which this backend does not expose yet",
+    "projector": "it needs the projector as a float32 function of the projector's inputs, and vLLM's projector is "
+    "made of its own parallel linear layers (sharded under tensor parallelism; on CPU their weights may be repacked "
+    "for its GEMM kernels), of which this backend makes no float32 copy",
+    "instruction": "it reads the question as text with a CLIP text tower, which the pruning classes do not load",
 }
 
 #: Kept sets remembered per image (oldest dropped first); enough for every image a batch can hold.
@@ -73,12 +84,10 @@ class PruningPlan:
                 f"strategy {strategy.name!r} decides its own count from the image's content, but vLLM fixes the "
                 "number of image tokens from the image's size before the model runs; give a budgeted strategy"
             )
-        if strategy.needs:
+        missing = set(strategy.needs) - AVAILABLE_INPUTS
+        if missing:
             reasons = sorted(
-                {
-                    UNAVAILABLE_INPUTS.get(need, f"it needs {need!r}, which vLLM does not have")
-                    for need in strategy.needs
-                }
+                {UNAVAILABLE_INPUTS.get(need, f"it needs {need!r}, which vLLM does not have") for need in missing}
             )
             raise UnsupportedScheduleError(f"strategy {strategy.name!r} cannot run inside vLLM: {'; '.join(reasons)}")
 
@@ -99,29 +108,53 @@ class PruningPlan:
             return places.numel()
         return budget.tokens(num_tokens)
 
-    def select(self, features: Tensor, grid: Grid, seed: int) -> tuple[Tensor, Tensor | None]:
-        """(kept indices, merging weights or None) for one image's projected tokens ``features`` (N, D)."""
-        image = TokenContext(features=features, keep=features.shape[0], seed=seed, grid=grid)
+    def reads(self, need: str) -> bool:
+        """Whether the strategy reads the :class:`TokenContext` field ``need`` (``"text_embeds"``, ...)."""
+        return need in self.stage.strategy.needs
+
+    def select(
+        self,
+        features: Tensor,
+        grid: Grid,
+        seed: int,
+        text_embeds: Tensor | None = None,
+        pre_features: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(kept indices, merging weights or None) for one image's projected tokens ``features`` (N, D); the question's
+        embedded words and the projector's inputs for the strategies that read them."""
+        image = TokenContext(
+            features=features,
+            keep=features.shape[0],
+            seed=seed,
+            grid=grid,
+            text_embeds=text_embeds,
+            pre_features=pre_features,
+        )
         strategy, budget = self.stage.strategy, self.stage.budget
         if isinstance(strategy, MergingStrategy):
             return merge_tokens(strategy, budget, image)
         return select_tokens(strategy, budget, [image])[0], None
 
 
+#: What a kept set is remembered under: (schedule, the image's pixel key, the question's word ids; () when the
+#: schedule reads no question).
+SelectionKey = tuple[str, int, tuple[int, ...]]
+
+
 class Selections:
-    """Kept sets per (schedule, image), newest last: what the model kept, and the one place a selection made for
-    positions (Qwen's M-RoPE) is found again when the same image is embedded."""
+    """Kept sets per (schedule, image, question), newest last: what the model kept, and the one place a selection
+    made for positions (Qwen's M-RoPE) is found again when the same image is embedded."""
 
     def __init__(self, capacity: int = REMEMBERED_IMAGES) -> None:
         self.capacity = capacity
-        self.kept: OrderedDict[tuple[str, int], tuple[Tensor, Tensor | None]] = OrderedDict()
+        self.kept: OrderedDict[SelectionKey, tuple[Tensor, Tensor | None]] = OrderedDict()
 
-    def get(self, schedule: str, key: int) -> tuple[Tensor, Tensor | None] | None:
-        return self.kept.get((schedule, key))
+    def get(self, key: SelectionKey) -> tuple[Tensor, Tensor | None] | None:
+        return self.kept.get(key)
 
-    def put(self, schedule: str, key: int, chosen: tuple[Tensor, Tensor | None]) -> None:
-        self.kept[(schedule, key)] = chosen
-        self.kept.move_to_end((schedule, key))
+    def put(self, key: SelectionKey, chosen: tuple[Tensor, Tensor | None]) -> None:
+        self.kept[key] = chosen
+        self.kept.move_to_end(key)
         while len(self.kept) > self.capacity:
             self.kept.popitem(last=False)
 

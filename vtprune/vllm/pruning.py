@@ -2,24 +2,45 @@
 
 Front-end (:class:`ScheduleFieldProcessor`): the request's schedule (``mm_processor_kwargs``) or the engine's
 (``hf_overrides``) is checked, kept out of the Hugging Face processor call, and attached to each image as a
-tensor field, so it travels with the pixels to the model process. Model (:class:`PruningModel`): each image's
-projected tokens go through vtprune's selection and come back as exactly the budgeted number of rows.
+tensor field, so it travels with the pixels to the model process. A schedule that reads the question (``mmtok``)
+also gets the prompt's question words, picked as vtprune's transformers path picks them; they enter the image's
+processor kwargs before vLLM hashes them, so the encoder-output cache (and the prefix cache, whose block hashes
+hold the image's hash) keys on the question too. Model (:class:`PruningModel`): each image's projected tokens go
+through vtprune's selection and come back as exactly the budgeted number of rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 from transformers import BatchFeature
 from vllm.config import VllmConfig
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import ProcessorInputs
 
-from ..adapters.base import reduce_tokens
+from ..adapters.base import reduce_tokens, special_token_ids
+from ..engine.projector_inputs import ProjectorInputs
+from ..engine.question_words import QuestionTokens
 from ..vocabulary.grids import Grid
-from .plan import SCHEDULE_KEY, Selections, decode_schedule, encode_schedule, image_key, make_plan, schedule_for
+from .plan import (
+    PLACEHOLDER_NAMES,
+    QUESTION_KEY,
+    SCHEDULE_KEY,
+    SelectionKey,
+    Selections,
+    UnsupportedScheduleError,
+    decode_schedule,
+    encode_schedule,
+    image_key,
+    make_plan,
+    schedule_for,
+)
 
 #: The mixins' own last base, typed Any: what they call on ``super()`` and ``self`` (``info``, the processor and model
 #: methods they extend, ...) comes from the vLLM class each concrete class puts after them. ``object`` at run time.
@@ -35,64 +56,140 @@ class ScheduleFieldProcessor(VllmClass):
             make_plan(schedule)  # an unsupported schedule fails this request here, before any model code
         return schedule
 
+    def apply(self, inputs: ProcessorInputs, timing_ctx: Any) -> Any:
+        if QUESTION_KEY in inputs.hf_processor_mm_kwargs:
+            raise UnsupportedScheduleError(
+                f"{QUESTION_KEY} is vtprune's own processor kwarg (the prompt's question words); leave it out of "
+                "mm_processor_kwargs: the question is read from the prompt"
+            )
+        schedule = self._vtprune_schedule(inputs.hf_processor_mm_kwargs)
+        if schedule is not None and make_plan(schedule).reads("text_embeds"):
+            # Before vLLM hashes the items: the words enter each image's hash, so its cache keys on the question.
+            words = self._vtprune_question_tokens().select(torch.tensor(inputs.prompt, dtype=torch.long))
+            kwargs = {**inputs.hf_processor_mm_kwargs, QUESTION_KEY: words.tolist()}
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
+        return super().apply(inputs, timing_ctx)
+
+    def _vtprune_question_tokens(self) -> QuestionTokens:
+        """The picker of question words, as the transformers path builds it with the model's tokenizer."""
+        config = self.info.get_hf_config()
+        placeholders = [getattr(config, name) for name in PLACEHOLDER_NAMES if getattr(config, name, None) is not None]
+        special = special_token_ids(placeholders, (config, config.get_text_config()))
+        return QuestionTokens(special, self.info.get_tokenizer())
+
     def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> BatchFeature:
         schedule = self._vtprune_schedule(hf_kwargs)
-        rest = {key: value for key, value in hf_kwargs.items() if key != SCHEDULE_KEY}
+        rest = {key: value for key, value in hf_kwargs.items() if key not in (SCHEDULE_KEY, QUESTION_KEY)}
         outputs = super()._apply_hf_processor_main(mm_items, rest)
         images = mm_items.get_count("image", strict=False)
         if images:
-            # Every image carries the field ("" for none), so requests with and without a schedule batch together.
+            # Every image carries both fields ("" and no words for none), so all requests batch together.
             outputs[SCHEDULE_KEY] = encode_schedule(schedule or "", images)
+            words = torch.tensor(hf_kwargs.get(QUESTION_KEY, []), dtype=torch.long)
+            outputs[QUESTION_KEY] = words.expand(images, -1).clone()
         return outputs
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        if SCHEDULE_KEY in hf_inputs:
-            fields[SCHEDULE_KEY] = MultiModalFieldConfig.batched("image")
+        for key in (SCHEDULE_KEY, QUESTION_KEY):
+            if key in hf_inputs:
+                fields[key] = MultiModalFieldConfig.batched("image")
         return fields
 
 
 class PruningModel(VllmClass):
-    """Mixin for a vLLM multimodal model class: selection on projected tokens, remembered per (schedule, image)."""
+    """Mixin for a vLLM multimodal model class: selection on projected tokens, remembered per (schedule, image,
+    question). A forward hook on the projector records its inputs while images are encoded for a schedule that reads
+    them (``pre_features``); its outputs are the projected tokens, so each token's inputs are found by its value."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtprune_selections = Selections()
+        projector, rows_per_token = self._vtprune_projector()
+        self.vtprune_projector_inputs = ProjectorInputs(rows_per_token)
+        if projector is not None:  # None when the engine takes no images (vLLM then builds no vision modules)
+            projector.register_forward_hook(self.vtprune_projector_inputs.hook, with_kwargs=True)
+
+    def _vtprune_projector(self) -> tuple[nn.Module | None, int]:
+        """The module that maps vision-tower features to projected tokens, and how many of its input rows one
+        projected token reads."""
+        raise NotImplementedError
 
     def _vtprune_selection_features(self, rows: Tensor) -> Tensor:
         """The part of an image's embedding rows the selection reads (all of it, unless a model appends more)."""
         return rows
 
-    def _vtprune_choose(self, schedule: str, features: Tensor, grid: Grid, key: int) -> tuple[Tensor, Tensor | None]:
-        """(kept indices, merging weights or None) of one image's embedding rows ``features``; the first selection
-        for an image is reused."""
-        chosen = self.vtprune_selections.get(schedule, key)
+    @contextlib.contextmanager
+    def _vtprune_encoding(self, schedules: Iterable[str]) -> Iterator[None]:
+        """Encode images inside this block: the projector's inputs are recorded when one of the schedules reads them."""
+        if any(schedule and make_plan(schedule).reads("pre_features") for schedule in schedules):
+            with self.vtprune_projector_inputs.recording():
+                yield
+        else:
+            yield
+
+    def _vtprune_choose(
+        self, schedule: str, rows: Tensor, grid: Grid, source: Tensor, question: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """(kept indices, merging weights or None) of one image's embedding rows, encoded inside
+        :meth:`_vtprune_encoding`; ``source`` (its pixels) seeds and keys it, ``question`` holds the prompt's
+        question words (none unless the schedule reads them). The first selection for an (image, question) is
+        reused."""
+        seed = image_key(source)
+        key: SelectionKey = (schedule, seed, tuple(question.tolist()))
+        chosen = self.vtprune_selections.get(key)
         if chosen is None:
-            chosen = make_plan(schedule).select(self._vtprune_selection_features(features), grid, key)
-            self.vtprune_selections.put(schedule, key, chosen)
+            plan = make_plan(schedule)
+            features = self._vtprune_selection_features(rows)
+            text_embeds = pre_features = None
+            if plan.reads("text_embeds"):
+                text_embeds = self.get_language_model().embed_input_ids(question.to(features.device))
+            if plan.reads("pre_features"):
+                pre_features = self.vtprune_projector_inputs.lookup(features)
+                if pre_features is None:
+                    raise UnsupportedScheduleError(
+                        f"{schedule!r} reads the projector's inputs, which vtprune records while the model encodes "
+                        "pixels; this image came as precomputed embeddings. Send the image itself"
+                    )
+            chosen = plan.select(features, grid, seed, text_embeds=text_embeds, pre_features=pre_features)
+            self.vtprune_selections.put(key, chosen)
         return chosen
 
     def _vtprune_prune(
         self,
         embeddings: Sequence[Tensor],
-        schedules: Tensor | Sequence[Tensor] | None,
+        schedules: Sequence[str] | None,
         sources: Iterable[Tensor],
+        questions: Iterable[Tensor],
         grids: Iterable[Grid],
     ) -> tuple[Tensor, ...]:
-        """Each image's projected tokens reduced to its schedule's rows; ``sources`` (pixels) seed and key them."""
+        """Each image's projected tokens (encoded inside :meth:`_vtprune_encoding`) reduced to its schedule's rows."""
         if schedules is None:
             return tuple(embeddings)
         pruned = []
-        for features, row, source, grid in zip(embeddings, schedules, sources, grids, strict=True):
-            schedule = decode_schedule(row)
+        for features, schedule, source, question, grid in zip(
+            embeddings, schedules, sources, questions, grids, strict=True
+        ):
             if not schedule:
                 pruned.append(features)
                 continue
-            kept, weights = self._vtprune_choose(schedule, features, grid, image_key(source))
+            kept, weights = self._vtprune_choose(schedule, features, grid, source, question)
             pruned.append(reduce_tokens([features], [kept.to(features.device)], [weights])[0])
         return tuple(pruned)
+
+
+def schedules_of(kwargs: Mapping[str, object]) -> list[str] | None:
+    """Each image's schedule ("" for none) from the embedding step's kwargs; None when no image carries the field."""
+    rows = per_item(kwargs.get(SCHEDULE_KEY))  # type: ignore[arg-type]
+    return None if rows is None else [decode_schedule(row) for row in rows]
+
+
+def questions_of(kwargs: Mapping[str, object], count: int) -> list[Tensor]:
+    """Each image's question word ids (none when its schedule reads no question)."""
+    questions = per_item(kwargs.get(QUESTION_KEY))  # type: ignore[arg-type]
+    return [torch.zeros(0, dtype=torch.long)] * count if questions is None else questions
 
 
 def per_item(value: Tensor | Sequence[Tensor] | None, sizes: Sequence[int] | None = None) -> list[Tensor] | None:

@@ -23,15 +23,15 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from vllm.config import VllmConfig
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems, PlaceholderRange
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from ..vocabulary.grids import Grid
-from .plan import SCHEDULE_KEY, UnsupportedScheduleError, decode_schedule, image_key, make_plan
-from .pruning import PruningModel, ScheduleFieldProcessor, per_item
+from .plan import QUESTION_KEY, SCHEDULE_KEY, UnsupportedScheduleError, decode_schedule, make_plan
+from .pruning import PruningModel, ScheduleFieldProcessor, per_item, questions_of, schedules_of
 
 _IMAGE_KEYS = ("pixel_values", "image_embeds")
 _VIDEO_KEYS = ("pixel_values_videos", "video_embeds")
@@ -86,21 +86,27 @@ class QwenPruningModel(PruningModel):
     def _merge(self) -> int:
         return self.config.vision_config.spatial_merge_size
 
+    def _vtprune_projector(self) -> tuple[nn.Module | None, int]:
+        visual = getattr(self, "visual", None)
+        return getattr(visual, "merger", None), self._merge**2  # the merger reads each merge x merge block as one token
+
     def embed_multimodal(self, **kwargs: Any) -> tuple[Tensor, ...]:
-        embeddings = tuple(super().embed_multimodal(**kwargs) or ())
-        schedules = per_item(kwargs.get(SCHEDULE_KEY))
-        if schedules is None or not embeddings:
-            return embeddings
-        grids = [merged_grid(g, self._merge) for g in kwargs["image_grid_thw"]]  # one (t, h, w) per image
-        count = len(grids)
-        # The parent returns each modality's items in the order the modalities' keys came in.
-        first = next(key for key in kwargs if key in _IMAGE_KEYS + _VIDEO_KEYS)
-        images = slice(0, count) if first in _IMAGE_KEYS else slice(len(embeddings) - count, len(embeddings))
-        pixels = kwargs.get("pixel_values")
-        sizes = [int(np.prod(g)) * self._merge**2 for g in grids]
-        sources = embeddings[images] if pixels is None else cast(list[Tensor], per_item(pixels, sizes))  # not None
-        pruned = self._vtprune_prune(embeddings[images], schedules, sources, grids)
-        return embeddings[: images.start] + pruned + embeddings[images.stop :]
+        schedules = schedules_of(kwargs)
+        with self._vtprune_encoding(schedules or ()):
+            embeddings = tuple(super().embed_multimodal(**kwargs) or ())
+            if schedules is None or not embeddings:
+                return embeddings
+            grids = [merged_grid(g, self._merge) for g in kwargs["image_grid_thw"]]  # one (t, h, w) per image
+            count = len(grids)
+            # The parent returns each modality's items in the order the modalities' keys came in.
+            first = next(key for key in kwargs if key in _IMAGE_KEYS + _VIDEO_KEYS)
+            images = slice(0, count) if first in _IMAGE_KEYS else slice(len(embeddings) - count, len(embeddings))
+            pixels = kwargs.get("pixel_values")
+            sizes = [int(np.prod(g)) * self._merge**2 for g in grids]
+            sources = embeddings[images] if pixels is None else cast(list[Tensor], per_item(pixels, sizes))  # not None
+            questions = questions_of(kwargs, count)
+            pruned = self._vtprune_prune(embeddings[images], schedules, sources, questions, grids)
+            return embeddings[: images.start] + pruned + embeddings[images.stop :]
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
@@ -145,8 +151,9 @@ class QwenPruningModel(PruningModel):
         else:
             source = data["image_embeds"].data
             image = {"type": "image_embeds", "image_embeds": source, "image_grid_thw": grid_thw}
-        (tokens,) = self._process_image_input(image)
-        kept, _ = self._vtprune_choose(schedule, tokens, grid, image_key(source))
+        with self._vtprune_encoding([schedule]):
+            (tokens,) = self._process_image_input(image)
+            kept, _ = self._vtprune_choose(schedule, tokens, grid, source, data[QUESTION_KEY].data)
         return kept.cpu()
 
 
