@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -65,13 +66,15 @@ class ScheduleFieldProcessor(VllmClass):
         schedule = self._vtprune_schedule(inputs.hf_processor_mm_kwargs)
         if schedule is not None and make_plan(schedule).reads("text_embeds"):
             # Before vLLM hashes the items: the words enter each image's hash, so its cache keys on the question.
-            words = self._vtprune_question_tokens().select(torch.tensor(inputs.prompt, dtype=torch.long))
+            words = self._vtprune_question_tokens.select(torch.tensor(inputs.prompt, dtype=torch.long))
             kwargs = {**inputs.hf_processor_mm_kwargs, QUESTION_KEY: words.tolist()}
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
         return super().apply(inputs, timing_ctx)
 
+    @functools.cached_property
     def _vtprune_question_tokens(self) -> QuestionTokens:
-        """The picker of question words, as the transformers path builds it with the model's tokenizer."""
+        """The picker of question words, as the transformers path builds it with the model's tokenizer (one per
+        processor: it remembers which token ids are words)."""
         config = self.info.get_hf_config()
         placeholders = [getattr(config, name) for name in PLACEHOLDER_NAMES if getattr(config, name, None) is not None]
         special = special_token_ids(placeholders, (config, config.get_text_config()))
