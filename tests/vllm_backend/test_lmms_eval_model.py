@@ -55,3 +55,43 @@ def test_refused_before_the_engine_starts(engine_kwargs, kwargs, error, match):
     with pytest.raises(error, match=match):
         VTPruneVLLM(model=str(DEFAULT_PATH), **kwargs)
     assert engine_kwargs == []
+
+
+def test_a_sweep_changes_the_schedule_per_request_and_checks_it_first(engine_kwargs):
+    lm = VTPruneVLLM(model=str(DEFAULT_PATH))
+    assert engine_kwargs[0]["hf_overrides"] == {"architectures": ["VTPruneLlavaForConditionalGeneration"]}
+    lm.image_tokens = [144]
+    lm.set_schedule("uniform:25%")
+    assert (lm.request_schedule, lm.image_tokens) == ("uniform:25%", [])
+    with pytest.raises(UnsupportedScheduleError, match="paged KV cache"):
+        lm.set_schedule("fastv@2:50%")
+    assert lm.request_schedule == "uniform:25%"
+
+
+@pytest.mark.parametrize(
+    "runtime, world_size, match", [("tgi", "1", "runtime must be one of"), ("vllm", "2", "runs in one process")]
+)
+def test_sweep_runtimes_are_checked_before_any_engine_starts(
+    engine_kwargs, monkeypatch, tmp_path, runtime, world_size, match
+):
+    from vtprune.harness.sweep import run_sweep
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    with pytest.raises(ValueError, match=match):
+        run_sweep(str(DEFAULT_PATH), ["vtprune_shapes"], ["uniform:25%"], tmp_path, runtime=runtime)
+    assert engine_kwargs == []
+
+
+def test_the_sweep_command_passes_the_runtime(monkeypatch, tmp_path):
+    import vtprune.harness.sweep
+    from vtprune.cli import main
+
+    received = []
+
+    def recorded_sweep(*args, **kwargs):
+        received.append(kwargs)
+        return []  # no runs: the command prints nothing
+
+    monkeypatch.setattr(vtprune.harness.sweep, "run_sweep", recorded_sweep)
+    main(["sweep", "--runtime", "vllm", "--schedules", "uniform:25%", "--output", str(tmp_path)])
+    assert received[0]["runtime"] == "vllm"

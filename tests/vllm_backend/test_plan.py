@@ -15,7 +15,6 @@ from vtprune.vllm.plan import Selections, decode_schedule, encode_schedule, imag
     [
         ("fastv@2:50%", "paged KV cache"),
         ("divprune:64+random_deep@2:50%", "paged KV cache"),
-        ("todre:64", "[CLS] attention"),
         ("zoo:64", "projector as a float32 function"),
         ("none", "decides its own count"),
     ],
@@ -135,3 +134,13 @@ def test_mmtok_runs_on_the_question_words_and_the_projector_inputs():
         expected = vtprune.select("mmtok", features, keep=16, text_embeds=question, pre_features=pre_features)
         assert torch.equal(kept, expected)
     assert not torch.equal(chosen[0], chosen[1])  # the question decides part of the selection
+
+
+def test_todre_ranks_with_the_cls_attention_it_is_given():
+    generator = torch.Generator().manual_seed(1)
+    features, cls_attention = torch.randn(144, 16, generator=generator), torch.rand(144, generator=generator)
+    kept, _ = make_plan("todre:16").select(features, (1, 12, 12), seed=0, cls_attention=cls_attention)
+    assert torch.equal(kept, vtprune.select("todre", features, keep=16, cls_attention=cls_attention))
+    without, _ = make_plan("todre:16").select(features, (1, 12, 12), seed=0)  # no [CLS]: todre's own fallback
+    assert torch.equal(without, vtprune.select("todre", features, keep=16))
+    assert not torch.equal(kept, without)

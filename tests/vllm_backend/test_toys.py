@@ -6,17 +6,19 @@ transformers path in this same environment (LLaVA with ``renumber=True``: vLLM n
 contiguously; Qwen2-VL with original M-RoPE positions, as the pruning class keeps them).
 """
 
+import copy
 import dataclasses
 import gc
 import importlib
 import os
+import shutil
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 # Skipped where vLLM is absent (the main session); noxfile.py's vllm session sets VTPRUNE_REQUIRE_VLLM, so a
 # broken vLLM install fails there instead of passing as skipped.
@@ -48,6 +50,8 @@ RANDOM = "random:10"
 #: mmtok reads the question: one noise image (no ties) asked two different questions, sent in one batch.
 MMTOK = "mmtok:16"
 ASKED_TWICE = [dataclasses.replace(NOISE[0], question=SAMPLES[index].question) for index in (0, 2)]
+#: ToDRE reads the CLIP tower's [CLS] attention (LLaVA; Qwen's tower has none: its fallback on both paths).
+TODRE = "todre:16"
 NEW_TOKENS = 3
 #: vLLM's CPU kernels against transformers' SDPA, float32: the prototype measured < 1e-4.
 LOGPROB_TOLERANCE = 1e-4
@@ -151,6 +155,8 @@ def toy(request, tmp_path_factory):
             results[schedule] = generate(llm, processor, schedule)
         results["noise"] = generate(llm, processor, DIVPRUNE, NOISE)
         results["mmtok"] = generate(llm, processor, MMTOK, ASKED_TWICE)
+        results["todre"] = generate(llm, processor, TODRE, NOISE)
+        cls_rows = llm.apply_model(lambda m: len(m.vtprune_cls_rows))[0]
         kept = llm.apply_model(lambda m: dict(m.vtprune_selections.kept))[0]
         with pytest.raises(UnsupportedScheduleError, match="inside the decoder") as refused:
             generate(llm, processor, "fastv@2:50%")
@@ -160,9 +166,11 @@ def toy(request, tmp_path_factory):
     reference = {schedule: transformers_path(model, processor, schedule, renumber) for schedule in (None,) + COMPARED}
     reference["noise"] = transformers_path(model, processor, DIVPRUNE, renumber, NOISE)
     reference["mmtok"] = transformers_path(model, processor, MMTOK, renumber, ASKED_TWICE, tokenizer=processor)
+    reference["todre"] = transformers_path(model, processor, TODRE, renumber, NOISE)
     return {
         "family": family,
         "path": path,
+        "cls_rows": cls_rows,
         "stock": stock,
         "results": results,
         "kept": kept,
@@ -255,6 +263,22 @@ def test_mmtok_selects_per_question_as_the_transformers_path(toy):
     assert logprobs == pytest.approx([row[2] for row in reference], abs=LOGPROB_TOLERANCE)
 
 
+def test_todre_without_a_cls_attention_keeps_and_answers_as_the_transformers_path(toy):
+    """Neither toy has a [CLS] attention to read (Qwen2-VL's tower has no [CLS]; the toy LLaVA's projector reads
+    the output of CLIP layer -2, which with its one layer is the patch embeddings): ToDRE's fallback on both paths.
+    The [CLS] case: test_todre_reads_the_cls_attention_as_the_transformers_path."""
+    assert toy["cls_rows"] == 0
+    answers, first, logprobs = toy["results"]["todre"]
+    reference = toy["reference"]["todre"]
+    assert len(reference) == len(NOISE)
+    for key, row in zip(toy["noise_keys"], reference, strict=True):
+        kept, _ = toy["kept"][(TODRE, key, ())]
+        assert kept.tolist() == row[3]
+    assert answers == [row[0] for row in reference]
+    assert first == [row[1] for row in reference]
+    assert logprobs == pytest.approx([row[2] for row in reference], abs=LOGPROB_TOLERANCE)
+
+
 def test_decoder_stage_schedules_are_refused_per_request(toy):
     assert "paged KV cache" in toy["refused"]
 
@@ -264,3 +288,44 @@ def test_requests_with_and_without_a_schedule_batch_together(toy):
         alone = toy["results"][schedule]
         assert [part[index] for part in toy["results"]["mixed"][:2]] == [part[index] for part in alone[:2]]
     assert None in toy["mixed"] and DIVPRUNE in toy["mixed"]
+
+
+def deeper_clip_toy(folder):
+    """The toy LLaVA with a 3-layer CLIP tower (its trained layer, then two random ones): the projector reads layer
+    1's output, so ToDRE has a [CLS] attention to read. Layer 1's query and key weights are scaled up so that its
+    [CLS] row is far from uniform (no near-ties between the two runtimes' rounding)."""
+    shutil.copytree(DEFAULT_PATH, folder)
+    toy, _ = load_toy_model(DEFAULT_PATH)
+    config = copy.deepcopy(toy.config)
+    config.vision_config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(toy.state_dict(), strict=False)
+    assert not unexpected and missing and all(".layers.1." in name or ".layers.2." in name for name in missing)
+    tower = model.model.vision_tower
+    attention = getattr(tower, "vision_model", tower).encoder.layers[1].self_attn
+    with torch.no_grad():
+        attention.q_proj.weight.mul_(20)
+        attention.k_proj.weight.mul_(20)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_todre_reads_the_cls_attention_as_the_transformers_path(tmp_path):
+    """vLLM's CLIP attention returns no weights: the pruning class recomputes the [CLS] row from the layer's own
+    projections, one row per image of the batch; kept sets, answers and log-probs equal the transformers path's."""
+    folder = deeper_clip_toy(tmp_path / "toy")
+    model, _ = load_toy_model(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    samples = NOISE[:2]
+    with engine(**engine_args(str(folder))) as llm:
+        answers, first, logprobs = generate(llm, processor, TODRE, samples)
+        kept, cls_rows = llm.apply_model(lambda m: (dict(m.vtprune_selections.kept), len(m.vtprune_cls_rows)))[0]
+    assert cls_rows == len(samples)
+    reference = transformers_path(model, processor, TODRE, True, samples)
+    keys = pixel_keys("llava", model_images(processor, "llava", samples))
+    for key, row in zip(keys, reference, strict=True):
+        assert kept[(TODRE, key, ())][0].tolist() == row[3]
+    assert answers == [row[0] for row in reference]
+    assert first == [row[1] for row in reference]
+    assert logprobs == pytest.approx([row[2] for row in reference], abs=LOGPROB_TOLERANCE)

@@ -112,8 +112,15 @@ def run_sweep(
 
     if timing_rounds < 0 or timing_calls < 1:
         raise ValueError(f"timing_rounds must be >= 0 and timing_calls >= 1, got {timing_rounds}, {timing_calls}")
+    is_writer = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate set RANK and WORLD_SIZE
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime == "vllm" and world_size > 1:
+        raise ValueError(
+            "runtime='vllm' runs in one process: start it without torchrun and give vLLM tensor_parallel_size in "
+            "model_args"
+        )
     output_dir = Path(output_dir)
     ordered = [BASELINE] + [s for s in dict.fromkeys(schedules) if s != BASELINE]
     for schedule in ordered:
@@ -130,8 +137,6 @@ def run_sweep(
     }
     done = _load_done(output_dir / RESULTS_FILE, settings) if resume else {}
     task_manager = TaskManager(include_path=include_path, model_name="vtprune")  # index the tasks once
-    is_writer = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate set RANK and WORLD_SIZE
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
     def evaluate(model: VTPruneLMM | VTPruneVLLM) -> dict[str, Any]:
         return simple_evaluate(
@@ -150,11 +155,6 @@ def run_sweep(
         )
 
     if runtime == "vllm":
-        if world_size > 1:
-            raise ValueError(
-                "runtime='vllm' runs in one process: start it without torchrun and give vLLM tensor_parallel_size "
-                "in model_args"
-            )
         return _sweep_on_vllm(pretrained, ordered, done, evaluate, output_dir, settings, tasks, metric, batch_size)
     # The sweep writes every run's measurements itself, so the model writes no file per run.
     lm = VTPruneLMM(pretrained, seed=seed, batch_size=batch_size, **{**(model_args or {}), "measurements": "off"})

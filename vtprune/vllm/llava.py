@@ -9,9 +9,10 @@ transformers path does with ``renumber=True``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
+from vllm.model_executor.models.clip import CLIPVisionModel
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -23,7 +24,7 @@ from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from .plan import make_plan, square_grid
+from .plan import UnsupportedScheduleError, make_plan, square_grid
 from .pruning import PruningModel, ScheduleFieldProcessor, questions_of, schedules_of
 
 
@@ -54,6 +55,33 @@ class VTPruneLlavaMultiModalProcessor(ScheduleFieldProcessor, LlavaMultiModalPro
 class VTPruneLlavaForConditionalGeneration(PruningModel, LlavaForConditionalGeneration):
     def _vtprune_projector(self) -> tuple[torch.nn.Module | None, int]:
         return getattr(self, "multi_modal_projector", None), 1
+
+    def _vtprune_cls_layer(self) -> torch.nn.Module | None:
+        # As vtprune's LLaVA adapter: the CLIP layer whose output the projector reads. vLLM builds the tower only up
+        # to that layer (num_hidden_layers_override), so it is the last one; SigLIP towers have no [CLS].
+        tower = getattr(self, "vision_tower", None)
+        layer = self.config.vision_feature_layer
+        if not isinstance(tower, CLIPVisionModel) or not isinstance(layer, int) or layer >= 0:
+            return None
+        if self.config.vision_config.num_hidden_layers + layer < 0:  # the projector reads the patch embeddings
+            return None
+        return tower.vision_model.encoder.layers[-1].self_attn
+
+    def _vtprune_cls_attention(self, attention: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+        # vtprune.engine.attention.cls_attention for vLLM's CLIP attention, whose fused kernel returns no weights:
+        # the [CLS] query against every key, from the layer's own q / k projection.
+        if attention.num_heads_per_partition != attention.num_heads:
+            raise UnsupportedScheduleError(
+                "todre reads the CLIP tower's [CLS] attention, averaged over its heads, and tensor parallelism splits "
+                "the heads across processes; run it with tensor_parallel_size=1"
+            )
+        batch, length, _ = hidden_states.shape
+        qkv, _ = attention.qkv_proj(hidden_states)
+        query, keys, _ = qkv.chunk(3, dim=-1)
+        query = query[:, :1].reshape(batch, 1, attention.num_heads, -1).transpose(1, 2).float()
+        keys = keys.reshape(batch, length, attention.num_heads, -1).transpose(1, 2).float()
+        probs = ((query @ keys.transpose(-1, -2)) * attention.scale).softmax(dim=-1)  # (B, H, 1, S)
+        return probs.mean(dim=1)[:, 0, 1:]
 
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
         schedules = schedules_of(kwargs)

@@ -38,14 +38,15 @@ QUESTION_KEY = "vtprune_question"
 PLACEHOLDER_NAMES = ("image_token_id", "image_token_index", "video_token_id")
 
 #: Strategy inputs the pruning classes provide: the question's words embedded by the language model (from the
-#: prompt the front-end sees) and the projector's inputs (recorded by a hook on the projector while it encodes).
-AVAILABLE_INPUTS = frozenset({"text_embeds", "pre_features"})
+#: prompt the front-end sees), the projector's inputs (recorded by a hook on the projector while it encodes) and
+#: the CLIP tower's [CLS] attention (recomputed by a hook on the attention whose output the projector reads; None
+#: for towers without [CLS], as on the transformers path).
+AVAILABLE_INPUTS = frozenset({"text_embeds", "pre_features", "cls_attention"})
 
 #: Why a strategy input cannot be had inside vLLM's multimodal embedding step.
 UNAVAILABLE_INPUTS = {
     "attention": "it scores with decoder attention, and vLLM's attention kernels return no weights",
     "cross_shares": "it scores with decoder attention, and vLLM's attention kernels return no weights",
-    "cls_attention": "it needs the vision tower's [CLS] attention, which vLLM's fused vision attention does not return",
     "projector": "it needs the projector as a float32 function of the projector's inputs, and vLLM's projector is "
     "made of its own parallel linear layers (sharded under tensor parallelism; on CPU their weights may be repacked "
     "for its GEMM kernels), of which this backend makes no float32 copy",
@@ -119,9 +120,10 @@ class PruningPlan:
         seed: int,
         text_embeds: Tensor | None = None,
         pre_features: Tensor | None = None,
+        cls_attention: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """(kept indices, merging weights or None) for one image's projected tokens ``features`` (N, D); the question's
-        embedded words and the projector's inputs for the strategies that read them."""
+        embedded words, the projector's inputs and the [CLS] attention for the strategies that read them."""
         image = TokenContext(
             features=features,
             keep=features.shape[0],
@@ -129,6 +131,7 @@ class PruningPlan:
             grid=grid,
             text_embeds=text_embeds,
             pre_features=pre_features,
+            cls_attention=cls_attention,
         )
         strategy, budget = self.stage.strategy, self.stage.budget
         if isinstance(strategy, MergingStrategy):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -65,13 +66,15 @@ class ScheduleFieldProcessor(VllmClass):
         schedule = self._vtprune_schedule(inputs.hf_processor_mm_kwargs)
         if schedule is not None and make_plan(schedule).reads("text_embeds"):
             # Before vLLM hashes the items: the words enter each image's hash, so its cache keys on the question.
-            words = self._vtprune_question_tokens().select(torch.tensor(inputs.prompt, dtype=torch.long))
+            words = self._vtprune_question_tokens.select(torch.tensor(inputs.prompt, dtype=torch.long))
             kwargs = {**inputs.hf_processor_mm_kwargs, QUESTION_KEY: words.tolist()}
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
         return super().apply(inputs, timing_ctx)
 
+    @functools.cached_property
     def _vtprune_question_tokens(self) -> QuestionTokens:
-        """The picker of question words, as the transformers path builds it with the model's tokenizer."""
+        """The picker of question words, as the transformers path builds it with the model's tokenizer (one per
+        processor: it remembers which token ids are words)."""
         config = self.info.get_hf_config()
         placeholders = [getattr(config, name) for name in PLACEHOLDER_NAMES if getattr(config, name, None) is not None]
         special = special_token_ids(placeholders, (config, config.get_text_config()))
@@ -111,11 +114,30 @@ class PruningModel(VllmClass):
         self.vtprune_projector_inputs = ProjectorInputs(rows_per_token)
         if projector is not None:  # None when the engine takes no images (vLLM then builds no vision modules)
             projector.register_forward_hook(self.vtprune_projector_inputs.hook, with_kwargs=True)
+        #: Per image of the last encoding that recorded them, in encoding order: its [CLS] attention to its patches.
+        self.vtprune_cls_rows: list[Tensor] = []
+        self._vtprune_recording_cls = False
+        cls_layer = self._vtprune_cls_layer()
+        if cls_layer is not None:
+            cls_layer.register_forward_hook(self._vtprune_record_cls, with_kwargs=True)
 
     def _vtprune_projector(self) -> tuple[nn.Module | None, int]:
         """The module that maps vision-tower features to projected tokens, and how many of its input rows one
         projected token reads."""
         raise NotImplementedError
+
+    def _vtprune_cls_layer(self) -> nn.Module | None:
+        """The vision-tower attention whose [CLS] row ranks the patches (None: the tower has no [CLS] token)."""
+        return None
+
+    def _vtprune_cls_attention(self, attention: nn.Module, hidden_states: Tensor) -> Tensor:
+        """(images, patches) [CLS] attention of one call of :meth:`_vtprune_cls_layer`, heads averaged."""
+        raise NotImplementedError
+
+    def _vtprune_record_cls(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        if self._vtprune_recording_cls:
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            self.vtprune_cls_rows.extend(self._vtprune_cls_attention(module, hidden_states))
 
     def _vtprune_selection_features(self, rows: Tensor) -> Tensor:
         """The part of an image's embedding rows the selection reads (all of it, unless a model appends more)."""
@@ -123,20 +145,30 @@ class PruningModel(VllmClass):
 
     @contextlib.contextmanager
     def _vtprune_encoding(self, schedules: Iterable[str]) -> Iterator[None]:
-        """Encode images inside this block: the projector's inputs are recorded when one of the schedules reads them."""
-        if any(schedule and make_plan(schedule).reads("pre_features") for schedule in schedules):
-            with self.vtprune_projector_inputs.recording():
-                yield
-        else:
+        """Encode images inside this block: the projector's inputs and the [CLS] attention are recorded when one of
+        the schedules reads them."""
+        plans = [make_plan(schedule) for schedule in schedules if schedule]
+        with contextlib.ExitStack() as stack:
+            if any(plan.reads("pre_features") for plan in plans):
+                stack.enter_context(self.vtprune_projector_inputs.recording())
+            if any(plan.reads("cls_attention") for plan in plans):
+                self.vtprune_cls_rows, self._vtprune_recording_cls = [], True
+                stack.callback(setattr, self, "_vtprune_recording_cls", False)
             yield
 
     def _vtprune_choose(
-        self, schedule: str, rows: Tensor, grid: Grid, source: Tensor, question: Tensor
+        self,
+        schedule: str,
+        rows: Tensor,
+        grid: Grid,
+        source: Tensor,
+        question: Tensor,
+        cls_attention: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """(kept indices, merging weights or None) of one image's embedding rows, encoded inside
         :meth:`_vtprune_encoding`; ``source`` (its pixels) seeds and keys it, ``question`` holds the prompt's
-        question words (none unless the schedule reads them). The first selection for an (image, question) is
-        reused."""
+        question words (none unless the schedule reads them), ``cls_attention`` its [CLS] row (None: no [CLS]).
+        The first selection for an (image, question) is reused."""
         seed = image_key(source)
         key: SelectionKey = (schedule, seed, tuple(question.tolist()))
         chosen = self.vtprune_selections.get(key)
@@ -153,7 +185,11 @@ class PruningModel(VllmClass):
                         f"{schedule!r} reads the projector's inputs, which vtprune records while the model encodes "
                         "pixels; this image came as precomputed embeddings. Send the image itself"
                     )
-            chosen = plan.select(features, grid, seed, text_embeds=text_embeds, pre_features=pre_features)
+            if not plan.reads("cls_attention") or (cls_attention is not None and len(cls_attention) != len(features)):
+                cls_attention = None  # read only by strategies that ask; a row of another length is not this image's
+            chosen = plan.select(
+                features, grid, seed, text_embeds=text_embeds, pre_features=pre_features, cls_attention=cls_attention
+            )
             self.vtprune_selections.put(key, chosen)
         return chosen
 
@@ -169,13 +205,15 @@ class PruningModel(VllmClass):
         if schedules is None:
             return tuple(embeddings)
         pruned = []
-        for features, schedule, source, question, grid in zip(
-            embeddings, schedules, sources, questions, grids, strict=True
+        # One [CLS] row per image of this encoding, when it recorded them (a tower pass per image batch).
+        cls_rows = self.vtprune_cls_rows if len(self.vtprune_cls_rows) == len(embeddings) else [None] * len(embeddings)
+        for features, schedule, source, question, grid, cls_attention in zip(
+            embeddings, schedules, sources, questions, grids, cls_rows, strict=True
         ):
             if not schedule:
                 pruned.append(features)
                 continue
-            kept, weights = self._vtprune_choose(schedule, features, grid, source, question)
+            kept, weights = self._vtprune_choose(schedule, features, grid, source, question, cls_attention)
             pruned.append(reduce_tokens([features], [kept.to(features.device)], [weights])[0])
         return tuple(pruned)
 
