@@ -9,8 +9,10 @@ from the model's own vision encoder.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
+from PIL import Image
 from torch import Tensor, nn
 
 from .adapters import ARCHITECTURES, architecture, architecture_of
@@ -72,5 +74,12 @@ def build_inputs(model: nn.Module, rows: list[RowSpec], *, seed: int = 0) -> dic
     return inputs
 
 
+def gradient(height: int, width: int, blue: int) -> Image.Image:
+    """Red = 255 x / width, green = 255 y / height at pixel centres: every patch has its own colour."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * (x + 0.5) / width, 255 * (y + 0.5) / height, np.full(x.shape, blue)], -1)
+    return Image.fromarray(rgb.round().astype(np.uint8))
+
+
 __all__ = ["BOS", "FIRST_TEXT_ID", "IMAGE", "MID", "MODEL_KINDS", "PAD", "TINY", "VIDEO", "VISION_END"]
-__all__ += ["VISION_START", "RowSpec", "Size", "build_inputs", "build_model"]
+__all__ += ["VISION_START", "RowSpec", "Size", "build_inputs", "build_model", "gradient"]

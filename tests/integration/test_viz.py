@@ -28,16 +28,9 @@ from transformers import (
 
 import vtprune
 from vtprune import viz
-from vtprune.testing import MODEL_KINDS, RowSpec, build_inputs
+from vtprune.testing import MODEL_KINDS, RowSpec, build_inputs, gradient
 
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-
-
-def gradient(height: int, width: int, blue: int) -> Image.Image:
-    """Red = 255 x / width, green = 255 y / height at pixel centres: every patch has its own colour."""
-    y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([255 * (x + 0.5) / width, 255 * (y + 0.5) / height, np.full(x.shape, blue)], -1)
-    return Image.fromarray(rgb.round().astype(np.uint8))
 
 
 class TakeColour(nn.Module):
