@@ -77,14 +77,44 @@ def _background_visible(step: int, steps: int) -> float:
     return min(1.0, max(0.0, (step / steps - 0.2) / 0.4))
 
 
-def _token_targets(task: Task, sample: Sample) -> list[str]:
-    """Per patch (row-major): the task's word for an object the question asks about, "no" everywhere else."""
+def _token_targets(task: Task, sample: Sample) -> tuple[list[str], list[bool]]:
+    """Per patch (row-major): the target word, and whether the patch is left out of the per-token loss.
+
+    An object's word is the task's word if the question asks about it, "no" otherwise, and it goes on the object's
+    *last* patch in raster order only -- under causal attention the one token that sees all of the object (a
+    shapes object is one patch); the object's other patches are left out. Background patches say "no".
+    """
     words = ["no"] * len(object_patch_mask(sample))
+    ignored = [False] * len(words)
     for obj, asked in zip(sample.objects, sample.relevant, strict=True):
-        if asked:
-            for index in box_patches(obj.box):
-                words[index] = task.object_word(sample, obj)
-    return words
+        *first, last = box_patches(obj.box)
+        for index in first:
+            ignored[index] = True
+        words[last] = task.object_word(sample, obj) if asked else "no"
+    return words, ignored
+
+
+def _reading_loss(
+    task: Task,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    samples: list[Sample],
+    image: torch.Tensor,
+    hidden_states: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """Cross-entropy of the LM head, applied halfway up the decoder, naming every object at its last patch
+    (``task.object_word``, whatever the question asks): the reading the upper layers build the answer from."""
+    layers = model.config.text_config.num_hidden_layers
+    language_model = model.model.language_model
+    hidden = language_model.norm(hidden_states[layers // 2])[image]
+    per_image = hidden.shape[0] // len(samples)
+    rows, words = [], []
+    for row, sample in enumerate(samples):
+        for obj in sample.objects:
+            rows.append(row * per_image + box_patches(obj.box)[-1])
+            words.append(task.object_word(sample, obj))
+    targets = torch.tensor(processor.tokenizer.convert_tokens_to_ids(words))
+    return F.cross_entropy(model.lm_head(hidden[torch.tensor(rows)]), targets)
 
 
 def _loss(
@@ -107,17 +137,22 @@ def _loss(
     if background_visible < 1.0:
         shown = objects | (torch.rand(objects.shape, generator=generator) < background_visible)
         batch["attention_mask"][image] = shown.flatten().to(batch["attention_mask"].dtype)
-    logits = model(**batch).logits
+    outputs = model(**batch, output_hidden_states=task.reads_objects)
+    logits = outputs.logits
     answer_loss = F.cross_entropy(logits[:, -3:-1].flatten(0, 1), ids[:, -2:].flatten())
     tokenizer = processor.tokenizer
     relevant = torch.tensor([object_patch_mask(s, relevant_only=True) for s in samples])
-    targets = torch.tensor([tokenizer.convert_tokens_to_ids(_token_targets(task, s)) for s in samples])
+    words, ignored = zip(*(_token_targets(task, s) for s in samples), strict=True)
+    targets = torch.tensor([tokenizer.convert_tokens_to_ids(list(w)) for w in words])
+    counted = ~torch.tensor(ignored)
     per_token = F.cross_entropy(logits[image], targets.flatten(), reduction="none").view_as(targets.float())
     # Equal weight per group: background alone is 97 % of the tokens, and the other objects are what force the
     # question to be read ("any object -> relevant" must not score well).
-    groups = [g for g in (relevant, objects & ~relevant, ~objects) if g.any()]
-    token_loss = sum(per_token[g].mean() for g in groups) / len(groups)
-    return answer_loss + token_loss
+    groups = [g & counted for g in (relevant, objects & ~relevant, ~objects)]
+    token_loss = sum(per_token[g].mean() for g in groups if g.any()) / sum(bool(g.any()) for g in groups)
+    if not task.reads_objects:
+        return answer_loss + token_loss
+    return answer_loss + token_loss + _reading_loss(task, model, processor, samples, image, outputs.hidden_states)
 
 
 def train(
