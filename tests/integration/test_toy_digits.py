@@ -15,7 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from vtprune.toyvlm import answer
 from vtprune.toyvlm.benchmark import Row, check_targets, format_table
 from vtprune.toyvlm.data import CELL, IMAGE_SIZE, TEST_SEED, TRAIN_SEED_BASE, VALIDATION_SEED, box_patches
-from vtprune.toyvlm.digits import DIGIT_SIZES, QUADRANTS, QUESTION_TYPES, make_split, pool_indices
+from vtprune.toyvlm.digits import DIGIT_SIZE, QUADRANTS, QUESTION_TYPES, make_split, pool_indices
 from vtprune.toyvlm.tasks import TASKS
 from vtprune.toyvlm.train import train
 
@@ -65,11 +65,11 @@ def test_digits_span_several_patches_off_the_patch_grid():
     for s in make_split(3, 100):
         for d in s.objects:
             x0, y0, x1, y1 = d.box
-            assert DIGIT_SIZES[0] <= x1 - x0 == y1 - y0 <= DIGIT_SIZES[1]
+            assert x1 - x0 == y1 - y0 == DIGIT_SIZE > CELL
             assert x0 % CELL and y0 % CELL
             patches = box_patches(d.box)
             rows = {p // (IMAGE_SIZE // CELL) for p in patches}
-            assert len(rows) >= 2 and len(patches) // len(rows) >= 2 and len(patches) >= 4
+            assert len(rows) == 2 and len(patches) == 4
 
 
 def test_test_scenes_use_digit_images_never_seen_in_training():

@@ -22,6 +22,9 @@ class Task:
     """What the image tokens of an object the question asks about must say (the trainer's per-token target)."""
     chance: dict[str, float]
     """Accuracy per question type of a model that does not see the image (answers are balanced)."""
+    reads_objects: bool = False
+    """Whether ``object_word`` names an object whatever the question (the digit itself), so the trainer can also
+    teach reading on its own, question-independently (``train._reading_loss``)."""
 
     @property
     def overall_chance(self) -> float:
@@ -64,5 +67,6 @@ TASKS: dict[str, Task] = {
         digits.vocabulary,
         _digits_object_word,
         {"position": 1 / 10, "largest": 1 / 10, "count": 1 / (digits.MAX_COUNT + 1), "exists": 1 / 2, "compare": 1 / 2},
+        reads_objects=True,
     ),
 }
