@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--init", help="continue from this saved checkpoint (curricula done; sizes are its own)")
     for size, default in DEFAULT_SIZES.items():
         # No default here: a family may declare its own sizes (the toy Qwen2-VL's depth-0 vision transformer).
         parser.add_argument(
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         task=args.task,
         sizes={size: getattr(args, size) for size in DEFAULT_SIZES if getattr(args, size) is not None},
         eval_every=args.eval_every,
+        init=args.init,
         log=lambda line: print(line, flush=True),
     )
     print("best held-out (validation) accuracy:", best, flush=True)

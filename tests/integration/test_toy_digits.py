@@ -10,13 +10,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vtprune.toyvlm import answer
 from vtprune.toyvlm.benchmark import Row, check_targets, format_table
 from vtprune.toyvlm.data import CELL, IMAGE_SIZE, TEST_SEED, TRAIN_SEED_BASE, VALIDATION_SEED, box_patches
-from vtprune.toyvlm.digits import DIGIT_SIZE, QUADRANTS, QUESTION_TYPES, make_split, pool_indices
+from vtprune.toyvlm.digits import DIGIT_SIZE, MAX_OBJECTS, QUADRANTS, QUESTION_TYPES, make_split, pool_indices
 from vtprune.toyvlm.tasks import TASKS
+from vtprune.toyvlm import train as train_module
 from vtprune.toyvlm.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,6 +108,28 @@ def test_two_training_steps_on_digits_save_a_loadable_model(two_steps):
     sample = make_split(0, 1)[0]
     assert processor.tokenizer.unk_token_id not in processor.tokenizer(sample.question)["input_ids"]
     assert len(answer(model, processor, [sample.image], [sample.question])) == 1
+
+
+def test_a_continued_run_starts_from_the_checkpoint_with_the_curricula_done(two_steps, tmp_path, monkeypatch):
+    folder, _ = two_steps
+    seen = []
+
+    def loss(task, model, processor, samples, background_visible, generator):
+        seen.append(
+            (
+                {k: v.clone() for k, v in model.state_dict().items()},
+                max(len(s.objects) for s in samples),
+                background_visible,
+            )
+        )
+        return model.lm_head.weight.sum() * 0
+
+    monkeypatch.setattr(train_module, "_loss", loss)
+    train(tmp_path, steps=1, batch_size=8, warmup=1, task="digits", eval_every=1, eval_samples=5, init=folder)
+    ((weights, most, visible),) = seen
+    assert (most, visible) == (MAX_OBJECTS, 1.0)  # full scenes, all background visible from the first step
+    saved = AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+    assert set(weights) == set(saved) and all(torch.equal(weights[k], saved[k]) for k in saved)
 
 
 def _task_utils():

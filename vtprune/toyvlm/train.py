@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, ProcessorMixin
 
 from vtprune.toyvlm.data import TRAIN_SEED_BASE, VALIDATION_SEED, Sample, box_patches, object_patch_mask
-from vtprune.toyvlm.model import DEFAULT_FAMILY, build_model, build_processor, encode_batch, evaluate
+from vtprune.toyvlm.model import DEFAULT_FAMILY, build_model, build_processor, encode_batch, evaluate, load_toy_model
 from vtprune.toyvlm.tasks import TASKS, Task
 
 
@@ -192,6 +192,7 @@ def train(
     task: str = "shapes",
     eval_every: int = 250,
     eval_samples: int = 250,
+    init: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Train a toy VLM of ``family`` (one of ``model.FAMILIES``) on ``task`` (a name in ``tasks.TASKS``) and save
@@ -200,12 +201,19 @@ def train(
     Returns the validation accuracy of the saved checkpoint (per question type and ``"overall"``). The log line
     of each evaluation also gives the accuracy with only the object tokens visible (what the curriculum's early
     phase trains).
+
+    ``init``: continue from a checkpoint this function saved (its weights and processor; ``family`` and ``sizes``
+    are then the checkpoint's) with a fresh optimiser and learning-rate schedule. The curricula count as done --
+    full scenes, every background token visible -- since the checkpoint went through them.
     """
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     spec = TASKS[task]
-    processor = build_processor(family, spec.vocabulary())
-    model = build_model(processor, sizes)
+    if init is None:
+        processor = build_processor(family, spec.vocabulary())
+        model = build_model(processor, sizes)
+    else:
+        model, processor = load_toy_model(init)
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -221,9 +229,10 @@ def train(
     start, running = time.time(), 0.0
     for step in range(1, steps + 1):
         model.train()
-        most = _max_objects(step, steps, spec.max_objects)
+        progress = step if init is None else steps  # a continued run starts where the curricula ended
+        most = _max_objects(progress, steps, spec.max_objects)
         samples = spec.make_split(TRAIN_SEED_BASE + seed * 1_000_000 + step, batch_size, most)
-        loss = _loss(spec, model, processor, samples, _background_visible(step, steps), generator)
+        loss = _loss(spec, model, processor, samples, _background_visible(progress, steps), generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
