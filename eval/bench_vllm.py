@@ -255,6 +255,10 @@ def serve(conn, kind: str, family: Family, args: argparse.Namespace) -> None:
     if kind == "hf":
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        if args.device == "cpu":
+            # One intra-op thread, as vLLM's CPU engine runs its model (vllm.utils.torch_utils); OpenMP threads
+            # spin-waiting on shared cores stall generate() by several times, at random.
+            torch.set_num_threads(1)
         dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
         model = AutoModelForImageTextToText.from_pretrained(family.path, dtype=dtype).to(args.device).eval()
         processor = AutoProcessor.from_pretrained(family.path)
