@@ -7,20 +7,23 @@ each, 192-pixel images); with ``--device cuda`` it writes random-weight checkpoi
 Qwen2.5-VL-7B shapes (576 image tokens per image; the toy's tokenizer) into ``--workdir`` and measures those in
 bfloat16.
 
-Per family: a stock vLLM engine is timed alone first (``--no-stock`` skips it), then one engine with the pruning
-class and the HF model are held together and timed in interleaved rounds: every round runs each configuration (HF
-unpruned, HF per schedule, the pruning class with no schedule, and per schedule, given per request) once, in
-turn. Per configuration and round:
+Per family, two phases, each with its engines in their own worker processes that this script drives, all started
+and warmed up before the first round: first vLLM (stock vLLM, and the pruning class with no schedule and with each
+schedule, given per request: two engines), then HF generate() (unpruned and per schedule: one model). Every round
+measures each configuration of the phase once, one at a time (the order reversed every other round); so stock and
+the pruning class are measured the same way, and HF never shares a process or the cores' time with a vLLM engine
+being measured. Per configuration and round:
 
 - requests/s and output tokens/s: ``--requests`` requests of ``--tokens`` output tokens each (EOS ignored, so every
   configuration writes the same number of tokens); vLLM gets them as one batch (continuous batching), HF generate()
   one at a time (batch 1, processor included, as vLLM's front-end is);
 - TTFT: one request alone with one output token, wall time from submitting to the token (processor included).
 
-Printed: the median over rounds of each. vLLM's multimodal processor cache and prefix caching are off, so no round
-reuses an earlier round's images.
+Printed: the median over rounds of each, and requests/s and TTFT as ratios to stock vLLM (vLLM rows) or to
+unpruned HF generate() (HF rows); ``uptime`` at start and end. vLLM's multimodal processor cache and prefix caching
+are off, so no round reuses an earlier round's images.
 
-    python eval/bench_vllm.py --quick                     # CPU, toys, both families (13 min on 2 cores at load ~11)
+    python eval/bench_vllm.py --quick     # CPU, toys, both families (README: Serving with vLLM, Speed)
     python eval/bench_vllm.py --families llava --rounds 5
     python eval/bench_vllm.py --device cuda --workdir /tmp/bench_vllm   # random weights, 7B shapes
 """
@@ -31,10 +34,12 @@ import argparse
 import dataclasses
 import gc
 import json
+import multiprocessing
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -155,13 +160,19 @@ class Timings:
     def add(self, label: str, key: str, value: float) -> None:
         self.rows.setdefault(label, {"req/s": [], "tok/s": [], "ttft": []})[key].append(value)
 
-    def print(self, family: str) -> None:
-        print(f"\n{family}")
-        print(f"{'configuration':<34} {'requests/s':>11} {'output tok/s':>13} {'TTFT ms (median)':>17}")
+    def print(self, title: str, baseline: str) -> None:
+        """The medians, and each configuration's requests/s and TTFT as a ratio to ``baseline``'s."""
+        print(f"\n{title}")
+        print(
+            f"{'configuration':<34} {'requests/s':>11} {'output tok/s':>13} {'TTFT ms':>8} "
+            f"{'req/s ratio':>12} {'TTFT ratio':>11}"
+        )
+        base = self.rows[baseline]
         for label, row in self.rows.items():
             print(
                 f"{label:<34} {median(row['req/s']):>11.2f} {median(row['tok/s']):>13.1f} "
-                f"{1000 * median(row['ttft']):>17.0f}"
+                f"{1000 * median(row['ttft']):>8.0f} {median(row['req/s']) / median(base['req/s']):>12.2f} "
+                f"{median(row['ttft']) / median(base['ttft']):>11.2f}"
             )
 
 
@@ -230,50 +241,92 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(timings: Timings, label: str, run: Callable[[list[Request], int], tuple[float, int]], args, requests):
+def measure(label: str, run: Callable[[list[Request], int], tuple[float, int]], args, requests) -> dict:
     """One round of one configuration: a batch for throughput, then ``--ttft-requests`` single requests."""
     seconds, written = run(requests, args.tokens)
     assert written == len(requests) * args.tokens, f"{label}: {written} tokens written"
-    timings.add(label, "req/s", len(requests) / seconds)
-    timings.add(label, "tok/s", written / seconds)
-    for r in requests[: args.ttft_requests]:
-        timings.add(label, "ttft", run([r], 1)[0])
+    ttft = [run([r], 1)[0] for r in requests[: args.ttft_requests]]
+    return {"req/s": len(requests) / seconds, "tok/s": written / seconds, "ttft": ttft}
 
 
-def bench_family(family: Family, args: argparse.Namespace) -> Timings:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def serve(conn, kind: str, family: Family, args: argparse.Namespace) -> None:
+    """One engine in its own process (``kind``: "stock" or "class" for vLLM, "hf" for generate()): warms up, says
+    "ready", then measures one round per schedule it receives ("" for none) until it receives None."""
+    if kind == "hf":
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import vtprune.vllm
+        if args.device == "cpu":
+            # One intra-op thread, as vLLM's CPU engine runs its model (vllm.utils.torch_utils); OpenMP threads
+            # spin-waiting on shared cores stall generate() by several times, at random.
+            torch.set_num_threads(1)
+        dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+        model = AutoModelForImageTextToText.from_pretrained(family.path, dtype=dtype).to(args.device).eval()
+        processor = AutoProcessor.from_pretrained(family.path)
+        run_for = lambda s: lambda rs, n: hf_round(model, processor, rs, s or None, n)
+    else:
+        import vtprune.vllm
 
-    timings = Timings()
-    if args.stock:
-        llm = vllm_engine({"model": str(family.stock_path)}, args)
-        vllm_run = lambda rs, n: vllm_round(llm, rs, None, n)
-        measure(timings, "vLLM stock (warm-up)", vllm_run, args, family.requests[:2])
-        timings.rows.pop("vLLM stock (warm-up)")
-        for _ in range(args.rounds):
-            measure(timings, "vLLM stock", vllm_run, args, family.requests)
+        model_args = (
+            {"model": str(family.stock_path)} if kind == "stock" else vtprune.vllm.engine_args(str(family.path))
+        )
+        llm = vllm_engine(model_args, args)
+        run_for = lambda s: lambda rs, n: vllm_round(llm, rs, s or None, n)
+    for schedule in [""] + ([] if kind == "stock" else args.schedules):  # warm-up, not recorded
+        run_for(schedule)(family.requests[:2], 2)
+    conn.send("ready")
+    while (schedule := conn.recv()) is not None:
+        conn.send(measure(f"{kind} {schedule}", run_for(schedule), args, family.requests))
+    if kind != "hf":
         shutdown(llm)
-        del llm
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    model = AutoModelForImageTextToText.from_pretrained(family.path, dtype=dtype).to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(family.path)
-    llm = vllm_engine(vtprune.vllm.engine_args(str(family.path)), args)
-    configurations: list[tuple[str, Callable]] = [
-        ("HF generate", lambda rs, n: hf_round(model, processor, rs, None, n))
-    ]
-    configurations += [
-        (f"HF generate + vtprune {s}", lambda rs, n, s=s: hf_round(model, processor, rs, s, n)) for s in args.schedules
-    ]
-    configurations.append(("vLLM + vtprune class, no schedule", lambda rs, n: vllm_round(llm, rs, None, n)))
-    configurations += [(f"vLLM + vtprune {s}", lambda rs, n, s=s: vllm_round(llm, rs, s, n)) for s in args.schedules]
-    for label, run in configurations:  # warm-up, not recorded
-        run(family.requests[:1], 2)
-    for _ in range(args.rounds):
-        for label, run in configurations:
-            measure(timings, label, run, args, family.requests)
-    shutdown(llm)
+    conn.close()
+
+
+def run_phase(family: Family, args: argparse.Namespace, configurations: list[tuple[str, str, str]]) -> Timings:
+    """``configurations``: (label, engine kind, schedule). One process per engine kind, all started (and warmed up)
+    before the first round; every round measures each configuration once, one at a time, the order reversed every
+    other round so no configuration always follows the same one."""
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for kind in dict.fromkeys(kind for _, kind, _ in configurations):
+        here, there = context.Pipe()
+        process = context.Process(target=serve, args=(there, kind, family, args))
+        process.start()
+        workers[kind] = (here, process)
+    try:
+        for here, _ in workers.values():
+            assert here.recv() == "ready"
+        timings = Timings()
+        for round_index in range(args.rounds):
+            order = configurations if round_index % 2 == 0 else configurations[::-1]
+            for label, kind, schedule in order:
+                time.sleep(args.pause)  # the previous engine's idle OpenMP threads stop spinning
+                workers[kind][0].send(schedule)
+                for key, value in workers[kind][0].recv().items():
+                    for sample in value if isinstance(value, list) else [value]:
+                        timings.add(label, key, sample)
+        for here, _ in workers.values():
+            here.send(None)
+    finally:
+        for _, process in workers.values():
+            process.join(timeout=120)
+            if process.is_alive():
+                process.kill()
+    # Print in the order given, not the order of the last round.
+    timings.rows = {label: timings.rows[label] for label, _, _ in configurations}
     return timings
+
+
+def bench_family(family: Family, args: argparse.Namespace) -> None:
+    """vLLM first (stock and the pruning class, two processes), then HF generate (one process): HF never shares a
+    process, or its cores' time, with a vLLM engine that is being measured."""
+    vllm_configurations = [("vLLM stock", "stock", ""), ("vLLM + vtprune class, no schedule", "class", "")]
+    vllm_configurations += [(f"vLLM + vtprune {s}", "class", s) for s in args.schedules]
+    run_phase(family, args, vllm_configurations).print(f"{family.name} ({family.path.name}), vLLM", "vLLM stock")
+    if args.hf:
+        hf_configurations = [("HF generate", "hf", "")] + [
+            (f"HF generate + vtprune {s}", "hf", s) for s in args.schedules
+        ]
+        run_phase(family, args, hf_configurations).print(f"{family.name} ({family.path.name}), HF", "HF generate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -287,7 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=16, help="output tokens per request")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ttft-requests", type=int, default=4, help="single requests timed for TTFT per round")
-    parser.add_argument("--no-stock", dest="stock", action="store_false", help="skip the stock vLLM engine")
+    parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the HF generate() phase")
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds between configurations")
     parser.add_argument("--quick", action="store_true", help="8 requests, 8 tokens, 3 rounds, 2 TTFT requests")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.45, help="cuda: each engine's share")
@@ -310,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     for schedule in args.schedules:  # refused schedules fail here, before any engine starts
         engine_args("unused", schedule, architecture=next(iter(VLLM_ARCHITECTURES)))
     if args.device == "cpu":
-        # The toys need a few MiB of KV cache; one process starts faster on few cores and lets HF and vLLM share it.
+        # The toys need a few MiB of KV cache; each engine runs inside its worker process (no engine-core child),
+        # which starts faster on few cores. The workers inherit the environment.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm
@@ -319,14 +374,19 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     build = toy_families if args.device == "cpu" else cuda_families
     families = build(args.families, workdir, args.requests)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"vLLM {vllm.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, load average {load:.1f} at start; {args.requests} requests x {args.tokens} "
-        f"tokens per round, {args.rounds} rounds, medians"
+        f"{os.cpu_count()} CPUs; {args.requests} requests x {args.tokens} tokens per round, {args.rounds} rounds, "
+        f"medians\nuptime at start: {uptime()}"
     )
+    started = time.perf_counter()
     for family in families:
-        bench_family(family, args).print(f"{family.name} ({family.path.name})")
+        bench_family(family, args)
+    print(f"\nuptime at end: {uptime()}; {time.perf_counter() - started:.0f} s")
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 if __name__ == "__main__":  # vLLM spawns workers: the engine must not start on import
