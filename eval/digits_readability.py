@@ -21,7 +21,7 @@ import numpy as np
 
 from vtprune.toyvlm import digits
 from vtprune.toyvlm.data import CELL, IMAGE_SIZE, TRAIN_SEED_BASE, VALIDATION_SEED
-from vtprune.toyvlm.model import build_processor
+from vtprune.toyvlm.model import DEFAULT_FAMILY, build_processor
 
 WINDOW = 3 * CELL
 
@@ -50,7 +50,7 @@ def _placement(sizes: tuple[int, int], phase: int | None, jitter: int):
 def _windows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixels (normalised as the toy's processor does, every second one) of the window around the one digit of ``n``
     position questions, and the digits."""
-    processor = build_processor("llava", digits.vocabulary())
+    processor = build_processor(DEFAULT_FAMILY, digits.vocabulary())
     rng, pool = random.Random(seed), digits.pool_for_seed(seed)
     features, labels = [], []
     for _ in range(n):

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import LlavaNextConfig, LlavaNextImageProcessorPil
+from transformers import LlavaNextImageProcessorPil, PretrainedConfig
 
 import vtprune
 from vtprune import viz
+from vtprune.adapters import anyres
 from vtprune.testing import RowSpec, build_inputs, build_model, gradient
 from vtprune.toyvlm import load_toy_model, make_split
 from vtprune.toyvlm.data import TEST_SEED
@@ -53,9 +54,9 @@ def compare_figure() -> Image.Image:
 
 def anyres_figure() -> Image.Image:
     """LLaVA-NeXT's base tile and high-res grid (newlines counted) of two images, at the input and at layer 2."""
-    model = build_model("llava_next")
+    model = build_model(anyres.ARCHITECTURES[0].model_type)  # the AnyRes family's first class: LLaVA-NeXT
     config = model.config
-    assert isinstance(config, LlavaNextConfig)
+    assert isinstance(config, PretrainedConfig)
     processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": 16},
         crop_size={"height": 16, "width": 16},
