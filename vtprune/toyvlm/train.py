@@ -61,11 +61,17 @@ The digits task (``--task digits``, ``vtprune.toyvlm.digits``), 2026-12-05, one 
   78.0, 2400: 85.6 / 84.4, 2600: 86.0 / 83.2, 2800: 83.6 / 84.0, 3000: 86.0 / 84.8, 3200 (the end): 88.4 / 83.6. Per
   type at step 3000: position 94, largest 94, exists 90, count 84, compare 68 %; at 3200 compare 84, count 78: the
   digits are read, the two-digit comparison and counting lag (the comparison's per-token target names both digits
-  alike, so the answer position must still find which is named first). Short of the 90 % target, and the objects-only
-  accuracy is 4.8 points under the full one, so no checkpoint is shipped (README has the test-split figures: 88.0 %
-  unpruned, the other three targets met). Next: a comparison target that writes the answer where it can be known -- at
-  the later of the two digits in raster order, which sees both -- and a longer run (the shapes toy took 5000 steps of
-  batch 30).
+  alike, so the answer position must still find which is named first). Test split: 88.0 % unpruned.
+- Third run, continuing the second (``--init``: its weights, a fresh optimiser and schedule, the curricula done):
+  ``python eval/train_toy_vlm.py --task digits --init <second run's folder> --out vtprune/assets/toy_llava_digits
+  --steps 1600 --seed 1 --batch-size 16 --lr 3e-4 --warmup 50 --eval-every 200 --threads 1`` (972 s wall at load
+  1-3, 0.6 s a step). Validation (full / object tokens only, %) by step: 200: 84.0 / 80.8, 400: 88.4 / 86.4, 600:
+  91.2 / 84.4, 800: 90.8 / 89.6, 1000: 90.8 / 85.2, 1200: 92.4 / 87.2, 1400: 92.4 / 87.6, 1600: 93.2 / 88.0 (per
+  type at 1600: position 96, largest 94, compare 94, exists 92, count 90). Shipped (step 1600). Test split (300
+  questions, ``eval/bench_accuracy.py --task digits``): 90.7 % unpruned, 87.0 % object tokens only -- 3.7 points
+  under, so issue 19's "within 3 points" target is missed -- 28.0 % background only (chance 29.0 %), random at 36
+  tokens 41.7 % against MMTok's 90.0 %. Next: a continued run that hides a random share of the background again, so
+  the answer does not lean on it.
 """
 
 from __future__ import annotations
