@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--background-dropout", action="store_true", help="show a random share of the background tokens each step"
+    )
     parser.add_argument("--init", help="continue from this saved checkpoint (curricula done; sizes are its own)")
     for size, default in DEFAULT_SIZES.items():
         # No default here: a family may declare its own sizes (the toy Qwen2-VL's depth-0 vision transformer).
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes={size: getattr(args, size) for size in DEFAULT_SIZES if getattr(args, size) is not None},
         eval_every=args.eval_every,
         init=args.init,
+        background_dropout=args.background_dropout,
         log=lambda line: print(line, flush=True),
     )
     print("best held-out (validation) accuracy:", best, flush=True)

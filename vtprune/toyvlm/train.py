@@ -53,7 +53,7 @@ The digits task (``--task digits``, ``vtprune.toyvlm.digits``), 2026-12-05, one 
   (as in probe 1; for shapes, whose objects are one patch, this is the old target) and, for tasks whose object word
   names the object whatever the question (``Task.reads_objects``: the digit), a *reading loss*: the LM head applied
   to the decoder's middle layer (4 of 8) must name every digit at its last patch, asked about or not -- training
-  only, the model stays a plain LLaVA. ``python eval/train_toy_vlm.py --task digits --out <folder> --steps 3200
+  only, the model stays a plain LLaVA. ``python eval/train_toy_vlm.py --task digits --out run2 --steps 3200
   --batch-size 16 --warmup 150 --eval-every 200 --text-hidden 128 --text-layers 8 --threads 1`` (seed 0; 3,800 s
   wall at load 3-7, 0.85-1.75 s a step). Validation (250 questions; full / object tokens only, %) by step: 200:
   37.2 / 46.4 (background still hidden), 400: 34.4 / 50.0, 600: 36.0 / 51.2, 800: 51.2 / 52.0, 1000: 55.2 / 52.8,
@@ -63,15 +63,21 @@ The digits task (``--task digits``, ``vtprune.toyvlm.digits``), 2026-12-05, one 
   digits are read, the two-digit comparison and counting lag (the comparison's per-token target names both digits
   alike, so the answer position must still find which is named first). Test split: 88.0 % unpruned.
 - Third run, continuing the second (``--init``: its weights, a fresh optimiser and schedule, the curricula done):
-  ``python eval/train_toy_vlm.py --task digits --init <second run's folder> --out vtprune/assets/toy_llava_digits
-  --steps 1600 --seed 1 --batch-size 16 --lr 3e-4 --warmup 50 --eval-every 200 --threads 1`` (972 s wall at load
-  1-3, 0.6 s a step). Validation (full / object tokens only, %) by step: 200: 84.0 / 80.8, 400: 88.4 / 86.4, 600:
-  91.2 / 84.4, 800: 90.8 / 89.6, 1000: 90.8 / 85.2, 1200: 92.4 / 87.2, 1400: 92.4 / 87.6, 1600: 93.2 / 88.0 (per
-  type at 1600: position 96, largest 94, compare 94, exists 92, count 90). Shipped (step 1600). Test split (300
-  questions, ``eval/bench_accuracy.py --task digits``): 90.7 % unpruned, 87.0 % object tokens only -- 3.7 points
-  under, so issue 19's "within 3 points" target is missed -- 28.0 % background only (chance 29.0 %), random at 36
-  tokens 41.7 % against MMTok's 90.0 %. Next: a continued run that hides a random share of the background again, so
-  the answer does not lean on it.
+  ``python eval/train_toy_vlm.py --task digits --init run2 --out run3 --steps 1600 --seed 1 --batch-size 16 --lr 3e-4
+  --warmup 50 --eval-every 200 --threads 1`` (972 s wall at load 1-3, 0.6 s a step). Validation (full / object tokens
+  only, %) by step: 200: 84.0 / 80.8, 400: 88.4 / 86.4, 600: 91.2 / 84.4, 800: 90.8 / 89.6, 1000: 90.8 / 85.2, 1200:
+  92.4 / 87.2, 1400: 92.4 / 87.6, 1600: 93.2 / 88.0. Test split (300 questions): 90.7 % unpruned, 87.0 % object
+  tokens only -- 3.7 points under, the "within 3 points" target missed: with every background token always visible
+  in this run, the answer had come to lean on the background.
+- Fourth run, continuing the third with ``--background-dropout`` (each step shows a random share, uniform in 0-1, of
+  the background tokens; object tokens always shown): ``python eval/train_toy_vlm.py --task digits --init run3 --out
+  vtprune/assets/toy_llava_digits --steps 1200 --seed 2 --batch-size 16 --lr 2e-4 --warmup 50 --eval-every 200
+  --background-dropout --threads 1`` (702 s wall at load 2-3). Validation by step: 200: 93.2 / 90.4, 400: 91.6 /
+  90.0, 600: 94.8 / 93.2, 800: 94.0 / 93.2, 1000: 94.8 / 94.8, 1200: 95.2 / 94.8 (per type: compare 98, largest 98,
+  position 96, count 94, exists 90). Shipped (step 1200; the recipe, runs two to four: 3,800 + 972 + 702 s, 91 minutes of
+  one thread). Test split (``eval/bench_accuracy.py --task digits``, 300 questions): 92.0 %
+  unpruned, 90.7 % object tokens only, 28.7 % background only (chance 29.0 %), random at 36 tokens 42.0 % against
+  MMTok's 90.7 %: every target of issue 19 met.
 """
 
 from __future__ import annotations
@@ -199,6 +205,7 @@ def train(
     eval_every: int = 250,
     eval_samples: int = 250,
     init: str | Path | None = None,
+    background_dropout: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Train a toy VLM of ``family`` (one of ``model.FAMILIES``) on ``task`` (a name in ``tasks.TASKS``) and save
@@ -211,6 +218,8 @@ def train(
     ``init``: continue from a checkpoint this function saved (its weights and processor; ``family`` and ``sizes``
     are then the checkpoint's) with a fresh optimiser and learning-rate schedule. The curricula count as done --
     full scenes, every background token visible -- since the checkpoint went through them.
+    ``background_dropout``: each step shows only a random share (uniform in 0-1) of the background tokens the
+    curriculum would show, so the answer does not come to lean on the background (object tokens are always shown).
     """
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
@@ -238,7 +247,10 @@ def train(
         progress = step if init is None else steps  # a continued run starts where the curricula ended
         most = _max_objects(progress, steps, spec.max_objects)
         samples = spec.make_split(TRAIN_SEED_BASE + seed * 1_000_000 + step, batch_size, most)
-        loss = _loss(spec, model, processor, samples, _background_visible(progress, steps), generator)
+        visible = _background_visible(progress, steps)
+        if background_dropout:
+            visible *= torch.rand((), generator=generator).item()
+        loss = _loss(spec, model, processor, samples, visible, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
