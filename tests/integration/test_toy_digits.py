@@ -133,6 +133,29 @@ def test_a_continued_run_starts_from_the_checkpoint_with_the_curricula_done(two_
     assert set(weights) == set(saved) and all(torch.equal(weights[k], saved[k]) for k in saved)
 
 
+def test_background_dropout_shows_a_random_share_of_the_background(two_steps, tmp_path, monkeypatch):
+    folder, _ = two_steps
+    shares = []
+
+    def loss(task, model, processor, samples, background_visible, generator):
+        shares.append(background_visible)
+        return model.lm_head.weight.sum() * 0
+
+    monkeypatch.setattr(train_module, "_loss", loss)
+    train(
+        tmp_path,
+        steps=6,
+        batch_size=2,
+        warmup=1,
+        task="digits",
+        eval_every=6,
+        eval_samples=2,
+        init=folder,
+        background_dropout=True,
+    )
+    assert len(shares) == 6 and all(0.0 <= share < 1.0 for share in shares) and len(set(shares)) == 6
+
+
 def _task_utils():
     spec = importlib.util.spec_from_file_location("vtprune_digits_utils", TASK_DIR / "utils.py")
     module = importlib.util.module_from_spec(spec)
