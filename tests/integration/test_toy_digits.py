@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from vtprune.errors import VTPruneError
 from vtprune.toyvlm import answer, load_toy_model
 from vtprune.toyvlm import train as train_module
 from vtprune.toyvlm.benchmark import Row, check_targets, format_table, run_schedule
@@ -131,6 +132,12 @@ def test_a_continued_run_starts_from_the_checkpoint_with_the_curricula_done(two_
     assert (most, visible) == (MAX_OBJECTS, 1.0)  # full scenes, all background visible from the first step
     saved = AutoModelForImageTextToText.from_pretrained(folder).state_dict()
     assert set(weights) == set(saved) and all(torch.equal(weights[k], saved[k]) for k in saved)
+
+
+def test_a_continued_run_refuses_a_checkpoint_of_another_task(two_steps, tmp_path):
+    folder, _ = two_steps
+    with pytest.raises(VTPruneError, match="init=.*not trained on task 'shapes'"):
+        train(tmp_path, steps=1, batch_size=2, task="shapes", init=folder)
 
 
 def test_background_dropout_shows_a_random_share_of_the_background(two_steps, tmp_path, monkeypatch):

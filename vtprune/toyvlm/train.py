@@ -91,6 +91,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, ProcessorMixin
 
+from vtprune.errors import VTPruneError
 from vtprune.toyvlm.data import TRAIN_SEED_BASE, VALIDATION_SEED, Sample, box_patches, object_patch_mask
 from vtprune.toyvlm.model import DEFAULT_FAMILY, build_model, build_processor, encode_batch, evaluate, load_toy_model
 from vtprune.toyvlm.tasks import TASKS, Task
@@ -229,6 +230,13 @@ def train(
         model = build_model(processor, sizes)
     else:
         model, processor = load_toy_model(init)
+        # A checkpoint of another task would map this task's words to <unk> and train on them silently.
+        missing = sorted(set(spec.vocabulary()) - set(processor.tokenizer.get_vocab()))
+        if missing:
+            raise VTPruneError(
+                f"init={str(init)!r} was not trained on task {task!r}: its tokenizer lacks {missing[:5]}; continue a "
+                f"checkpoint of the same task, or leave init out to train from scratch"
+            )
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
