@@ -20,6 +20,8 @@ from vtprune.cli import main as vtprune_cli
 from vtprune.toyvlm import load_toy_model, make_split
 from vtprune.toyvlm.benchmark import parse_summary, run_schedule, schedules_for, series_name
 from vtprune.toyvlm.data import TEST_SEED
+from vtprune.toyvlm.digits import make_split as make_digits_split
+from vtprune.toyvlm.model import DIGITS_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,3 +122,11 @@ def test_readme_demo_reproduces(tmp_path, capsys):
     )
     with Image.open(tmp_path / "demo_kept.png") as drawn:
         assert_same_picture(drawn, ROOT / "docs" / "demo_kept.png", command)
+
+
+def test_readme_digits_table_cell_reproduces():
+    """The README's digits table comes from the shipped checkpoint: DivPrune at 16 tokens on the 300 test questions."""
+    written = parse_summary(figures.read_block((ROOT / "README.md").read_text(), "digits-summary"))["divprune", 16]
+    model, processor = load_toy_model(DIGITS_PATH)
+    row = run_schedule("divprune:16", 16, model, processor, make_digits_split(TEST_SEED, figures.SAMPLES))
+    assert round(100 * row.accuracy["overall"], 1) == written, "rerun eval/bench_accuracy.py --task digits"

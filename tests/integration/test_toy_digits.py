@@ -14,12 +14,11 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vtprune.errors import VTPruneError
-from vtprune.toyvlm import answer, load_toy_model
+from vtprune.toyvlm import answer
 from vtprune.toyvlm import train as train_module
-from vtprune.toyvlm.benchmark import Row, check_targets, format_table, run_schedule
+from vtprune.toyvlm.benchmark import Row, check_targets, format_table
 from vtprune.toyvlm.data import CELL, IMAGE_SIZE, TEST_SEED, TRAIN_SEED_BASE, VALIDATION_SEED, box_patches
 from vtprune.toyvlm.digits import DIGIT_SIZE, MAX_OBJECTS, QUADRANTS, QUESTION_TYPES, make_split, pool_indices
-from vtprune.toyvlm.model import DIGITS_PATH
 from vtprune.toyvlm.tasks import TASKS
 from vtprune.toyvlm.train import train
 
@@ -240,14 +239,3 @@ def test_the_horizon_command_measures_on_digits_questions(two_steps, tmp_path, c
     main([*args, "--tokens", "8", "--group", "8", "--strategies", "divprune", "--out", "", "--plot", ""])
     assert asked == [(TEST_SEED, 1)]
     assert "| layer | mean information | relative | uniformity | AUC divprune | random |" in capsys.readouterr().out
-
-
-def test_readme_digits_table_cell_reproduces():
-    """The README's digits table comes from the shipped checkpoint: DivPrune at 16 tokens on the 300 test questions."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    table = readme.split("<!-- digits-summary -->")[1].split("<!-- /digits-summary -->")[0]
-    (row,) = [line for line in table.splitlines() if line.startswith("| `divprune` |")]
-    written = float(row.split("|")[5])  # columns: strategy, 144, 72, 36, 16
-    model, processor = load_toy_model(DIGITS_PATH)
-    result = run_schedule("divprune:16", 16, model, processor, make_split(TEST_SEED, 300))
-    assert round(100 * result.accuracy["overall"], 1) == written, "rerun eval/bench_accuracy.py --task digits"
