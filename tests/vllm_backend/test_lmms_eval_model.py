@@ -5,6 +5,7 @@ an engine, so they run in every session.
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -95,3 +96,27 @@ def test_the_sweep_command_passes_the_runtime(monkeypatch, tmp_path):
     monkeypatch.setattr(vtprune.harness.sweep, "run_sweep", recorded_sweep)
     main(["sweep", "--runtime", "vllm", "--schedules", "uniform:25%", "--output", str(tmp_path)])
     assert received[0]["runtime"] == "vllm"
+
+
+def test_a_request_schedule_joins_the_callers_processor_kwargs(engine_kwargs, monkeypatch):
+    sent = []
+
+    class Output:
+        prompt_token_ids = [5, 32000, 32000, 6]
+
+    class Client:
+        llm_engine = SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(image_token_index=32000)))
+
+        def chat(self, *args, **kwargs):
+            sent.append(kwargs)
+            return [Output()]
+
+    monkeypatch.setattr(
+        VLLM, "generate_until", lambda self, requests: self.client.chat([], mm_processor_kwargs={"max_pixels": 7})
+    )
+    lm = VTPruneVLLM(model=str(DEFAULT_PATH))
+    lm.client = Client()
+    lm.set_schedule("uniform:25%")
+    lm.generate_until([])
+    assert sent == [{"mm_processor_kwargs": {"max_pixels": 7, "vtprune_schedule": "uniform:25%"}}]
+    assert lm.image_tokens == [2] and "chat" not in vars(lm.client)

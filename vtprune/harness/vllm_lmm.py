@@ -73,7 +73,11 @@ class VTPruneVLLM(VLLM):
 
         def chat_with_schedule(*args: Any, **kwargs: Any) -> Any:
             if self.request_schedule is not None:
-                kwargs["mm_processor_kwargs"] = {SCHEDULE_KEY: self.request_schedule}
+                # Merged, not replaced: a caller's own processor kwargs (max_pixels, ...) must still reach vLLM.
+                kwargs["mm_processor_kwargs"] = {
+                    **(kwargs.get("mm_processor_kwargs") or {}),
+                    SCHEDULE_KEY: self.request_schedule,
+                }
             outputs = chat(*args, **kwargs)
             self.image_tokens += [output.prompt_token_ids.count(image_token) for output in outputs]
             return outputs
