@@ -151,13 +151,7 @@ class MMTok(GreedyStrategy):
         vision_term = _coverage_probabilities(clip, clip, self.vision_temp)
         if text is None:
             return vision_term.div_(n)
-        # Both terms divided straight into one matrix, made once the terms' temporaries are gone: no concatenated
-        # copy.
-        words = text.shape[0]
-        weights = torch.empty(words + n, n, device=features.device)
-        torch.div(text_term, words, out=weights[:words])
-        torch.div(vision_term, n, out=weights[words:]).mul_(self.alpha)
-        return weights
+        return torch.cat([text_term.div_(text.shape[0]), vision_term.div_(n).mul_(self.alpha)])
 
     def coverage_rows(self, ctx: TokenContext) -> int:
         """How many rows :meth:`coverage_weights` has for ``ctx``: question words, tokens, or both."""
