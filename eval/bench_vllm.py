@@ -114,7 +114,7 @@ def cuda_families(names: list[str], workdir: Path, n: int) -> list[Family]:
     return families
 
 
-def random_7b_checkpoint(name: str, folder: Path, device: str = "cuda") -> None:
+def random_7b_checkpoint(name: str, folder: Path) -> None:
     """The toy family ``name`` at its full-size shapes (``shapes_7b.json``: LLaVA-1.5-7B, Qwen2.5-VL-7B), random
     bfloat16 weights, the toy's tokenizer."""
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -138,7 +138,7 @@ def random_7b_checkpoint(name: str, folder: Path, device: str = "cuda") -> None:
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device(device):  # on the GPU: initialising 7B parameters on the CPU takes minutes
+        with torch.device("cuda"):  # on the GPU: initialising 7B parameters on the CPU takes minutes
             model = AutoModelForImageTextToText.from_config(config)
     finally:
         torch.set_default_dtype(default)
