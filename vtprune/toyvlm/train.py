@@ -128,7 +128,8 @@ def _token_targets(task: Task, sample: Sample) -> tuple[list[str], list[bool]]:
         *first, last = box_patches(obj.box)
         for index in first:
             ignored[index] = True
-        words[last] = task.object_word(sample, obj) if asked else "no"
+        if asked:
+            words[last] = task.object_word(sample, obj)
     return words, ignored
 
 
@@ -186,8 +187,8 @@ def _loss(
     per_token = F.cross_entropy(logits[image], targets.flatten(), reduction="none").view_as(targets.float())
     # Equal weight per group: background alone is 97 % of the tokens, and the other objects are what force the
     # question to be read ("any object -> relevant" must not score well).
-    groups = [g & counted for g in (relevant, objects & ~relevant, ~objects)]
-    token_loss = sum(per_token[g].mean() for g in groups if g.any()) / sum(bool(g.any()) for g in groups)
+    groups = [g for g in (m & counted for m in (relevant, objects & ~relevant, ~objects)) if g.any()]
+    token_loss = sum(per_token[g].mean() for g in groups) / len(groups)
     if not task.reads_objects:
         return answer_loss + token_loss
     return answer_loss + token_loss + _reading_loss(task, model, processor, samples, image, outputs.hidden_states)
