@@ -37,9 +37,10 @@ def mmtok(
     text_temp: float = 0.02,
     vision_temp: float = 0.2,
 ) -> Tensor:
-    """MMTok's selection order from the paper: the coverage matrices in float32, then each step the objective
-    ``f(S + j) = (1/m) sum_i max_{S+j} P_ij + alpha (1/n) sum_i max_{S+j} Q_ij`` evaluated densely for every
-    candidate j, and the best candidate added (first on ties, chosen ones excluded)."""
+    """MMTok's selection order from the paper: the coverage matrices in float32, then each step the marginal gain
+    of ``f(S) = (1/m) sum_i max_{S} P_ij + alpha (1/n) sum_i max_{S} Q_ij``, ``sum_rows max(0, column - best)`` as
+    the authors' loop computes it, evaluated densely for every candidate j, and the best candidate added (first on
+    ties, chosen ones excluded)."""
 
     def coverage(queries: Tensor, keys: Tensor, temperature: float) -> Tensor:
         return torch.softmax(F.normalize(queries.float(), dim=1) @ F.normalize(keys.float(), dim=1).T / temperature, 1)
@@ -51,8 +52,8 @@ def mmtok(
     taken = torch.zeros(n, dtype=torch.bool, device=terms.device)
     picks = torch.empty(k, dtype=torch.long, device=terms.device)
     for i in range(k):
-        objective = torch.maximum(terms, best[:, None]).sum(dim=0)
-        picks[i] = objective.masked_fill(taken, -torch.inf).argmax()
+        gain = (terms - best[:, None]).clamp_min_(0).sum(dim=0)
+        picks[i] = gain.masked_fill(taken, -torch.inf).argmax()
         taken[picks[i]] = True
         best = torch.maximum(best, terms[:, picks[i]])
     return picks

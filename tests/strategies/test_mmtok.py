@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from parity import DATA, parity_cases
 
 from vtprune.strategies.base import TokenContext
-from vtprune.strategies.mmtok import VARIANTS, MMTok, coverage_order
+from vtprune.strategies.coverage import coverage_order, dense_coverage_order, incremental_coverage_order
+from vtprune.strategies.mmtok import VARIANTS, MMTok
 from vtprune.strategies.registry import make_strategy
 
 CASES = parity_cases("mmtok")
@@ -128,9 +129,13 @@ def test_objective_weights_follow_the_formula() -> None:
     torch.testing.assert_close(MMTok(variant="vision", vision_temp=tau_v).coverage_weights(ctx), q / 12)
 
 
+LOOPS = {"dense": dense_coverage_order, "incremental": incremental_coverage_order}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 @fast
 @given(seed=st.integers(0, 2**16), rows=st.integers(1, 8), n=st.integers(1, 12), data=st.data())
-def test_coverage_order_is_the_textbook_greedy(seed: int, rows: int, n: int, data: st.DataObject) -> None:
+def test_coverage_order_is_the_textbook_greedy(loop: str, seed: int, rows: int, n: int, data: st.DataObject) -> None:
     count = data.draw(st.integers(1, n), label="count")
     weights = torch.rand(rows, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     picks: list[int] = []
@@ -138,15 +143,38 @@ def test_coverage_order_is_the_textbook_greedy(seed: int, rows: int, n: int, dat
         # Re-evaluate f(S + j) from scratch; the first best candidate wins ties.
         values = [coverage(weights, picks + [j]) if j not in picks else -np.inf for j in range(n)]
         picks.append(int(np.argmax(values)))
-    assert coverage_order(weights, count).tolist() == picks
+    assert LOOPS[loop](weights, count).tolist() == picks
 
 
-def test_ties_and_zero_gains_never_repeat_a_token() -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_ties_and_zero_gains_never_repeat_a_token(loop: str) -> None:
     # Every column identical: all gains tie at the first step and are 0 afterwards.
-    assert coverage_order(torch.ones(3, 5), 5).tolist() == [0, 1, 2, 3, 4]
+    assert LOOPS[loop](torch.ones(3, 5), 5).tolist() == [0, 1, 2, 3, 4]
     # Identical tokens (and no question words): the same through the strategy.
     ctx = TokenContext(features=torch.ones(8, 4), keep=8, pre_features=torch.ones(8, 3))
     assert MMTok().order(ctx).tolist() == list(range(8))
+
+
+def test_both_loops_pick_alike_and_exact_duplicates_go_to_the_lower_index() -> None:
+    # Real coverage weights of 150 tokens (8 question words), every fifth token from 75 on a copy of the one 75
+    # places before it: copies and originals sit at many positions of a row's vectorised body and tail.
+    ctx = random_context(11, n=150, keep=150, words=8, dim=32, clip_dim=24)
+    copies = torch.arange(75, 150, 5)
+    features, pre = ctx.features.clone(), ctx.pre_features.clone()
+    features[copies], pre[copies] = features[copies - 75], pre[copies - 75]
+    weights = MMTok().coverage_weights(TokenContext(features, 150, text_embeds=ctx.text_embeds, pre_features=pre))
+    dense, incremental = dense_coverage_order(weights, 150), incremental_coverage_order(weights, 150)
+    assert torch.equal(dense[:60], incremental[:60])
+    position = {int(token): step for step, token in enumerate(incremental)}
+    assert all(position[int(c) - 75] < position[int(c)] for c in copies)
+    assert sorted(incremental.tolist()) == list(range(150))
+
+
+def test_coverage_order_takes_the_incremental_loop_on_a_cpu_for_each_matrix_of_a_group() -> None:
+    weights = MMTok().coverage_weights(random_context(12, n=40, keep=40, words=3))
+    group = torch.stack([weights, weights.flip(-1)])
+    expected = torch.stack([incremental_coverage_order(w, 12) for w in group])
+    assert torch.equal(coverage_order(group, 12), expected)
 
 
 # --- variants and fallbacks -------------------------------------------------------------------

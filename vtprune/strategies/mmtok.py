@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import GreedyStrategy, TokenContext
+from .coverage import coverage_order
 from .diversity import memory_groups
 from .options import Option
 from .registry import register_strategy
@@ -26,31 +27,6 @@ def _coverage_probabilities(queries: Tensor, keys: Tensor, temperature: float) -
     return torch.softmax(logits, dim=1)
 
 
-def coverage_order(weights: Tensor, count: int) -> Tensor:
-    """Greedy maximum coverage of the rows of ``weights`` (..., R, N) by ``count`` of its N columns: (..., count).
-
-    Maximises ``f(S) = sum_r max_{j in S} weights[r, j]`` for each matrix of the leading dimensions
-    (a group of images): a running ``best`` holds each row's current maximum (0 for the empty set,
-    the weights being non-negative), and each step adds the column j with the largest
-    ``f(S + j) = sum_r max(best[r], weights[r, j])``, evaluated for every column at once (two passes
-    over the matrix, as the paper's loop). O(count·R·N) per matrix, seven tensor ops per step for the
-    whole group, nothing read back to the host. Ties go to the lower index (``argmax``); chosen
-    columns are masked, so none comes out twice even when every gain is 0.
-    """
-    best = weights.new_zeros(weights.shape[:-1])
-    taken = torch.zeros(weights.shape[:-2] + weights.shape[-1:], dtype=torch.bool, device=weights.device)
-    scratch = torch.empty_like(weights)  # one buffer reused by every step
-    picks = []
-    for _ in range(count):
-        covered = torch.maximum(weights, best[..., None], out=scratch).sum(dim=-2)
-        j = covered.masked_fill_(taken, -torch.inf).argmax(dim=-1)
-        picks.append(j)
-        taken.scatter_(-1, j[..., None], True)
-        column = weights.gather(-1, j[..., None, None].expand(*best.shape, 1)).squeeze(-1)
-        torch.maximum(best, column, out=best)
-    return torch.stack(picks, dim=-1)
-
-
 @register_strategy("mmtok")
 class MMTok(GreedyStrategy):
     """Greedy coverage of the question and of the image itself by the kept tokens.
@@ -62,7 +38,8 @@ class MMTok(GreedyStrategy):
     - ``Q = softmax_rows(cos(C, C) / vision_temp)`` (n, n): how well token j covers token i;
     - ``f(S) = (1/m) sum_i max_{j in S} P_ij + alpha (1/n) sum_i max_{j in S} Q_ij``, monotone
       submodular, maximised greedily (a ``1 - 1/e`` approximation) over the rows of ``[P/m ; alpha Q/n]``
-      by :func:`coverage_order`. Ties go to the lower index; chosen tokens are never picked twice.
+      by :func:`~vtprune.strategies.coverage.coverage_order`. Ties go to the lower index; chosen tokens are never
+      picked twice.
       Images of a group whose questions have as many words run as one loop.
 
     Options: ``alpha = 0.5``, ``vision_temp = 0.2`` and ``text_temp = 0.02`` are the paper's LLaVA
@@ -108,8 +85,9 @@ class MMTok(GreedyStrategy):
         n, width = contexts[0].features.shape
         for rows, images in by_rows.items():
             start = 0  # the first image of ``group`` among ``images``
-            # Each image of a group holds its float32 weights and the loop's scratch buffer, and they are alive
-            # while the next image's weights are made, which takes a normalised float32 copy of its tokens.
+            # On a CPU (the only place groups are cut) each image of a group holds its float32 weights twice, in
+            # the list and stacked, and they are alive while the next image's weights are made, which takes a
+            # normalised float32 copy of its tokens; the loop itself adds one (256, n) float64 block.
             group_images = [contexts[i] for i in images]
             for group in memory_groups(group_images, 2 * rows * n * 4, transient_bytes=n * width * 4):
                 # The weights are a temporary, so they are gone before the next group's are made; one image's are
