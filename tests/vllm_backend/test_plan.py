@@ -1,13 +1,22 @@
 """The vLLM backend's schedule checks, counts and plumbing: no vLLM needed, so these run in every session."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import vtprune
 from vtprune.vllm import ARCHITECTURES, SCHEDULE_KEY, UnsupportedScheduleError, engine_args
-from vtprune.vllm.plan import Selections, decode_schedule, encode_schedule, image_key, make_plan, schedule_for
+from vtprune.vllm.plan import (
+    Selections,
+    decode_schedule,
+    encode_schedule,
+    image_key,
+    make_plan,
+    placeholder_ids,
+    schedule_for,
+)
 
 
 @pytest.mark.parametrize(
@@ -144,3 +153,11 @@ def test_todre_ranks_with_the_cls_attention_it_is_given():
     without, _ = make_plan("todre:16").select(features, (1, 12, 12), seed=0)  # no [CLS]: todre's own fallback
     assert torch.equal(without, vtprune.select("todre", features, keep=16))
     assert not torch.equal(kept, without)
+
+
+def test_placeholder_ids_put_the_image_first_in_either_spelling():
+    # vLLM's LLaVA config spells the image placeholder image_token_index; Qwen's name image and video tokens.
+    llava = SimpleNamespace(image_token_index=32000, pad_token_id=0)
+    qwen = SimpleNamespace(video_token_id=151656, image_token_id=151655)
+    assert placeholder_ids(llava) == [32000]
+    assert placeholder_ids(qwen) == [151655, 151656]

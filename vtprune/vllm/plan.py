@@ -37,6 +37,12 @@ QUESTION_KEY = "vtprune_question"
 #: Config attributes naming a model's visual placeholder tokens (vLLM's configs spell LLaVA's ``image_token_index``).
 PLACEHOLDER_NAMES = ("image_token_id", "image_token_index", "video_token_id")
 
+
+def placeholder_ids(config: object) -> list[int]:
+    """The visual placeholder token ids ``config`` names, in :data:`PLACEHOLDER_NAMES` order (the image's first)."""
+    return [getattr(config, name) for name in PLACEHOLDER_NAMES if getattr(config, name, None) is not None]
+
+
 #: Strategy inputs the pruning classes provide: the question's words embedded by the language model (from the
 #: prompt the front-end sees), the projector's inputs (recorded by a hook on the projector while it encodes) and
 #: the CLIP tower's [CLS] attention (recomputed by a hook on the attention whose output the projector reads; None

@@ -30,7 +30,6 @@ from ..engine.projector_inputs import ProjectorInputs
 from ..engine.question_words import QuestionTokens
 from ..vocabulary.grids import Grid
 from .plan import (
-    PLACEHOLDER_NAMES,
     QUESTION_KEY,
     SCHEDULE_KEY,
     SelectionKey,
@@ -40,6 +39,7 @@ from .plan import (
     encode_schedule,
     image_key,
     make_plan,
+    placeholder_ids,
     schedule_for,
 )
 
@@ -76,8 +76,7 @@ class ScheduleFieldProcessor(VllmClass):
         """The picker of question words, as the transformers path builds it with the model's tokenizer (one per
         processor: it remembers which token ids are words)."""
         config = self.info.get_hf_config()
-        placeholders = [getattr(config, name) for name in PLACEHOLDER_NAMES if getattr(config, name, None) is not None]
-        special = special_token_ids(placeholders, (config, config.get_text_config()))
+        special = special_token_ids(placeholder_ids(config), (config, config.get_text_config()))
         return QuestionTokens(special, self.info.get_tokenizer())
 
     def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> BatchFeature:
