@@ -14,6 +14,7 @@ from vtprune.vllm.plan import (
     encode_schedule,
     image_key,
     make_plan,
+    match_cls_rows,
     placeholder_ids,
     schedule_for,
 )
@@ -161,3 +162,24 @@ def test_placeholder_ids_put_the_image_first_in_either_spelling():
     qwen = SimpleNamespace(video_token_id=151656, image_token_id=151655)
     assert placeholder_ids(llava) == [32000]
     assert placeholder_ids(qwen) == [151655, 151656]
+
+
+def test_cls_rows_go_to_the_images_whose_schedule_reads_them():
+    rows = [torch.rand(4), torch.rand(9), torch.rand(4)]
+    matched = match_cls_rows(rows, ["todre:2", "", "divprune:2"], [4, 9, 4])
+    assert matched[0] is rows[0] and matched[1:] == [None, None]
+    # A tower without [CLS] (None): ToDRE's declared fallback, its most isolated token as the pivot.
+    assert match_cls_rows(None, ["todre:2"], [4]) == [None]
+
+
+def test_cls_rows_that_do_not_belong_to_the_images_are_refused():
+    # Precomputed embeddings pass no tower: no rows for the two images.
+    with pytest.raises(UnsupportedScheduleError, match="precomputed embeddings"):
+        match_cls_rows([], ["todre:2", "todre:2"], [4, 4])
+    # vision_feature_select_strategy "full": the image's tokens are the [CLS] token and its 4 patches.
+    with pytest.raises(
+        UnsupportedScheduleError, match="'todre:2' reads the \\[CLS\\] attention to the image's 4 patches"
+    ):
+        match_cls_rows([torch.rand(4)], ["todre:2"], [5])
+    # A schedule that does not read the row does not care what it covers.
+    assert match_cls_rows([torch.rand(4)], ["divprune:2"], [5]) == [None]
