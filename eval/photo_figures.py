@@ -52,7 +52,7 @@ def feature_space(model, inputs, schedules, title: str):
         with torch.no_grad(), vtprune.pruned(model, schedule) as handle:
             model(**inputs)
         kept = np.zeros(len(tokens), dtype=bool)
-        kept[handle.last_record.images[0].kept.numpy()] = True
+        kept[handle.require_record().images[0].kept.numpy()] = True
         for row, (name, xy) in enumerate(maps.items()):
             ax = axes[row, column]
             ax.scatter(xy[~kept, 0], xy[~kept, 1], s=4, c="lightgrey", label="dropped")

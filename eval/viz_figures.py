@@ -67,8 +67,7 @@ def anyres_figure() -> Image.Image:
     inputs.update(processor(images=images, return_tensors="pt"))  # the same shapes, real pixels instead of noise
     with torch.no_grad(), vtprune.pruned(model, ANYRES_SCHEDULE) as handle:
         model(**inputs)
-    record = handle.last_record
-    assert record is not None, "the forward above is a prefill, which records what it pruned"
+    record = handle.require_record()
     return viz.show_kept(record, inputs, images, model=model, stages="all", label=ANYRES_SCHEDULE)
 
 

@@ -32,8 +32,7 @@ def demo(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             answers = answer(model, processor, images, questions)
             seconds = time.perf_counter() - start
-        record = handle.last_record
-        assert record is not None, "generate() ran a prefill, which records what it pruned"
+        record = handle.require_record()
         kept = record.visual_tokens_left() // args.count
         runs["unpruned" if schedule == "none" else schedule] = answers, seconds, kept
     name = "the shipped toy LLaVA" if args.model is None else f"the toy {model.config.model_type} in {args.model}"
@@ -53,8 +52,7 @@ def demo(args: argparse.Namespace) -> None:
         inputs = prompt_inputs(processor, images[shown], questions[shown])
         with torch.no_grad(), vtprune.pruned(model, args.schedule[0], tokenizer=processor) as handle:
             model(**inputs)  # the prefill generate() runs, for the picture
-        record = handle.last_record
-        assert record is not None, "the forward above is a prefill, which records what it pruned"
+        record = handle.require_record()
         picture = visualise.show_kept(
             record,
             inputs,
@@ -100,8 +98,7 @@ def viz(args: argparse.Namespace) -> None:
         vtprune.pruned(model, args.schedule, tokenizer=processor, record_scores=args.heatmap is not None) as handle,
     ):
         model(**inputs)  # the prefill: what generate() would prune
-    record = handle.last_record
-    assert record is not None, "the forward above is a prefill, which records what it pruned"
+    record = handle.require_record()
     drawing: dict[str, Any] = {"model": model, "processor": processor, "questions": [question]}
     visualise.show_kept(record, inputs, [image], stages="all", label=args.schedule, **drawing).save(args.out)
     item = record.images[0]

@@ -68,6 +68,10 @@ class UnsupportedTrainingError(VTPruneError, ValueError):
     """A training input a decoder stage cannot honour (labels, gradient checkpointing)."""
 
 
+class NoRecordError(VTPruneError, RuntimeError):
+    """A record was asked of a handle under which no prefill has run yet."""
+
+
 class BudgetWarning(UserWarning):
     """A budget asked for more tokens than an image has (shown once per place by default)."""
 

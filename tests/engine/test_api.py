@@ -165,6 +165,17 @@ def test_user_strategies_register_and_run(models, make_inputs):
         vtprune.register_strategy("divprune")(FirstK)
 
 
+def test_require_record_refuses_before_the_first_prefill(models, make_inputs):
+    model = models("llava")
+    with torch.no_grad(), vtprune.pruned(model, "divprune", keep=3) as handle:
+        assert handle.last_record is None
+        with pytest.raises(vtprune.NoRecordError, match="run a forward or generate"):
+            handle.require_record()
+        model(**make_inputs(model, "llava", 1))
+        assert handle.require_record() is handle.last_record
+        assert handle.require_record().images[0].kept.numel() == 3
+
+
 def test_text_only_batches_pass_through(models):
     model = models("qwen2_5_vl")
     inputs = build_inputs(model, [RowSpec(images=[], text_before=3)])

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -203,6 +204,49 @@ def test_a_sweep_writes_json_table_and_plot_and_its_baseline_is_the_plain_model(
     assert all(run.timing is None for run in again)
     assert json.loads((output / "sweep.json").read_text())["timing"] is None
     assert "| – | – |" in (output / "sweep.md").read_text() and "not timed" in (output / "sweep.md").read_text()
+
+
+class HookedEngine(VTPruneLMM):
+    """Stands in for the vLLM engine of ``runtime="vllm"`` (no vLLM here): the toy VLM through the hooks, with
+    ``VTPruneVLLM``'s interface (None: prune nothing; ``image_tokens`` of every prompt since ``set_schedule``)."""
+
+    engines: ClassVar[list[HookedEngine]] = []
+
+    def __init__(self, model: str, **kwargs) -> None:
+        super().__init__(model, measurements="off", **kwargs)
+        self.schedules: list[str | None] = []
+        self.closed = False
+        self.engines.append(self)
+
+    def set_schedule(self, schedule) -> None:
+        super().set_schedule("none" if schedule is None else schedule)
+        self.schedules.append(schedule)
+
+    @property
+    def image_tokens(self) -> list[int]:
+        return [list(sample.visual_tokens.values())[-1] for call in self.meter.calls for sample in call.samples]
+
+    def close(self) -> None:
+        super().close()
+        self.closed = True
+
+
+def test_a_vllm_sweep_runs_the_baseline_unpruned_and_counts_the_served_image_tokens(tmp_path, monkeypatch):
+    monkeypatch.setattr("vtprune.harness.vllm_lmm.VTPruneVLLM", HookedEngine)
+    monkeypatch.setattr(HookedEngine, "engines", [])
+    runs = run_sweep(
+        str(DEFAULT_PATH), ["vtprune_shapes"], ["divprune:16"], tmp_path, include_path=TASKS, limit=2, progress=False,
+        runtime="vllm",
+    )  # fmt: skip
+    (engine,) = HookedEngine.engines
+    assert engine.schedules == [None, "divprune:16"] and engine.closed
+    baseline, pruned = runs
+    assert baseline.generate_calls == pruned.generate_calls == 2
+    assert baseline.visual_tokens_kept == baseline.visual_tokens_before == pruned.visual_tokens_before == 144
+    assert pruned.visual_tokens_kept == 16
+    written = json.loads((tmp_path / "sweep.json").read_text())
+    assert [run["schedule"] for run in written["runs"]] == ["none", "divprune:16"]
+    assert written["timing"] is None  # vLLM batches requests: no timing pass
 
 
 def test_a_sweep_times_every_schedule_in_interleaved_rotated_rounds_and_reports_median_range_and_load(

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from reference import final_keep, kept_logits, reference
 
 import vtprune
-from vtprune.engine.attention import cls_attention, cross_modal_shares
+from vtprune.engine.attention import cls_attention, cls_attention_of, cross_modal_shares
 from vtprune.strategies import ToDRE, ToDRERelevance
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.diversity import cosine_distances, cosine_similarities
@@ -78,6 +78,7 @@ def test_cls_attention_equals_the_vision_towers_own_weights(models, make_inputs)
     captured = {}
 
     def capture(module, args, kwargs, output):
+        captured["hidden_states"] = kwargs["hidden_states"]
         captured["ours"] = cls_attention(module, kwargs["hidden_states"])
         captured["eager"] = output[1][:, :, 0, 1:].float().mean(dim=1)
 
@@ -88,6 +89,13 @@ def test_cls_attention_equals_the_vision_towers_own_weights(models, make_inputs)
     finally:
         hook.remove()
     torch.testing.assert_close(captured["ours"], captured["eager"], atol=1e-6, rtol=0)
+    # vLLM's CLIP attention projects q, k and v in one fused matrix: its chunks (not contiguous) give the same row.
+    hidden_states = captured["hidden_states"]
+    fused = torch.cat([attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)], dim=-1)
+    query, keys, _ = fused.chunk(3, dim=-1)
+    assert not keys.is_contiguous()
+    from_fused = cls_attention_of(query[:, :1], keys, attn.num_heads, attn.scale)
+    torch.testing.assert_close(from_fused, captured["eager"], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["llava_next", "qwen3_vl"])

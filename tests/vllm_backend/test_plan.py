@@ -1,13 +1,23 @@
 """The vLLM backend's schedule checks, counts and plumbing: no vLLM needed, so these run in every session."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import vtprune
 from vtprune.vllm import ARCHITECTURES, SCHEDULE_KEY, UnsupportedScheduleError, engine_args
-from vtprune.vllm.plan import Selections, decode_schedule, encode_schedule, image_key, make_plan, schedule_for
+from vtprune.vllm.plan import (
+    Selections,
+    decode_schedule,
+    encode_schedule,
+    image_key,
+    make_plan,
+    match_cls_rows,
+    placeholder_ids,
+    schedule_for,
+)
 
 
 @pytest.mark.parametrize(
@@ -144,3 +154,32 @@ def test_todre_ranks_with_the_cls_attention_it_is_given():
     without, _ = make_plan("todre:16").select(features, (1, 12, 12), seed=0)  # no [CLS]: todre's own fallback
     assert torch.equal(without, vtprune.select("todre", features, keep=16))
     assert not torch.equal(kept, without)
+
+
+def test_placeholder_ids_put_the_image_first_in_either_spelling():
+    # vLLM's LLaVA config spells the image placeholder image_token_index; Qwen's name image and video tokens.
+    llava = SimpleNamespace(image_token_index=32000, pad_token_id=0)
+    qwen = SimpleNamespace(video_token_id=151656, image_token_id=151655)
+    assert placeholder_ids(llava) == [32000]
+    assert placeholder_ids(qwen) == [151655, 151656]
+
+
+def test_cls_rows_go_to_the_images_whose_schedule_reads_them():
+    rows = [torch.rand(4), torch.rand(9), torch.rand(4)]
+    matched = match_cls_rows(rows, ["todre:2", "", "divprune:2"], [4, 9, 4])
+    assert matched[0] is rows[0] and matched[1:] == [None, None]
+    # A tower without [CLS] (None): ToDRE's declared fallback, its most isolated token as the pivot.
+    assert match_cls_rows(None, ["todre:2"], [4]) == [None]
+
+
+def test_cls_rows_that_do_not_belong_to_the_images_are_refused():
+    # Precomputed embeddings pass no tower: no rows for the two images.
+    with pytest.raises(UnsupportedScheduleError, match="precomputed embeddings"):
+        match_cls_rows([], ["todre:2", "todre:2"], [4, 4])
+    # vision_feature_select_strategy "full": the image's tokens are the [CLS] token and its 4 patches.
+    with pytest.raises(
+        UnsupportedScheduleError, match="'todre:2' reads the \\[CLS\\] attention to the image's 4 patches"
+    ):
+        match_cls_rows([torch.rand(4)], ["todre:2"], [5])
+    # A schedule that does not read the row does not care what it covers.
+    assert match_cls_rows([torch.rand(4)], ["divprune:2"], [5]) == [None]

@@ -161,8 +161,7 @@ def _sample(
     # the sample's images and videos and their token counts.
     with pruned(model, "none") as handle:
         full_logits = model(**inputs).logits[0]
-    record = handle.last_record
-    assert record is not None, "the forward above is a prefill, which records what it pruned"
+    record = handle.require_record()
     items = [(image.modality, image.num_tokens) for image in record.images]
     if not items:
         raise VTPruneError("token_information: the sample has no visual tokens (no image or video)")
@@ -187,7 +186,7 @@ def _sample(
             with pruned(model, Stage(leave_out, layer=layer)) as handle:
                 # After a decoder stage every row is one token shorter and unpadded: the answer is the last slot.
                 logits = model(**batch, logits_to_keep=1).logits[:, -1]
-            leave_out.check(handle.last_record, layer)
+            leave_out.check(handle.require_record(), layer)
             log_q = torch.log_softmax(logits.double(), dim=-1)
             p = log_p.exp()
             columns = slice(start, start + len(group))

@@ -79,8 +79,7 @@ def strategy_scores(
         with pruned(model, stage, record_scores=True, tokenizer=tokenizer) as handle:
             model(**inputs)
         name = INPUT_PLACE if place is None else f"layer {place}"
-        record = handle.last_record
-        assert record is not None, "the forward above is a prefill, which records what it pruned"
+        record = handle.require_record()
         images = record.images
         if all(name in image.scores_by_stage for image in images):
             found[place] = torch.cat([image.scores_by_stage[name] for image in images])

@@ -154,10 +154,17 @@ class _Rows:
 @torch.no_grad()  # selection is never part of a training graph
 def cls_attention(attn: nn.Module, hidden_states: Tensor) -> Tensor:
     """(B, S-1) attention of the [CLS] token (position 0) to the patch tokens in a ViT layer, heads averaged."""
-    batch, length, _ = hidden_states.shape
-    heads = cast(int, attn.num_heads)
     q_proj, k_proj = cast(nn.Linear, attn.q_proj), cast(nn.Linear, attn.k_proj)
-    query = q_proj(hidden_states[:, :1]).view(batch, 1, heads, -1).transpose(1, 2).float()
-    keys = k_proj(hidden_states).view(batch, length, heads, -1).transpose(1, 2).float()
-    probs = ((query @ keys.transpose(-1, -2)) * attn.scale).softmax(dim=-1)  # (B, H, 1, S)
+    heads, scale = cast(int, attn.num_heads), cast(float, attn.scale)
+    return cls_attention_of(q_proj(hidden_states[:, :1]), k_proj(hidden_states), heads, scale)
+
+
+def cls_attention_of(query: Tensor, keys: Tensor, heads: int, scale: float) -> Tensor:
+    """(B, S-1) attention of the [CLS] query (B, 1, heads·d) to the patch tokens, of the keys (B, S, heads·d) of
+    every token ([CLS] first), heads averaged: :func:`cls_attention` of projections made elsewhere (vLLM's fused
+    qkv projection)."""
+    batch, length, _ = keys.shape
+    query = query.reshape(batch, 1, heads, -1).transpose(1, 2).float()
+    keys = keys.reshape(batch, length, heads, -1).transpose(1, 2).float()
+    probs = ((query @ keys.transpose(-1, -2)) * scale).softmax(dim=-1)  # (B, H, 1, S)
     return probs.mean(dim=1)[:, 0, 1:]

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..adapters import ModelAdapter
-from ..errors import AlreadyPrunedError, VTPruneError
+from ..errors import AlreadyPrunedError, NoRecordError, VTPruneError
 from ..record import PruneRecord
 from ..schedule import Schedule
 from .capture import EncodingCapture
@@ -47,6 +47,15 @@ class PruneHandle(Uncopyable):
     @property
     def last_record(self) -> PruneRecord | None:
         """What the last prefill pruned (None before the first)."""
+        return self.session.record
+
+    def require_record(self) -> PruneRecord:
+        """What the last prefill pruned; raises :class:`NoRecordError` before the first."""
+        if self.session.record is None:
+            raise NoRecordError(
+                "no prefill has run under this handle yet, so there is no record: run a forward or generate() of "
+                "the wrapped model first (handle.last_record is None until then)"
+            )
         return self.session.record
 
     def install(self) -> PruneHandle:

@@ -155,30 +155,36 @@ def run_sweep(
         )
 
     if runtime == "vllm":
-        return _sweep_on_vllm(pretrained, ordered, done, evaluate, output_dir, settings, tasks, metric, batch_size)
+        from .vllm_lmm import VTPruneVLLM
+
+        engine = VTPruneVLLM(model=pretrained, batch_size=batch_size, **(model_args or {}))
+        try:
+            return _evaluate_each(
+                ordered,
+                done,
+                _served_by(engine, evaluate),
+                output_dir,
+                settings,
+                progress=progress,
+                is_writer=is_writer,
+            )
+        finally:
+            engine.close()
     # The sweep writes every run's measurements itself, so the model writes no file per run.
     lm = VTPruneLMM(pretrained, seed=seed, batch_size=batch_size, **{**(model_args or {}), "measurements": "off"})
     lm.meter.inputs_to_keep = timing_calls if timing_rounds else 0
-    runs: list[Run] = []
+
+    def evaluate_hooked(schedule: str) -> Evaluated:
+        lm.set_schedule(schedule)
+        results = evaluate(lm)
+        calls, failures = gather_calls(list(lm.meter.calls), len(lm.meter.failures))  # every rank: a collective
+        return results, lambda run, _: run.measure(calls, failures)
+
     timing: dict[str, Any] | None = None
     try:
-        for schedule in tqdm(ordered, desc="vtprune sweep", disable=not (progress and is_writer)):
-            if schedule in done:
-                runs.append(done[schedule])
-                continue
-            lm.set_schedule(schedule)
-            start = time.perf_counter()
-            results = evaluate(lm)
-            calls, failures = gather_calls(list(lm.meter.calls), len(lm.meter.failures))
-            if not is_writer:
-                continue
-            strategy, budget = _strategy_and_budget(schedule)
-            scores, score = _headline(results, tasks, metric)
-            run = Run(schedule=schedule, strategy=strategy, budget=budget, scores=scores, score=score)
-            run.measure(calls, failures)
-            run.seconds = time.perf_counter() - start
-            runs.append(run)
-            _write(output_dir, settings, runs)
+        runs = _evaluate_each(
+            ordered, done, evaluate_hooked, output_dir, settings, progress=progress, is_writer=is_writer
+        )
         if timing_rounds:
             if not lm.meter.inputs:  # every run was resumed: evaluate a few samples once for their inputs
                 lm.set_schedule(BASELINE)
@@ -200,42 +206,60 @@ def run_sweep(
     return runs
 
 
-def _sweep_on_vllm(
-    pretrained: str,
+#: What evaluating one schedule gave: lmms-eval's results, and what writes the model's measurements of that evaluation
+#: into the schedule's run, given the runs before it (the baseline first).
+Evaluated = tuple[dict[str, Any], Callable[[Run, list[Run]], None]]
+
+
+def _evaluate_each(
     ordered: list[str],
     done: dict[str, Run],
-    evaluate: Callable[[VTPruneVLLM], dict[str, Any]],
+    evaluate: Callable[[str], Evaluated],
     output_dir: Path,
     settings: dict[str, Any],
-    tasks: Sequence[str],
-    metric: str | None,
-    batch_size: int,
+    *,
+    progress: bool,
+    is_writer: bool,
 ) -> list[Run]:
-    """:func:`run_sweep`'s runs on one vLLM engine: unpruned for the baseline, each schedule per request."""
-    from .vllm_lmm import VTPruneVLLM
-
-    lm = VTPruneVLLM(model=pretrained, batch_size=batch_size, **settings["model_args"])
+    """The runs of ``ordered``, in order: those in ``done`` (an interrupted sweep's) as they were, the others
+    evaluated, with the results rewritten after each. Only the writer (rank 0) makes runs of what it evaluates; the
+    other ranks evaluate their share of the documents (and take part in ``evaluate``'s collectives)."""
     runs: list[Run] = []
-    try:
-        for schedule in ordered:
-            if schedule in done:
-                runs.append(done[schedule])
-                continue
-            lm.set_schedule(None if schedule == BASELINE else schedule)
-            start = time.perf_counter()
-            results = evaluate(lm)
-            strategy, budget = _strategy_and_budget(schedule)
-            scores, score = _headline(results, tasks, metric)
-            run = Run(schedule=schedule, strategy=strategy, budget=budget, scores=scores, score=score)
-            run.generate_calls = len(lm.image_tokens)
-            run.visual_tokens_kept = statistics.fmean(lm.image_tokens) if lm.image_tokens else 0.0
-            run.visual_tokens_before = runs[0].visual_tokens_kept if runs else run.visual_tokens_kept  # the baseline's
-            run.seconds = time.perf_counter() - start
-            runs.append(run)
-            _write(output_dir, settings, runs)
-    finally:
-        lm.close()
+    for schedule in tqdm(ordered, desc="vtprune sweep", disable=not (progress and is_writer)):
+        if schedule in done:
+            runs.append(done[schedule])
+            continue
+        start = time.perf_counter()
+        results, measure = evaluate(schedule)
+        if not is_writer:
+            continue
+        strategy, budget = _strategy_and_budget(schedule)
+        scores, score = _headline(results, settings["tasks"], settings["metric"])
+        run = Run(schedule=schedule, strategy=strategy, budget=budget, scores=scores, score=score)
+        measure(run, runs)
+        run.seconds = time.perf_counter() - start
+        runs.append(run)
+        _write(output_dir, settings, runs)
     return runs
+
+
+def _served_by(engine: VTPruneVLLM, evaluate: Callable[[VTPruneVLLM], dict[str, Any]]) -> Callable[[str], Evaluated]:
+    """A schedule's evaluation on the one vLLM engine: unpruned for the baseline, the schedule with each request; its
+    measurements are the image tokens vLLM served (mean kept, and the baseline's mean as the count before)."""
+
+    def evaluate_served(schedule: str) -> Evaluated:
+        engine.set_schedule(None if schedule == BASELINE else schedule)
+        results = evaluate(engine)
+        served = list(engine.image_tokens)
+
+        def measure(run: Run, before: list[Run]) -> None:
+            run.generate_calls = len(served)
+            run.visual_tokens_kept = statistics.fmean(served) if served else 0.0
+            run.visual_tokens_before = before[0].visual_tokens_kept if before else run.visual_tokens_kept
+
+        return results, measure
+
+    return evaluate_served
 
 
 def time_interleaved(lm: VTPruneLMM, runs: list[Run], rounds: int) -> dict[str, Any]:

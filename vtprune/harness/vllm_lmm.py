@@ -18,7 +18,7 @@ from lmms_eval.models.simple.vllm import VLLM
 
 from ..errors import OptionError
 from ..vllm import SCHEDULE_KEY, engine_args
-from ..vllm.plan import PLACEHOLDER_NAMES, make_plan
+from ..vllm.plan import make_plan, placeholder_ids
 
 
 class VTPruneVLLM(VLLM):
@@ -67,9 +67,7 @@ class VTPruneVLLM(VLLM):
         client = self.client
         chat = client.chat
         config = client.llm_engine.model_config.hf_config
-        image_token = next(
-            getattr(config, name) for name in PLACEHOLDER_NAMES if getattr(config, name, None) is not None
-        )
+        image_token = placeholder_ids(config)[0]
 
         def chat_with_schedule(*args: Any, **kwargs: Any) -> Any:
             if self.request_schedule is not None:

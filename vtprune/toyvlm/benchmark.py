@@ -105,8 +105,7 @@ def run_schedule(
     with vtprune.pruned(model, schedule, tokenizer=processor) as handle:
         for chunk in _batches(samples, batch_size):
             predictions += predict(model, processor, chunk)
-            record = handle.last_record
-            assert record is not None, "predict() ran a prefill, which records what it pruned"
+            record = handle.require_record()
             kept += record.visual_tokens_left()  # the record is per forward
     seconds = (time.perf_counter() - start) / len(samples)
     return Row(

@@ -155,8 +155,7 @@ def compare(
     for schedule in schedules:
         with torch.no_grad(), pruned(model, schedule, **prune_options) as handle:
             model(**inputs)
-        record = handle.last_record
-        assert record is not None, "the forward above is a prefill, which records what it pruned"
+        record = handle.require_record()
         pairs = match_records(record, regions, inputs["input_ids"].shape[0])
         columns.append(kept_panels(pairs, images, videos, label=schedule, questions=questions))
     interleaved = [column[i] for i in range(len(columns[0])) for column in columns]

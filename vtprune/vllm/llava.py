@@ -24,6 +24,7 @@ from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
+from ..engine.attention import cls_attention_of
 from .plan import UnsupportedScheduleError, make_plan, square_grid
 from .pruning import PruningModel, ScheduleFieldProcessor, questions_of, schedules_of
 
@@ -68,20 +69,15 @@ class VTPruneLlavaForConditionalGeneration(PruningModel, LlavaForConditionalGene
         return tower.vision_model.encoder.layers[-1].self_attn
 
     def _vtprune_cls_attention(self, attention: Any, hidden_states: torch.Tensor) -> torch.Tensor:
-        # vtprune.engine.attention.cls_attention for vLLM's CLIP attention, whose fused kernel returns no weights:
-        # the [CLS] query against every key, from the layer's own q / k projection.
+        # vLLM's CLIP attention fuses q, k and v into one projection, and its kernel returns no weights.
         if attention.num_heads_per_partition != attention.num_heads:
             raise UnsupportedScheduleError(
                 "todre reads the CLIP tower's [CLS] attention, averaged over its heads, and tensor parallelism splits "
                 "the heads across processes; run it with tensor_parallel_size=1"
             )
-        batch, length, _ = hidden_states.shape
         qkv, _ = attention.qkv_proj(hidden_states)
         query, keys, _ = qkv.chunk(3, dim=-1)
-        query = query[:, :1].reshape(batch, 1, attention.num_heads, -1).transpose(1, 2).float()
-        keys = keys.reshape(batch, length, attention.num_heads, -1).transpose(1, 2).float()
-        probs = ((query @ keys.transpose(-1, -2)) * attention.scale).softmax(dim=-1)  # (B, H, 1, S)
-        return probs.mean(dim=1)[:, 0, 1:]
+        return cls_attention_of(query[:, :1], keys, attention.num_heads, attention.scale)
 
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
         schedules = schedules_of(kwargs)

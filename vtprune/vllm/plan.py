@@ -13,7 +13,7 @@ import functools
 import math
 import zlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,12 @@ QUESTION_KEY = "vtprune_question"
 
 #: Config attributes naming a model's visual placeholder tokens (vLLM's configs spell LLaVA's ``image_token_index``).
 PLACEHOLDER_NAMES = ("image_token_id", "image_token_index", "video_token_id")
+
+
+def placeholder_ids(config: object) -> list[int]:
+    """The visual placeholder token ids ``config`` names, in :data:`PLACEHOLDER_NAMES` order (the image's first)."""
+    return [getattr(config, name) for name in PLACEHOLDER_NAMES if getattr(config, name, None) is not None]
+
 
 #: Strategy inputs the pruning classes provide: the question's words embedded by the language model (from the
 #: prompt the front-end sees), the projector's inputs (recorded by a hook on the projector while it encodes) and
@@ -174,6 +180,35 @@ def schedule_for(config: object, processor_kwargs: Mapping[str, object]) -> str 
 def make_plan(schedule: str) -> PruningPlan:
     """The (checked, cached) plan of a schedule string (``"divprune:64"``, ``"uniform:25%"``)."""
     return PruningPlan(parse_schedule(schedule), schedule)
+
+
+def match_cls_rows(
+    rows: Sequence[Tensor] | None, schedules: Sequence[str], token_counts: Sequence[int]
+) -> list[Tensor | None]:
+    """Each image's [CLS] attention row for its schedule (None where the schedule does not read it).
+
+    ``rows``: what the encoding of these images recorded, one per image in encoding order; None when the tower has
+    no [CLS] token, where ToDRE's declared fallback (the most isolated token as the pivot) applies. A tower with a
+    [CLS] token whose rows do not belong one to one to the images' tokens is refused, never ranked with no row or
+    another image's.
+    """
+    reading = [bool(schedule) and make_plan(schedule).reads("cls_attention") for schedule in schedules]
+    if rows is None or not any(reading):
+        return [None] * len(schedules)
+    if len(rows) != len(token_counts):
+        raise UnsupportedScheduleError(
+            f"{len(token_counts)} images were embedded but the vision tower's [CLS] attention was recorded for "
+            f"{len(rows)}: vtprune records it while the model encodes pixels, and images sent as precomputed "
+            "embeddings pass no tower. Send the images themselves for a schedule that reads it (todre)"
+        )
+    for row, count, schedule, reads in zip(rows, token_counts, schedules, reading, strict=True):
+        if reads and len(row) != count:
+            raise UnsupportedScheduleError(
+                f"{schedule!r} reads the [CLS] attention to the image's {len(row)} patches, but the image has {count} "
+                "tokens (a vision_feature_select_strategy of 'full' keeps the [CLS] token among them), so the row "
+                "does not rank them; serve a checkpoint whose projector reads the patches alone, or another strategy"
+            )
+    return [row if reads else None for row, reads in zip(rows, reading, strict=True)]
 
 
 def encode_schedule(schedule: str, count: int) -> Tensor:

@@ -30,7 +30,6 @@ from ..engine.projector_inputs import ProjectorInputs
 from ..engine.question_words import QuestionTokens
 from ..vocabulary.grids import Grid
 from .plan import (
-    PLACEHOLDER_NAMES,
     QUESTION_KEY,
     SCHEDULE_KEY,
     SelectionKey,
@@ -40,6 +39,8 @@ from .plan import (
     encode_schedule,
     image_key,
     make_plan,
+    match_cls_rows,
+    placeholder_ids,
     schedule_for,
 )
 
@@ -76,8 +77,7 @@ class ScheduleFieldProcessor(VllmClass):
         """The picker of question words, as the transformers path builds it with the model's tokenizer (one per
         processor: it remembers which token ids are words)."""
         config = self.info.get_hf_config()
-        placeholders = [getattr(config, name) for name in PLACEHOLDER_NAMES if getattr(config, name, None) is not None]
-        special = special_token_ids(placeholders, (config, config.get_text_config()))
+        special = special_token_ids(placeholder_ids(config), (config, config.get_text_config()))
         return QuestionTokens(special, self.info.get_tokenizer())
 
     def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> BatchFeature:
@@ -118,6 +118,8 @@ class PruningModel(VllmClass):
         self.vtprune_cls_rows: list[Tensor] = []
         self._vtprune_recording_cls = False
         cls_layer = self._vtprune_cls_layer()
+        #: Whether the tower has a [CLS] attention to record (without one, ToDRE takes its declared fallback).
+        self.vtprune_has_cls = cls_layer is not None
         if cls_layer is not None:
             cls_layer.register_forward_hook(self._vtprune_record_cls, with_kwargs=True)
 
@@ -185,8 +187,6 @@ class PruningModel(VllmClass):
                         f"{schedule!r} reads the projector's inputs, which vtprune records while the model encodes "
                         "pixels; this image came as precomputed embeddings. Send the image itself"
                     )
-            if not plan.reads("cls_attention") or (cls_attention is not None and len(cls_attention) != len(features)):
-                cls_attention = None  # read only by strategies that ask; a row of another length is not this image's
             chosen = plan.select(
                 features, grid, seed, text_embeds=text_embeds, pre_features=pre_features, cls_attention=cls_attention
             )
@@ -205,8 +205,9 @@ class PruningModel(VllmClass):
         if schedules is None:
             return tuple(embeddings)
         pruned = []
-        # One [CLS] row per image of this encoding, when it recorded them (a tower pass per image batch).
-        cls_rows = self.vtprune_cls_rows if len(self.vtprune_cls_rows) == len(embeddings) else [None] * len(embeddings)
+        # One [CLS] row per image of this encoding (a tower pass per image batch), for the schedules that read it.
+        recorded = self.vtprune_cls_rows if self.vtprune_has_cls else None
+        cls_rows = match_cls_rows(recorded, schedules, [len(features) for features in embeddings])
         for features, schedule, source, question, grid, cls_attention in zip(
             embeddings, schedules, sources, questions, grids, cls_rows, strict=True
         ):
