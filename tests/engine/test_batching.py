@@ -161,38 +161,69 @@ def test_groups_are_runs_of_consecutive_same_sized_images_so_strategies_see_batc
     assert [k.tolist() for k in kept] == [select_tokens(DivPrune(), Budget(keep=2), [im])[0].tolist() for im in images]
 
 
-def test_on_a_cpu_images_whose_float32_context_is_a_copy_are_selected_one_at_a_time_and_released():
-    # Half-precision tokens or pre-projector features, and dropped newline tokens, make the strategy's float32
-    # context a copy: one image at a time, each group's copies gone before the next group's are made, bounds a
-    # batch's memory by one image's (8 x 576 x 4096 bfloat16 tokens held 75 MB of float32 copies at once before).
+def test_on_a_cpu_images_whose_context_is_a_copy_are_selected_one_at_a_time_and_released():
+    # Dropped newline tokens make the strategy's context an indexed copy: one image at a time, each group's copies
+    # gone before the next group's are made, bounds a batch's memory by one image's.
     features = torch.randn(8, 3)
     newline = torch.zeros(8, dtype=torch.bool)
     newline[3] = True
-    images = [TokenContext(features=features.bfloat16(), keep=8) for _ in range(2)]
-    images += [TokenContext(features=features, keep=8, pre_features=features.half()) for _ in range(2)]
-    images += [TokenContext(features=features, keep=8, newline=newline) for _ in range(2)]
+    images = [TokenContext(features=features, keep=8, newline=newline) for _ in range(3)]
     copies: list[weakref.ref] = []
     alive_at_each_group = []
 
     class Releasing(Counting):
         def order_batch(self, contexts):
             alive_at_each_group.append(sum(ref() is not None for ref in copies))
-            for ctx in contexts:
-                copies.extend(
-                    weakref.ref(x) for x in (ctx.features, ctx.pre_features) if x is not None and x is not features
-                )
+            copies.extend(weakref.ref(ctx.features) for ctx in contexts if ctx.features is not features)
             return super().order_batch(contexts)
 
     strategy = Releasing()
     kept = select_tokens(strategy, Budget(keep=2), images, newlines="drop")
-    assert strategy.groups == [1] * 6
-    assert alive_at_each_group == [0] * 6  # no group's copies outlive it
+    assert strategy.groups == [1] * 3
+    assert len(copies) == 3  # each image's candidates are a copy of its tokens
+    assert alive_at_each_group == [0] * 3  # no group's copies outlive it
     assert [k.tolist() for k in kept] == [
         select_tokens(DivPrune(), Budget(keep=2), [image], "drop")[0].tolist() for image in images
     ]
     strategy.groups.clear()
     select_tokens(strategy, Budget(keep=2), [TokenContext(features=features, keep=8) for _ in range(3)])
-    assert strategy.groups == [3]  # float32 tokens are not copied: one group
+    assert strategy.groups == [3]  # all tokens are candidates: no copy, one group
+
+
+def test_the_context_keeps_half_precision_inputs_in_their_dtype_and_groups_by_dtype():
+    # A float32 copy of bfloat16 tokens, pre-projector features or question rows would live through the whole
+    # selection (the papers' code converts for one computation); the strategy gets the tensors themselves and
+    # converts where it computes, so half-precision images group like float32 ones, each dtype on its own.
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(12, 6, generator=gen)
+    text = torch.randn(3, 6, generator=gen)
+    pre = torch.randn(12, 5, generator=gen)
+    half = {"features": features.bfloat16(), "text_embeds": text.bfloat16(), "pre_features": pre.half()}
+    images = [TokenContext(keep=12, **half) for _ in range(2)]
+    images += [TokenContext(features=features, keep=12, text_embeds=text, pre_features=pre) for _ in range(2)]
+    seen: list[TokenContext] = []
+    groups: list[int] = []
+
+    class Recording(type(make_strategy("mmtok"))):  # reads all three inputs
+        def order_batch(self, contexts):
+            seen.extend(contexts)
+            groups.append(len(contexts))
+            return super().order_batch(contexts)
+
+    kept = select_tokens(Recording(), Budget(keep=4), images)
+    assert groups == [2, 2]
+    for ctx, image in zip(seen, images, strict=True):
+        for name in ("features", "text_embeds", "pre_features"):
+            assert getattr(ctx, name) is getattr(image, name), name
+    # The same values in float32 give the same picks: the strategy converts them itself.
+    exact = TokenContext(
+        features=features.bfloat16().float(),
+        keep=12,
+        text_embeds=text.bfloat16().float(),
+        pre_features=pre.half().float(),
+    )
+    alone = select_tokens(make_strategy("mmtok"), Budget(keep=4), [exact])[0]
+    assert [k.tolist() for k in kept[:2]] == [alone.tolist()] * 2
 
 
 def test_user_greedy_strategies_implement_order_or_order_batch():

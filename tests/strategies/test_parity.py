@@ -44,12 +44,12 @@ def test_divprune_in_half_precision_picks_what_the_reference_loop_picks_in_it(
     case: dict, dtype: str, arrays: np.lib.npyio.NpzFile
 ) -> None:
     # The authors' code computes distances in the model's dtype; tokens of a bf16 / fp16 model reach the strategy
-    # as float32 copies of half-precision values, and precision=<dtype> must pick what their loop picks on them.
+    # in that dtype (or as float32 copies, from a user), and precision=<dtype> must pick what their loop picks.
     half = getattr(torch, dtype)
     features = torch.from_numpy(arrays[case["input"]]).to(half)
     expected = paper_selectors.divprune(features, case["k"], dtype=half).tolist()
-    order = DivPrune(precision=dtype).order(TokenContext(features=features.float(), keep=case["k"])).tolist()
-    assert order == expected
+    for tokens in (features, features.float()):
+        assert DivPrune(precision=dtype).order(TokenContext(features=tokens, keep=case["k"])).tolist() == expected
 
 
 def test_divprune_refuses_an_unknown_precision() -> None:

@@ -125,6 +125,27 @@ def test_every_strategy_selects_each_image_of_a_group_as_alone(name: str) -> Non
             assert torch.equal(kept, strategy.select(ctx))
 
 
+#: The inputs the context keeps in the model's dtype (TokenContext), and the half precision each is given in below.
+HALF_PRECISION = {"features": torch.bfloat16, "text_embeds": torch.bfloat16, "pre_features": torch.float16}
+
+
+@pytest.mark.parametrize("name", EVERY)
+def test_every_strategy_picks_on_half_precision_inputs_what_it_picks_on_their_float32_values(name: str) -> None:
+    # The engine hands strategies the model's bfloat16 / float16 tensors, not float32 copies: each converts where it
+    # computes, so the picks are those on the same values in float32 (a strategy computing in half precision, or
+    # failing on it, differs here).
+    checked = 0
+    for n, keep, seed in ((16, 5, 8), (30, 7, 9)):
+        inputs = full_inputs(n, 5, seed)
+        half = inputs | {key: inputs[key].to(dtype) for key, dtype in HALF_PRECISION.items()}
+        exact = half | {key: half[key].float() for key in HALF_PRECISION}
+        budget = {} if not make_strategy(name).needs_budget else {"keep": keep}
+        picks = vtprune.select(name, half.pop("features"), **budget, **half)
+        assert torch.equal(picks, vtprune.select(name, exact.pop("features"), **budget, **exact))
+        checked += 1
+    assert checked == 2
+
+
 GREEDY_NAMES = [name for name in EVERY if isinstance(make_strategy(name), GreedyStrategy)]
 
 

@@ -82,17 +82,17 @@ def select_tokens(
     """For each image, described by a whole-image context (``keep`` = N), the sorted indices ``strategy`` keeps
     under ``budget``.
 
-    Consecutive images whose candidates have the same count, width and budget go to the strategy as
+    Consecutive images whose candidates have the same count, width, dtype and budget go to the strategy as
     one group (``Strategy.select_batch``: the greedy strategies run one loop for the group, not one
     per image), so a strategy still sees the images in batch order; every result is checked on its own.
-    A group's contexts exist only while it is selected, and on a CPU an image whose float32 context is a
-    copy is a group of its own (:func:`_copied_on_cpu`). Newline tokens are ordinary candidates by default, as in
-    DivPrune's reference; with ``newlines="drop"`` they are never kept and the budget counts the
+    A group's contexts exist only while it is selected, and on a CPU an image whose context is a copy (dropped
+    newline tokens) is a group of its own (:func:`_copied_on_cpu`). Newline tokens are ordinary candidates by
+    default, as in DivPrune's reference; with ``newlines="drop"`` they are never kept and the budget counts the
     other tokens only (as MMTok).
     """
     kept: dict[int, Tensor] = {}
     groups: list[list[tuple[int, Tensor, int]]] = []  # per group, (image, candidates, keep) of its members
-    last = None  # the (count, width, keep) of the group being filled
+    last = None  # the (count, width, dtype, keep) of the group being filled
     for image, inputs in enumerate(images):
         features = inputs.features
         candidates = _candidates(inputs, newlines)
@@ -106,7 +106,7 @@ def select_tokens(
             continue
         if "attention" in strategy.needs and inputs.attention is None:
             raise VTPruneError(f"strategy {strategy.name!r} needs attention scores; run it inside the decoder")
-        key = (available, features.shape[1], keep)
+        key = (available, features.shape[1], features.dtype, keep)
         alone = _copied_on_cpu(inputs, candidates)
         if key != last or alone:
             groups.append([])
@@ -121,7 +121,7 @@ def _select_group(
     strategy: Strategy, images: Sequence[TokenContext], members: list[tuple[int, Tensor, int]]
 ) -> dict[int, Tensor]:
     """The kept indices of one group's images (``members``: image, candidates, keep), each checked. The strategy's
-    contexts are built here and released on return, so only one group's float32 copies exist at a time."""
+    contexts are built here and released on return, so only one group's copies exist at a time."""
     contexts = [restrict(images[image], keep, candidates) for image, candidates, keep in members]
     for (image, _, _), ctx in zip(members, contexts):
         check_finite(image, ctx)
@@ -142,15 +142,12 @@ def _select_group(
 
 
 def _copied_on_cpu(image: TokenContext, candidates: Tensor) -> bool:
-    """Whether the strategy's float32 view of ``image`` (:func:`restrict`) copies its tokens in CPU memory:
-    half-precision tokens or pre-projector features, or candidates that leave some tokens out. Such an image is a
-    group of its own, so a batch holds one image's copies at a time, as one call of the papers' code per image
-    does (8 x 576 x 4096 bfloat16 tokens: 75 MB of float32 copies at once otherwise). On an accelerator the group
-    stays whole: its greedy loop is launch-bound, and one loop for the batch is the point of grouping."""
-    if image.features.device.type != "cpu":
-        return False
-    per_token = (x for x in (image.features, image.pre_features) if x is not None)
-    return any(x.dtype != torch.float32 for x in per_token) or candidates.numel() != image.num_tokens
+    """Whether the strategy's view of ``image`` (:func:`restrict`) copies its tokens in CPU memory: candidates that
+    leave some tokens out (dropped newline tokens) index every per-token input. Such an image is a group of its own,
+    so a batch holds one image's copies at a time, as one call of the papers' code per image does. On an
+    accelerator the group stays whole: its greedy loop is launch-bound, and one loop for the batch is the point of
+    grouping. Tokens in half precision are no copy: the context keeps them in their dtype (:class:`TokenContext`)."""
+    return image.features.device.type == "cpu" and candidates.numel() != image.num_tokens
 
 
 @torch.no_grad()
@@ -193,8 +190,9 @@ def merge_tokens(
 
 
 def restrict(image: TokenContext, keep: int, candidates: Tensor | None = None) -> TokenContext:
-    """What the strategy sees of a whole-image context: ``keep`` of the ``candidates`` (default: all tokens), its
-    tensors float32."""
+    """What the strategy sees of a whole-image context: ``keep`` of the ``candidates`` (default: all tokens). The
+    tokens, pre-projector features and question rows keep their dtype (a float32 copy of half-precision ones would
+    live through the whole selection; each strategy converts where it computes); the attention vectors are float32."""
     # A grid describes all N tokens; once some are excluded it no longer does.
     whole = candidates is None or candidates.numel() == image.num_tokens
 
@@ -207,13 +205,12 @@ def restrict(image: TokenContext, keep: int, candidates: Tensor | None = None) -
 
     return replace(
         image,
-        features=(image.features if whole else image.features[candidates]).float(),
+        features=image.features if whole else image.features[candidates],
         keep=keep,
         grid=image.grid if whole else None,
         segments=image.segments if whole else None,
         attention=as_float(per_token(image.attention)),
-        text_embeds=as_float(image.text_embeds),
-        pre_features=as_float(per_token(image.pre_features)),
+        pre_features=per_token(image.pre_features),
         cls_attention=as_float(per_token(image.cls_attention)),
         newline=per_token(image.newline),
     )

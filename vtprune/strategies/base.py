@@ -29,14 +29,18 @@ DECODER_PLACE = "decoder"
 class TokenContext:
     """Everything a strategy may look at when it chooses the tokens of one image.
 
-    ``features`` are float32 whatever the model dtype. Optional fields are filled by the engine
-    only when the strategy lists them in ``Strategy.needs``. The engine (and :func:`vtprune.select`) first
-    describes a whole image with ``keep`` = N, and hands the strategy that description restricted to the
+    ``features``, ``pre_features`` and ``text_embeds`` are in the dtype they come in (the model's: bfloat16 on a
+    bf16 model), not float32 copies: a copy would live through the whole selection, where the papers' code converts
+    for one computation and lets it go. A strategy that computes in float32 converts where it computes
+    (``ctx.features.float()``, a temporary; the built-in ones all do, so their picks on bf16 tokens are those on
+    the same values in float32). ``attention`` and ``cls_attention`` are float32. Optional fields are filled by
+    the engine only when the strategy lists them in ``Strategy.needs``. The engine (and :func:`vtprune.select`)
+    first describes a whole image with ``keep`` = N, and hands the strategy that description restricted to the
     candidate tokens with ``keep`` set by the budget; a new per-image input is one field here.
     """
 
     features: Tensor
-    """(N, D) tokens of this image: projected tokens before the LLM, hidden states inside it."""
+    """(N, D) tokens of this image: projected tokens before the LLM, hidden states inside it (the model's dtype)."""
     keep: int
     """How many tokens to keep; the engine guarantees 1 <= keep <= N."""
     seed: int = 0
@@ -48,17 +52,17 @@ class TokenContext:
     layer: int | None = None
     """Decoder layer the selection happens at; None before the LLM."""
     attention: Tensor | None = None
-    """(N,) attention the last prompt token pays to each of these tokens (heads averaged)."""
+    """(N,) float32 attention the last prompt token pays to each of these tokens (heads averaged)."""
     text_embeds: Tensor | None = None
-    """(m, D) input-embedding rows of the question's words (stop-words and instructions removed)."""
+    """(m, D) input-embedding rows of the question's words (stop-words and instructions removed; the model's dtype)."""
     instruction: str | None = None
     """The question's words decoded to text (the same words as ``text_embeds``), for CLIP text towers."""
     pre_features: Tensor | None = None
-    """(N, Dc) vision-tower features the projector consumed for these tokens (before projection)."""
+    """(N, Dc) vision-tower features the projector consumed for these tokens (before projection; the model's dtype)."""
     projector: Callable[[Tensor], Tensor] | None = None
-    """The model's projector / merger, float32: maps ``pre_features`` rows to projected tokens."""
+    """The model's projector / merger, float32: maps float32 ``pre_features`` rows to projected tokens."""
     cls_attention: Tensor | None = None
-    """(N,) attention the vision tower's [CLS] token pays to each token (LLaVA-1.5's CLIP tower)."""
+    """(N,) float32 attention the vision tower's [CLS] token pays to each token (LLaVA-1.5's CLIP tower)."""
     cross_shares: Tensor | None = None
     """(2,) for this token's row at this layer: share of text-query attention on visual keys, and of
     visual-query attention on text keys (heads averaged)."""
@@ -112,7 +116,8 @@ class Strategy:
 
     def select_batch(self, contexts: Sequence[TokenContext]) -> list[Tensor]:
         """``select`` for each of several images, in batch order: the engine groups consecutive images whose
-        ``features`` have the same shape and whose ``keep`` is the same (other inputs may differ per image).
+        ``features`` have the same shape and dtype and whose ``keep`` is the same (other inputs may differ per
+        image).
 
         Override it to share work across images (one greedy loop for the group instead of one per image); the
         result for an image must not depend on the other images of its group.

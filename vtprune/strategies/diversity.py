@@ -132,7 +132,12 @@ def memory_groups(
     """On a CPU, the group cut into runs whose working matrices (``bytes_per_image`` each), plus
     ``transient_bytes`` held once while they are made, together take no more memory than one image's reference
     formulation does (a normalised float32 copy of the tokens and a float32 N x N matrix); at least one image a
-    run. On an accelerator the group stays whole: its loop is launch-bound and its memory is large."""
+    run. On an accelerator the group stays whole: its loop is launch-bound and its memory is large.
+
+    Tokens that are not float32 (the context keeps the model's dtype) are converted by both, one image at a time:
+    the reference's ``.to(float32)`` lives next to its normalised copy, ours while one image's matrix is made
+    (:func:`cosine_similarities`) or is itself the normalised copy (MMTok's unit rows), so it is counted on
+    neither side."""
     if contexts[0].features.device.type != "cpu":
         return [contexts]
     n, width = contexts[0].features.shape

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import GreedyStrategy, TokenContext
@@ -13,6 +12,7 @@ from .coverage import coverage_order
 from .diversity import memory_groups
 from .options import Option
 from .registry import register_strategy
+from .relevance import unit_rows
 
 VARIANTS = ("multimodal", "vision", "text")
 
@@ -20,8 +20,8 @@ VARIANTS = ("multimodal", "vision", "text")
 def _coverage_probabilities(queries: Tensor, keys: Tensor, temperature: float) -> Tensor:
     """Row-softmax of ``cos(queries, keys) / temperature`` in float32: how well each key covers each query."""
     # float32 as in the reference; the parity cases are reproduced exactly in float32.
-    q = F.normalize(queries.float(), dim=1)
-    k = q if keys is queries else F.normalize(keys.float(), dim=1)
+    q = unit_rows(queries)
+    k = q if keys is queries else unit_rows(keys)
     logits = (q @ k.T).div_(temperature)
     del q, k  # only the logits and the probabilities are alive at once
     return torch.softmax(logits, dim=1)

@@ -20,9 +20,13 @@ from .text_towers import TextTower, load_text_tower
 
 
 def unit_rows(x: Tensor) -> Tensor:
-    """Rows scaled to unit norm in float32; zero rows stay zero (cosine 0 to everything)."""
-    x = x.float()
-    unit: Tensor = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    """Rows scaled to unit norm in float32; zero rows stay zero (cosine 0 to everything).
+
+    Rows in another dtype (the context keeps the model's) are converted into a new tensor, which is divided in place:
+    one float32 copy, not two."""
+    rows = x.float()
+    norms = rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit: Tensor = rows / norms if rows is x else rows.div_(norms)
     return unit
 
 
