@@ -352,7 +352,7 @@ class InputHook:
                 chosen = [(kept, None) for kept in select_tokens(strategy, budget, images, newlines=newlines)]
         kept_by_modality: dict[str, list[Tensor]] = {modality: [] for modality in encoder_outputs}
         weights_by_modality: dict[str, list[Tensor | None]] = {modality: [] for modality in encoder_outputs}
-        keep = state.valid.clone()
+        kept_rows, kept_columns = [], []
         for item, image, (kept, weights) in zip(state.items, images, chosen):
             if self.settings.record_scores:  # outside the timing: scores are for looking, not for pruning
                 scores = score_tokens(strategy, image, newlines=newlines)
@@ -360,9 +360,11 @@ class InputHook:
                     item.record.scores_by_stage[self.stage.key] = scores
             kept_by_modality[item.modality].append(kept)
             weights_by_modality[item.modality].append(weights)
-            dropped = torch.ones(item.columns.numel(), dtype=torch.bool, device=input_ids.device)
-            dropped[kept.to(input_ids.device)] = False
-            keep[item.row, item.columns[dropped]] = False
+            kept_columns.append(item.columns[kept.to(input_ids.device)])
+            kept_rows.append(torch.full_like(kept_columns[-1], item.row))
+        # The real tokens that are not visual, and the kept visual ones: one scatter for the whole batch.
+        keep = state.valid & (state.item_of_slot < 0)
+        keep[torch.cat(kept_rows), torch.cat(kept_columns)] = True
         if bool((keep == state.valid).all()):
             self._record(state)
             return kwargs
