@@ -2,8 +2,10 @@
 leaves nothing behind; every strategy picks the same tokens in every dtype, with and without a cache."""
 
 import copy
+import gc
 import pickle
 import threading
+import weakref
 
 import pytest
 import torch
@@ -182,6 +184,26 @@ def pruned_prefill(model, inputs: dict):
     mask = inputs["attention_mask"]
     step = {"input_ids": out.logits[:, -1:].argmax(-1), "attention_mask": torch.cat([mask, mask[:, :1] * 0 + 1], 1)}
     return output_cache(out), step
+
+
+@pytest.mark.parametrize("schedule", ["divprune:50%", "fastv@2:50%"])
+def test_a_pruned_cache_is_freed_when_dropped_without_a_garbage_collection(models, make_inputs, schedule):
+    """The KV cache of a pruned prefill goes when its last user drops it, as an unpruned one does, not at the next
+    run of the cycle collector (its guard used to hold it in a reference cycle)."""
+    model = models("llava")
+    inputs = make_inputs(model, "llava", 2)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.no_grad(), vtprune.pruned(model, schedule):
+            cache, _ = pruned_prefill(model, inputs)
+            assert cache.get_seq_length() > 0
+            dropped = weakref.ref(cache)
+            del cache
+            assert dropped() is None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 @pytest.mark.parametrize("schedule", ["divprune:50%", "fastv@2:50%"])

@@ -6,6 +6,7 @@ frame by frame (2.5-VL's window order is undone by the model before the LLM sees
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -50,9 +51,7 @@ class QwenVLAdapter(ModelAdapter):
         # model's own function that the caller passed goes through (second_per_grid_ts, mm_token_type_ids, and
         # whatever a later version adds), so the positions are the model's for every input it accepts.
         compute = self.inner.compute_3d_position_ids
-        parameters = inspect.signature(compute).parameters.values()
-        unset = inspect.Parameter.empty
-        arguments = {p.name: kwargs.get(p.name, None if p.default is unset else p.default) for p in parameters}
+        arguments = {name: kwargs.get(name, default) for name, default in _parameter_defaults(compute.__func__)}
         arguments.update(input_ids=input_ids, inputs_embeds=None, **{CACHE_KWARG: None})
         positions = compute(**arguments)
         if positions is None:  # text only: the text model's own default
@@ -141,6 +140,14 @@ class QwenVLAdapter(ModelAdapter):
                 )
                 items.append(ItemRegions(modality, i, t * rows * cols, size, views, no_tokens()))
         return items
+
+
+@functools.cache
+def _parameter_defaults(method: Callable[..., Any]) -> tuple[tuple[str, Any], ...]:
+    """(name, default or None) of each parameter of a model class's ``method`` after ``self``: its signature is
+    read once per class, not at every prefill."""
+    parameters = list(inspect.signature(method).parameters.values())[1:]
+    return tuple((p.name, None if p.default is inspect.Parameter.empty else p.default) for p in parameters)
 
 
 def _text(size: Size, mrope_interleaved: bool = False) -> dict:

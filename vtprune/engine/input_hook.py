@@ -30,7 +30,7 @@ from ..vocabulary.layout import Layout, last_valid, pack
 from .capture import EncodingCapture
 from .question_words import QuestionTokens
 from .selection import merge_tokens, score_tokens, select_tokens
-from .session import Session
+from .session import Session, Uncopyable
 from .settings import PruneSettings
 from .state import STATE_ATTR, PruneState, VisualItem, ones_mask
 
@@ -352,7 +352,7 @@ class InputHook:
                 chosen = [(kept, None) for kept in select_tokens(strategy, budget, images, newlines=newlines)]
         kept_by_modality: dict[str, list[Tensor]] = {modality: [] for modality in encoder_outputs}
         weights_by_modality: dict[str, list[Tensor | None]] = {modality: [] for modality in encoder_outputs}
-        keep = state.valid.clone()
+        kept_rows, kept_columns = [], []
         for item, image, (kept, weights) in zip(state.items, images, chosen):
             if self.settings.record_scores:  # outside the timing: scores are for looking, not for pruning
                 scores = score_tokens(strategy, image, newlines=newlines)
@@ -360,9 +360,11 @@ class InputHook:
                     item.record.scores_by_stage[self.stage.key] = scores
             kept_by_modality[item.modality].append(kept)
             weights_by_modality[item.modality].append(weights)
-            dropped = torch.ones(item.columns.numel(), dtype=torch.bool, device=input_ids.device)
-            dropped[kept.to(input_ids.device)] = False
-            keep[item.row, item.columns[dropped]] = False
+            kept_columns.append(item.columns[kept.to(input_ids.device)])
+            kept_rows.append(torch.full_like(kept_columns[-1], item.row))
+        # The real tokens that are not visual, and the kept visual ones: one scatter for the whole batch.
+        keep = state.valid & (state.item_of_slot < 0)
+        keep[torch.cat(kept_rows), torch.cat(kept_columns)] = True
         if bool((keep == state.valid).all()):
             self._record(state)
             return kwargs
@@ -498,16 +500,18 @@ class InputHook:
         )
 
 
-class CacheGuard:
+class CacheGuard(Uncopyable):
     """``update`` of a cache that holds a pruned prefill: only a forward of the handle that pruned it may extend it.
 
     A later call that does not know the cache's layout (after ``handle.remove()``, under another handle, an
     inner module called directly) would write and read the wrong slots; it gets an error instead. A callable
-    object, not a closure, so copying such a cache reaches the handle's session, which refuses to be copied.
+    object, not a closure, that refuses to be copied or pickled, as the handle's session does. It holds its cache
+    weakly: the cache holds it, and a cycle would keep the whole KV cache alive after its caller dropped it, until
+    the next run of the garbage collector.
     """
 
     def __init__(self, cache: Cache, session: Session, state: PruneState) -> None:
-        self.cache, self.session, self.state = cache, session, state
+        self.cache, self.session, self.state = weakref.ref(cache), session, state
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.session.state is not self.state:
@@ -517,7 +521,9 @@ class CacheGuard:
                 "was reached after handle.remove(), under another handle, or through an inner module; start a "
                 "fresh generate() call instead"
             )
-        return type(self.cache).update(self.cache, *args, **kwargs)
+        cache = self.cache()
+        assert cache is not None  # called as that cache's own method, so the cache is alive
+        return type(cache).update(cache, *args, **kwargs)
 
 
 def check_cache(cache: Cache | None) -> None:
