@@ -13,7 +13,8 @@ normalised with CLIP's pixel mean / std and mapped to the width D (and, for MMTo
 (Johnson-Lindenstrauss): the natural-texture redundancy of a photo (sky, walls, petals) without a trained encoder.
 Image i of a batch is photo i mod 2 turned by (i div 2) quarter turns. The text embeddings stay Gaussian. Rounds are interleaved (the order
 alternates), ``--repeats`` >= 5 of them; median and min are printed, and the ratio of the medians
-(vtprune / paper: below 1 is faster). Peak extra memory is the largest net amount of tensor memory
+(vtprune / paper: below 1 is faster); every dtype of a configuration runs in the same rounds, and "vtprune vs
+<first dtype>" is the ratio of vtprune's medians across dtypes (half precision against float32 by default). Peak extra memory is the largest net amount of tensor memory
 the call holds at once, read from the allocation and free events of ``torch.profiler``
 (``profile_memory=True``: every tensor the CPU allocator hands out and takes back, inputs excluded,
 library-internal scratch such as MKL's not seen) in a separate untimed run. The machine load
@@ -160,24 +161,36 @@ def paper_cases(
 
 def compare_with_papers(args: argparse.Namespace, device: torch.device) -> None:
     generator = torch.Generator().manual_seed(0)
+    first = str(args.dtypes[0]).removeprefix("torch.")
     print(f"# selection against the papers' formulations: {machine(device)}; {args.repeats} interleaved rounds")
     print(f"# before: {load()}")
     print(
         "| method | inputs | N | D | k | dtype | batch | vtprune median / min ms | paper median / min ms "
-        "| time ratio | vtprune MB | paper MB | memory ratio | same picks |"
+        f"| time ratio | vtprune vs {first} | vtprune MB | paper MB | memory ratio | same picks |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         for width in args.widths:
             for k in [64] if args.quick else dict.fromkeys([64, round(0.1 * n)]):
-                for dtype in args.dtypes:
-                    for batch, kind in itertools.product(args.batches, args.inputs):
-                        tokens, pre_features = token_features(kind, n, width, batch, generator)
-                        images = [x.to(device, dtype) for x in tokens]
-                        for method in args.methods:
-                            ours, paper = paper_cases(method, images, pre_features, k, generator)
+                for batch, kind in itertools.product(args.batches, args.inputs):
+                    tokens, pre_features = token_features(kind, n, width, batch, generator)
+                    for method in args.methods:
+                        # Every dtype's two calls in the same interleaved rounds, so "vtprune vs <first dtype>"
+                        # compares the dtypes under the same machine noise.
+                        cases = {
+                            dtype: paper_cases(
+                                method, [x.to(device, dtype) for x in tokens], pre_features, k, generator
+                            )
+                            for dtype in args.dtypes
+                        }
+                        with torch.no_grad():
+                            times = interleaved_times(
+                                [fn for pair in cases.values() for fn in pair], device, args.repeats
+                            )
+                        baseline = statistics.median(times[0])
+                        for index, (dtype, (ours, paper)) in enumerate(cases.items()):
+                            mine, theirs = times[2 * index], times[2 * index + 1]
                             with torch.no_grad():
-                                mine, theirs = interleaved_times([ours, paper], device, args.repeats)
                                 memory = [peak_extra_bytes(fn, device) for fn in (ours, paper)]
                                 same = all(torch.equal(a, b.to(a.device)) for a, b in zip(ours(), paper()))
                             ms = [1e3 * statistics.median(mine), 1e3 * min(mine)]
@@ -185,6 +198,7 @@ def compare_with_papers(args: argparse.Namespace, device: torch.device) -> None:
                             print(
                                 f"| {method} | {kind} | {n} | {width} | {k} | {str(dtype).removeprefix('torch.')} | {batch} "
                                 f"| {ms[0]:.1f} / {ms[1]:.1f} | {ref[0]:.1f} / {ref[1]:.1f} | {ms[0] / ref[0]:.2f} "
+                                f"| {statistics.median(mine) / baseline:.2f} "
                                 f"| {memory[0] / 2**20:.1f} | {memory[1] / 2**20:.1f} | {memory[0] / memory[1]:.2f} "
                                 f"| {'yes' if same else 'no'} |",
                                 flush=True,
