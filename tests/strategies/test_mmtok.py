@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from parity import DATA, parity_cases
 
 from vtprune.strategies.base import TokenContext
+from vtprune.strategies import coverage as coverage_loops
 from vtprune.strategies.coverage import coverage_order, dense_coverage_order, incremental_coverage_order
 from vtprune.strategies.mmtok import VARIANTS, MMTok
 from vtprune.strategies.registry import make_strategy
@@ -170,11 +171,22 @@ def test_both_loops_pick_alike_and_exact_duplicates_go_to_the_lower_index() -> N
     assert sorted(incremental.tolist()) == list(range(150))
 
 
-def test_coverage_order_takes_the_incremental_loop_on_a_cpu_for_each_matrix_of_a_group() -> None:
+def test_coverage_order_takes_the_incremental_loop_on_a_cpu_for_each_matrix_of_a_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     weights = MMTok().coverage_weights(random_context(12, n=40, keep=40, words=3))
     group = torch.stack([weights, weights.flip(-1)])
-    expected = torch.stack([incremental_coverage_order(w, 12) for w in group])
-    assert torch.equal(coverage_order(group, 12), expected)
+    seen: list[torch.Tensor] = []
+
+    def spy(matrix: torch.Tensor, count: int) -> torch.Tensor:
+        seen.append(matrix)
+        return incremental_coverage_order(matrix, count)
+
+    monkeypatch.setattr(coverage_loops, "incremental_coverage_order", spy)
+    monkeypatch.setattr(coverage_loops, "dense_coverage_order", None)  # not called on a CPU
+    order = coverage_order(group, 12)
+    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen, group))
+    assert torch.equal(order, torch.stack([incremental_coverage_order(w, 12) for w in group]))
 
 
 # --- variants and fallbacks -------------------------------------------------------------------
