@@ -10,14 +10,14 @@ Two loops compute that same greedy:
 - on an accelerator, every column's gain is evaluated every step (two passes over the matrix, as the paper's loop),
   in a fixed number of kernel launches for the whole group and without reading anything back to the host;
 - on a CPU, each column's gain is kept in a float64 running total and only the rows a pick raises are visited
-  (Minoux's accelerated greedy needs the same monotone gains; here they are kept exact instead of bounded). A pick
+  (Minoux's lazy greedy keeps stale gains as upper bounds; here every gain is kept up to date instead). A pick
   raises a row only when it covers it better than every earlier pick, so after the first few steps a step touches a
   small share of the rows: O(N·R) for the first step and far less for each later one, against O(N·R) per step.
 
 The picks agree wherever float32 can tell the gains apart. Gains within :data:`TIE_TOLERANCE` of the largest are ties
 for the CPU loop (exact duplicates among them, whose float64 totals may differ in the last bit), which goes to the
-lower index; closer than float32's resolution (about 1e-7 of the objective), the dense loop's pick follows its
-rounding, the CPU loop's the gains' true order.
+lower index; closer than float32's resolution (about 1e-7 of the gain), the dense loop's pick follows its rounding,
+the CPU loop's the gains' true order.
 """
 
 from __future__ import annotations
