@@ -14,7 +14,7 @@ import vtprune
 from vtprune.engine.selection import select_tokens
 from vtprune.errors import VTPruneError
 from vtprune.schedule import Budget
-from vtprune.strategies import DivPrune, GreedyStrategy, Strategy, coverage, diversity, divprune, mmtok, todre, zoo
+from vtprune.strategies import DivPrune, GreedyStrategy, Strategy, coverage, diversity, divprune, todre, zoo
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.registry import make_strategy
 
@@ -284,10 +284,10 @@ class OpCounter(TorchDispatchMode):
 @pytest.fixture
 def as_on_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
     """The choices a CPU makes differently, made as on an accelerator: every strategy keeps a group of images whole
-    (on a CPU ``memory_groups`` cuts it to bound the memory; MMTok's always to single images), and the duplicate
+    (on a CPU ``memory_groups`` cuts it to bound the memory, and MMTok takes one image at a time), and the duplicate
     snap compares every entry (on a CPU it selects the rows that share a norm, which reads back), and MMTok evaluates
     every gain each step (on a CPU it visits only the rows a pick raises, which reads back)."""
-    for module in (divprune, mmtok, todre, zoo):
+    for module in (divprune, todre, zoo):
         monkeypatch.setattr(module, "memory_groups", lambda contexts, *_, **__: [contexts])
     monkeypatch.setattr(diversity, "compares_shared_norms_only", lambda device: False)
     monkeypatch.setattr(coverage, "updates_gains_incrementally", lambda device: False)

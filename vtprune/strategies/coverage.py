@@ -92,8 +92,9 @@ def incremental_coverage_order(weights: Tensor, count: int) -> Tensor:
         gains[pick] = -torch.inf  # never chosen again; no update brings it back
         column = weights[:, pick]
         for rows in torch.split((column > best).nonzero()[:, 0], _BLOCK):
-            lo, hi = best[rows].double()[:, None], column[rows].double()[:, None]
+            raised = column[rows]
+            lo, hi = best[rows].double()[:, None], raised.double()[:, None]
             lowered = weights[rows].double().sub_(lo).clamp_(min=0)
             gains -= torch.minimum(lowered, hi - lo, out=lowered).sum(dim=0)
-            best[rows] = column[rows]
+            best[rows] = raised
     return picks

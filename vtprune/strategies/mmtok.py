@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from .base import GreedyStrategy, TokenContext
+from . import coverage
 from .coverage import coverage_order
-from .diversity import memory_groups
 from .options import Option
 from .registry import register_strategy
 from .relevance import unit_rows
@@ -81,22 +81,20 @@ class MMTok(GreedyStrategy):
         by_rows: dict[int, list[int]] = {}
         for image, ctx in enumerate(contexts):
             by_rows.setdefault(self.coverage_rows(ctx), []).append(image)
+        # On a CPU the loop takes one matrix at a time, so each image is a group of its own: its weights are made,
+        # ordered and released before the next image's, and never stacked. On an accelerator a group is one loop.
+        alone = coverage.updates_gains_incrementally(contexts[0].features.device)
         orders: dict[int, Tensor] = {}
-        n, width = contexts[0].features.shape
-        for rows, images in by_rows.items():
-            start = 0  # the first image of ``group`` among ``images``
-            # On a CPU (the only place groups are cut) each image of a group holds its float32 weights twice, in
-            # the list and stacked, and they are alive while the next image's weights are made, which takes a
-            # normalised float32 copy of its tokens; the loop itself adds one (256, n) float64 block.
-            group_images = [contexts[i] for i in images]
-            for group in memory_groups(group_images, 2 * rows * n * 4, transient_bytes=n * width * 4):
-                # The weights are a temporary, so they are gone before the next group's are made; one image's are
-                # a view of its own matrix, not a stacked copy.
-                weights = [self.coverage_weights(ctx) for ctx in group]
-                order = coverage_order(weights[0][None] if len(group) == 1 else torch.stack(weights), group[0].keep)
+        for images in by_rows.values():
+            for group in [[image] for image in images] if alone else [images]:
+                # The weights are gone before the next group's are made; one image's go in as a view of its own
+                # matrix, not a stacked copy.
+                weights = [self.coverage_weights(contexts[image]) for image in group]
+                order = coverage_order(
+                    weights[0][None] if len(group) == 1 else torch.stack(weights), contexts[group[0]].keep
+                )
                 del weights
-                orders.update(zip(images[start : start + len(group)], order))
-                start += len(group)
+                orders.update(zip(group, order))
         return [orders[image] for image in range(len(contexts))]
 
     def scores(self, ctx: TokenContext) -> Tensor:
