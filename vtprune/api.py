@@ -12,7 +12,7 @@ from .adapters import ModelAdapter, adapter_for
 from .engine.handle import PruneHandle
 from .engine.selection import check_features, check_finite, check_inputs, restrict, score_tokens, select_tokens
 from .engine.settings import PruneSettings
-from .errors import BudgetError, LayerError, UnsupportedModelError
+from .errors import BudgetError, LayerError, OptionError, UnsupportedModelError
 from .schedule import Budget, Schedule, Stage, as_schedule
 from .strategies.base import GreedyStrategy, Strategy, TokenContext
 from .strategies.registry import NEEDABLE, make_strategy
@@ -125,7 +125,7 @@ def select_nested(
     image, options = _describe(features, inputs_and_options)
     chosen = make_strategy(strategy, **options)
     if not isinstance(chosen, GreedyStrategy):
-        raise TypeError(
+        raise OptionError(
             f"strategy {chosen.name!r} is not greedy, so its keep sets are not nested; call select() per budget"
         )
     check_inputs(chosen, image)

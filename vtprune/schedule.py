@@ -19,7 +19,7 @@ from decimal import Decimal
 from numbers import Integral, Real
 from typing import Any, Sequence
 
-from .errors import BudgetError, BudgetWarning, LayerError, ScheduleError
+from .errors import BudgetError, BudgetWarning, LayerError, OptionError, ScheduleError
 from .strategies.base import DECODER_PLACE, INPUT_PLACE, Strategy
 from .strategies.options import constructor_defaults, declared_options, parse_value
 from .strategies.registry import NAME_PATTERN, make_strategy
@@ -270,7 +270,7 @@ def as_schedule(
     if isinstance(strategy, Strategy):
         return Schedule([make_stage(strategy, layer=layer, keep=keep, keep_ratio=keep_ratio, **options)])
     if given:
-        raise TypeError(f"{given} cannot be combined with a schedule; put them inside its stages")
+        raise OptionError(f"{given} cannot be combined with a schedule; put them inside its stages")
     if isinstance(strategy, str):
         return parse_schedule(strategy)
     if isinstance(strategy, Schedule):

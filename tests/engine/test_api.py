@@ -6,7 +6,7 @@ import torch
 import vtprune
 from vtprune import Budget, Schedule, Stage
 from vtprune.strategies import DivPrune, FastV, RandomPruning
-from vtprune.testing import RowSpec, build_inputs
+from vtprune.testing import RowSpec, build_inputs, build_model
 
 
 def test_schedule_strings_round_trip():
@@ -225,3 +225,11 @@ def test_hidden_states_under_a_decoder_stage_have_the_lengths_the_record_gives(m
     assert hidden[4].shape[1] == int(lengths[:, 3].max())
     dropped = [sum(im.num_tokens - im.kept.numel() for im in handle.last_record.for_row(row)) for row in range(3)]
     assert (lengths[:, 2] == lengths[:, 1] - torch.tensor(dropped)).all() and dropped[0] > 0
+
+
+def test_arguments_that_do_not_fit_the_call_are_refused_with_a_vtprune_error():
+    # Still TypeErrors (the wrong kind of argument for the call), and VTPruneErrors that say what to do.
+    with pytest.raises(vtprune.OptionError, match=r"\['keep'\] cannot be combined with a schedule"):
+        vtprune.prune(build_model("llava"), "mmtok:3+random_deep@1:50%", keep=4)
+    with pytest.raises(vtprune.OptionError, match="not greedy"):
+        vtprune.select_nested("random", torch.randn(8, 4), [2])
