@@ -18,6 +18,12 @@ a share of the unpruned prefill, and the peak tensor memory of one prefill (``ev
 allocation and free events, in a separate untimed run; it must fall with the kept ratio). With ``--batch 8`` every
 row has its own images, so each sample gets its own keep set. The header notes the 1-minute load average.
 
+``--profile`` adds a second table, where the time goes (``torch.profiler``, ``--repeats`` calls each, after the
+timed rounds): the self time of the model's ops by kind (matrix products, attention, the rest) in the unpruned
+prefill and in the short one, with their ratio to set against the bound; vtprune's own time in the pruned prefill
+(its ``vtprune.*`` profiler ranges, Python included); and the pruned prefill's model ops less the short one's, which
+is what vtprune makes the model do beyond the shorter sequence.
+
 The bound only means something where per-token layer work dominates the forward: the README's figures (and the
 issue's ">= 0.9 of the bound" check) are read at ``--hidden 1024 --layers 8``. At the default 256-wide decoder the
 per-forward costs are a large share of a pruned prefill, and ``--shape`` (a 7B decoder's width, any class) is too slow
@@ -28,6 +34,8 @@ for every class on a 2-core CPU; it is for GPUs.
         --schedules uniform:25% uniform:11% divprune:25% divprune:11% fastv@2:25%   # the README's figures
     python eval/bench_prefill.py --kinds llava --repeats 7 --device cuda --dtype bfloat16
     python eval/bench_prefill.py --batch 8 --schedules divprune:25% divprune:11%
+    OMP_NUM_THREADS=1 python eval/bench_prefill.py --hidden 1024 --layers 8 --schedules uniform:11% divprune:11% \
+        --repeats 3 --profile                          # the README's "where the time goes"
 """
 
 from __future__ import annotations
@@ -40,11 +48,13 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 import vtprune
 from vtprune.adapters import architecture
@@ -109,6 +119,53 @@ def peak_bytes(model: torch.nn.Module, inputs: dict, device: torch.device) -> in
     return peak_extra_bytes(lambda: timed_prefill(model, inputs, device), device)
 
 
+#: ``--profile``: ops whose self time counts as matrix products (the model's linear layers; attention's products are
+#: inside its own kernel).
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
+SPLIT = ("matmul", "attention", "other", "vtprune")
+
+
+def op_split(
+    model: torch.nn.Module, inputs: dict, device: torch.device, repeats: int, schedule: str | None = None
+) -> dict[str, float]:
+    """Seconds per prefill by kind: the model's ops' self time (matmul / attention / other), and vtprune's: on a CPU
+    the wall time of its outermost ``vtprune.*`` ranges (its Python included), on an accelerator the device time of
+    the ops inside them."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with (
+        vtprune.pruned(model, schedule) if schedule else nullcontext(),
+        torch.profiler.profile(activities=activities) as profile,
+    ):
+        for _ in range(repeats):
+            timed_prefill(model, inputs, device)
+    split = dict.fromkeys(SPLIT, 0.0)
+    for event in profile.events():
+        if event.device_type != DeviceType.CPU:  # kernels: their time is their launching op's device time
+            continue
+        ranges = []  # the vtprune ranges this event is in, innermost first
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("vtprune."):
+                ranges.append(parent)
+            parent = parent.cpu_parent
+        if event.name.startswith("vtprune."):
+            if not ranges and device.type != "cuda":
+                split["vtprune"] += event.cpu_time_total
+            continue
+        seconds = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if ranges:
+            split["vtprune"] += seconds if device.type == "cuda" else 0.0
+        elif event.name in MATMUL_OPS:
+            split["matmul"] += seconds
+        elif "scaled_dot_product" in event.name or "attention" in event.name:
+            split["attention"] += seconds
+        else:
+            split["other"] += seconds
+    return {kind: microseconds / 1e6 / repeats for kind, microseconds in split.items()}
+
+
 def shortened_inputs(model: torch.nn.Module, inputs: dict, schedule: str, device: torch.device) -> dict | None:
     """What the pruned prefill hands the model: the kwargs vtprune's input hook makes of ``inputs`` (shortened ids
     and encoder outputs, the packed mask, the kept tokens' positions), less the cache it attaches. None for a
@@ -160,10 +217,12 @@ def bench_kind(kind: str, schedules: list[str], args: argparse.Namespace) -> lis
     # One round: the unpruned prefill, then per schedule the pruned one and the short one (the model alone on the
     # sequence the pruned one handed it).
     calls: dict[str, Callable[[], float]] = {"none": partial(timed_prefill, model, inputs, device)}
+    shorts = {}  # per schedule that has one, the short sequence's inputs
     for name in schedules:
         calls[name] = partial(pruned_prefill, name)
         short_inputs = shortened_inputs(model, inputs, name, device)
         if short_inputs is not None:
+            shorts[name] = short_inputs
             calls[f"short {name}"] = partial(timed_prefill, model, short_inputs, device)
     times: dict[str, list[float]] = {key: [] for key in calls}
     for _ in range(args.warmup + args.repeats):
@@ -176,6 +235,16 @@ def bench_kind(kind: str, schedules: list[str], args: argparse.Namespace) -> lis
             peak[name] = peak_bytes(model, inputs, device)
     num_layers = len(model.model.language_model.layers)
     unpruned_tokens = int(inputs["attention_mask"].sum()) * num_layers
+    # --profile: per schedule with a short run, the op split of the unpruned, short and pruned prefills.
+    splits: dict[str, dict[str, dict[str, float]]] = {}
+    if args.profile and shorts:
+        unpruned = op_split(model, inputs, device, args.repeats)
+        for name, short_inputs in shorts.items():
+            splits[name] = {
+                "unpruned": unpruned,
+                "short": op_split(model, short_inputs, device, args.repeats),
+                "pruned": op_split(model, inputs, device, args.repeats, name),
+            }
     rows = []
     for name in schedules:
         record = records[name]
@@ -198,6 +267,7 @@ def bench_kind(kind: str, schedules: list[str], args: argparse.Namespace) -> lis
                 "selection": record.selection_seconds / best["none"],
                 "unpruned_mb": peak["none"] / 2**20,
                 "pruned_mb": peak[name] / 2**20,
+                "split": splits.get(name),
             }
         )
     return rows
@@ -218,6 +288,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", type=lambda name: getattr(torch, name))
+    parser.add_argument("--profile", action="store_true", help="add where the time goes (torch.profiler)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -249,8 +320,11 @@ def main() -> None:
     ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
+    profiled = []
     for kind in args.kinds:
         for row in bench_kind(kind, args.schedules, args):
+            if row["split"] is not None:
+                profiled.append(row)
             short = "- | -" if row["short_ms"] is None else f"{row['short_ms']:.1f} | {row['of_short']:.2f}"
             print(
                 f"| {row['kind']} | {row['schedule']} | {row['visual']} | {row['unpruned_ms']:.1f} | {row['pruned_ms']:.1f} "
@@ -258,6 +332,27 @@ def main() -> None:
                 f"| {row['selection']:.1%} | {row['unpruned_mb']:.1f} | {row['pruned_mb']:.1f} |",
                 flush=True,
             )
+
+    if profiled:
+        print_split(profiled)
+
+
+def print_split(rows: list[dict]) -> None:
+    """``--profile``'s table: ms per prefill by kind of op, unpruned -> short, with ``x`` = unpruned / short to set
+    against the bound; vtprune's own ms in the pruned prefill; the pruned prefill's model ops less the short one's."""
+    print("\n# where the time goes (torch.profiler self time, ms per prefill)")
+    header = ["class", "schedule", "bound", "matmul", "x", "attention", "x", "other ops", "x", "vtprune"]
+    print("| " + " | ".join(header + ["pruned - short, model ops"]) + " |")
+    print("|" + "---|" * (len(header) + 1))
+    for row in rows:
+        split = row["split"]
+        cells = [row["kind"], row["schedule"], f"x{row['bound']:.2f}"]
+        for kind in SPLIT[:-1]:
+            unpruned, short = 1e3 * split["unpruned"][kind], 1e3 * split["short"][kind]
+            cells += [f"{unpruned:.1f} -> {short:.1f}", f"x{unpruned / short:.2f}"]
+        extra = sum(split["pruned"][kind] - split["short"][kind] for kind in SPLIT[:-1])
+        cells += [f"{1e3 * split['pruned']['vtprune']:.1f}", f"{1e3 * extra:+.1f}"]
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,26 @@ def test_record_describes_each_image_and_layer(models, make_inputs):
     assert totals["before"] > totals["input"] > totals["layer 2"]
 
 
+def test_a_profile_shows_vtprune_ranges_in_the_prefill_and_none_in_decoding_steps(models, make_inputs):
+    # eval/bench_prefill.py --profile (and a user's own profile) reads vtprune's share from these ranges; decoding
+    # steps open none, since the layer hooks run on every layer there and a range costs microseconds.
+    model = models("llava")
+    inputs = make_inputs(model, "llava", 2)
+
+    def ranges(**kwargs) -> list[str]:
+        with torch.profiler.profile() as profile:
+            model.generate(**inputs, do_sample=False, pad_token_id=0, **kwargs)
+        return [event.name for event in profile.events() if event.name.startswith("vtprune.")]
+
+    with torch.no_grad(), vtprune.pruned(model, "divprune:50%+fastv@2:50%"):
+        prefill, two_steps = ranges(max_new_tokens=1), ranges(max_new_tokens=3)
+    # The input stage's selection, layer 2's scoring and its selection, each inside a hook's range.
+    assert prefill.count("vtprune.selection_seconds") == 3 and prefill.count("vtprune.hook_seconds") >= 3
+    # Each decoding step adds the input hook's range only (whether it decodes is known inside it), none from the
+    # layer hooks.
+    assert sorted(two_steps) == sorted(prefill + ["vtprune.hook_seconds"] * 2)
+
+
 def test_random_draws_depend_on_the_sample_not_the_batch(models):
     model = models("qwen2_vl")
     rows = [RowSpec(images=[(2, 3)], text_before=1), RowSpec(images=[(3, 3)], text_before=4)]

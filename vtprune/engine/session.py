@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -82,10 +82,16 @@ class Session(Uncopyable):
 
     @contextmanager
     def timing(self, field: str) -> Iterator[None]:
-        """Add the wall time of the block to ``record.<field>`` when it ran during a prefill."""
+        """Add the wall time of the block to ``record.<field>`` when it ran during a prefill.
+
+        Unless a decoding step is known to be running, the block is also a ``vtprune.<field>`` range in
+        ``torch.profiler`` traces, so a profile of a prefill shows vtprune's own share (``eval/bench_prefill.py
+        --profile``); not in decoding steps, where the layer hooks run on every layer and a range costs ~7 us."""
         start = time.perf_counter()
+        traced = self.state is None or self.state.prefilling
         try:
-            yield
+            with torch.profiler.record_function(f"vtprune.{field}") if traced else nullcontext():
+                yield
         finally:
             if self.state is not None and self.state.prefilling and self.record is not None:
                 setattr(self.record, field, getattr(self.record, field) + time.perf_counter() - start)
