@@ -18,8 +18,8 @@ a share of the unpruned prefill, and the peak tensor memory of one prefill (``ev
 allocation and free events, in a separate untimed run; it must fall with the kept ratio). With ``--batch 8`` every
 row has its own images, so each sample gets its own keep set. The header notes the 1-minute load average.
 
-``--profile`` adds a second table, where the time goes (``torch.profiler``, ``--repeats`` calls each, after the
-timed rounds): the self time of the model's ops by kind (matrix products, attention, the rest) in the unpruned
+``--profile`` adds a second table, where the time goes (``torch.profiler``, one prefill at a time in ``--repeats``
+interleaved rounds after the timed ones, medians): the self time of the model's ops by kind (matrix products, attention, the rest) in the unpruned
 prefill and in the short one, with their ratio to set against the bound; vtprune's own time in the pruned prefill
 (its ``vtprune.*`` profiler ranges, Python included); and the pruned prefill's model ops less the short one's, which
 is what vtprune makes the model do beyond the shorter sequence.
@@ -44,6 +44,7 @@ import argparse
 import gc
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -126,36 +127,32 @@ SPLIT = ("matmul", "attention", "other", "vtprune")
 
 
 def op_split(
-    model: torch.nn.Module, inputs: dict, device: torch.device, repeats: int, schedule: str | None = None
+    model: torch.nn.Module, inputs: dict, device: torch.device, schedule: str | None = None
 ) -> dict[str, float]:
-    """Seconds per prefill by kind: the model's ops' self time (matmul / attention / other), and vtprune's: on a CPU
-    the wall time of its outermost ``vtprune.*`` ranges (its Python included), on an accelerator the device time of
-    the ops inside them."""
+    """Seconds of one prefill by kind: the model's ops' self time (matmul / attention / other), and vtprune's: on a
+    CPU the wall time of its outermost ``vtprune.*`` ranges (its Python included), on an accelerator the device time
+    of the ops inside them."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with (
-        vtprune.pruned(model, schedule) if schedule else nullcontext(),
-        torch.profiler.profile(activities=activities) as profile,
-    ):
-        for _ in range(repeats):
-            timed_prefill(model, inputs, device)
+    pruning = vtprune.pruned(model, schedule) if schedule else nullcontext()
+    with pruning, torch.profiler.profile(activities=activities) as profile:
+        timed_prefill(model, inputs, device)
     split = dict.fromkeys(SPLIT, 0.0)
     for event in profile.events():
         if event.device_type != DeviceType.CPU:  # kernels: their time is their launching op's device time
             continue
-        ranges = []  # the vtprune ranges this event is in, innermost first
+        in_vtprune = False
         parent = event.cpu_parent
         while parent is not None:
-            if parent.name.startswith("vtprune."):
-                ranges.append(parent)
+            in_vtprune |= parent.name.startswith("vtprune.")
             parent = parent.cpu_parent
         if event.name.startswith("vtprune."):
-            if not ranges and device.type != "cuda":
+            if not in_vtprune and device.type != "cuda":
                 split["vtprune"] += event.cpu_time_total
             continue
         seconds = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        if ranges:
+        if in_vtprune:
             split["vtprune"] += seconds if device.type == "cuda" else 0.0
         elif event.name in MATMUL_OPS:
             split["matmul"] += seconds
@@ -163,7 +160,29 @@ def op_split(
             split["attention"] += seconds
         else:
             split["other"] += seconds
-    return {kind: microseconds / 1e6 / repeats for kind, microseconds in split.items()}
+    return {kind: microseconds / 1e6 for kind, microseconds in split.items()}
+
+
+def profiled_splits(
+    model: torch.nn.Module, inputs: dict, shorts: dict[str, dict], device: torch.device, repeats: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per schedule, the median :func:`op_split` of the unpruned, short and pruned prefills, profiled one prefill
+    at a time in interleaved rounds (as the timings are), so a change in the machine's load falls on all alike."""
+    runs: dict[str, tuple[dict, str | None]] = {"none": (inputs, None)}
+    for name, short_inputs in shorts.items():
+        runs[f"short {name}"] = (short_inputs, None)
+        runs[name] = (inputs, name)
+    samples: dict[str, list[dict[str, float]]] = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, (run_inputs, schedule) in runs.items():
+            samples[key].append(op_split(model, run_inputs, device, schedule))
+    median = {
+        key: {kind: statistics.median(split[kind] for split in splits) for kind in SPLIT}
+        for key, splits in samples.items()
+    }
+    return {
+        name: {"unpruned": median["none"], "short": median[f"short {name}"], "pruned": median[name]} for name in shorts
+    }
 
 
 def shortened_inputs(model: torch.nn.Module, inputs: dict, schedule: str, device: torch.device) -> dict | None:
@@ -235,16 +254,7 @@ def bench_kind(kind: str, schedules: list[str], args: argparse.Namespace) -> lis
             peak[name] = peak_bytes(model, inputs, device)
     num_layers = len(model.model.language_model.layers)
     unpruned_tokens = int(inputs["attention_mask"].sum()) * num_layers
-    # --profile: per schedule with a short run, the op split of the unpruned, short and pruned prefills.
-    splits: dict[str, dict[str, dict[str, float]]] = {}
-    if args.profile and shorts:
-        unpruned = op_split(model, inputs, device, args.repeats)
-        for name, short_inputs in shorts.items():
-            splits[name] = {
-                "unpruned": unpruned,
-                "short": op_split(model, short_inputs, device, args.repeats),
-                "pruned": op_split(model, inputs, device, args.repeats, name),
-            }
+    splits = profiled_splits(model, inputs, shorts, device, args.repeats) if args.profile else {}
     rows = []
     for name in schedules:
         record = records[name]
