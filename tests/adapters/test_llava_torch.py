@@ -246,6 +246,23 @@ def test_strategy_inputs_of_the_vision_side_are_the_same(flat_pair):
         torch.testing.assert_close(llava_logits, logits, atol=1e-5, rtol=0)
 
 
+def test_todre_refuses_a_cls_token_among_the_image_tokens(flat_pair):
+    """mm_vision_select_feature 'cls_patch': each image's 17 tokens are the [CLS] token and its 16 patches, which the
+    [CLS] row ranks; ToDRE refuses instead of taking its no-[CLS] fallback."""
+    model, llava = flat_pair
+    inputs = as_llava_torch(model, build_inputs(model, [RowSpec(images=[(1, 1)])]))
+    tower = llava.get_vision_tower()
+    tower.select_feature = "cls_patch"  # what the tower's forward reads (llava's config only builds it)
+    try:
+        refused = pytest.raises(InputError, match="16 patches, but the image has 17 tokens")
+        with torch.no_grad(), vtprune.pruned(llava, "todre:5"), refused:
+            llava(**inputs)
+        _, kept, _ = run(llava, inputs, "divprune:5")  # it reads no [CLS] row
+    finally:
+        tower.select_feature = "patch"
+    assert [k.numel() for k in kept] == [5]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16])  # float16 alike (slow on CPU)
 def test_half_precision_keep_all_is_bit_identical_and_prunes(flat_pair, dtype):
     model, llava = flat_pair
