@@ -219,6 +219,21 @@ def test_a_cls_tower_read_at_several_layers_is_refused_for_todre():
         model(input_ids=image_prompt(16), pixel_values=torch.randn(1, 3, 16, 16))
 
 
+def test_a_feature_layer_passed_to_the_call_is_refused_for_todre():
+    # The [CLS] row is recorded at the config's layer (-2); a call that reads another would rank with the wrong row.
+    model = tiny_clip_llava(3, vision_feature_layer=-2)
+    inputs = {"input_ids": image_prompt(16), "pixel_values": torch.randn(1, 3, 16, 16)}
+    with torch.no_grad(), vtprune.pruned(model, "todre", keep=4) as handle:
+        with pytest.raises(InputError, match="vision_feature_layer=-1 was passed to the call"):
+            model(**inputs, vision_feature_layer=-1)
+        with pytest.raises(InputError, match="vision_feature_layer=-1 was passed to the call"):
+            model.generate(**inputs, vision_feature_layer=-1, max_new_tokens=1)
+        model(**inputs, vision_feature_layer=-2)  # the config's own layer
+        assert handle.capture.cls_attention is not None
+    with torch.no_grad(), vtprune.pruned(model, "divprune", keep=4):  # it reads no [CLS] row
+        model(**inputs, vision_feature_layer=-1)
+
+
 def test_a_positive_feature_layer_reads_the_cls_row_of_the_layer_it_names():
     # hidden_states[2] is the output of the tower's second layer (layers[1]), as hidden_states[-2] is of a 3-layer one.
     pixels = torch.randn(1, 3, 16, 16)

@@ -12,7 +12,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PreTrainedT
 from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension
 
-from ..errors import UnsupportedModelError
+from ..errors import InputError, UnsupportedModelError
 from ..vocabulary.grids import Grid
 from .base import Architecture, Backbone, ModelAdapter, Photo
 from .geometry import ItemRegions, PixelSize, setting, shape_only, square_grid_regions
@@ -53,6 +53,15 @@ class LlavaAdapter(ModelAdapter):
                 "layer's [CLS] attention ranks their tokens (todre); choose a strategy that does not read it"
             )
         return attention_read_by_projector(encoder.layers, layer)
+
+    def check_cls_arguments(self, kwargs: Mapping[str, Any]) -> None:
+        layer, configured = kwargs.get("vision_feature_layer"), self.config.vision_feature_layer
+        if layer is not None and layer != configured:
+            raise InputError(
+                f"vision_feature_layer={layer} was passed to the call, but the [CLS] attention (todre) is recorded at "
+                f"the layer the config names ({configured}), chosen at prune(); set model.config.vision_feature_layer "
+                "before prune() instead"
+            )
 
     def regions(
         self,

@@ -95,9 +95,11 @@ class PruneHandle(Uncopyable):
         model: Any = self.model  # an XxxForConditionalGeneration: torch's typing of module attributes hides methods
         encode = model._prepare_multimodal_encoder_kwargs_for_generation
 
-        def encode_for_prefill(*args: Any, **kwargs: Any) -> Any:
+        def encode_for_prefill(model_kwargs: dict[str, Any]) -> Any:
+            if self.capture.records_cls_attention:
+                self.adapter.check_cls_arguments(model_kwargs)
             with self.capture.encoding():
-                encoded = encode(*args, **kwargs)
+                encoded = encode(model_kwargs)
                 self.capture.encoded(encoded["mm_encoder_outputs"].get("image"))
                 return encoded
 
