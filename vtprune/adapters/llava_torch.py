@@ -80,8 +80,10 @@ class LlavaTorchAdapter(ModelAdapter):
 
     def cls_attention_layer(self) -> nn.Module | None:
         # The tower layer whose output the projector reads; one tower pass per image only for flat LLaVA-1.5 (AnyRes
-        # images are tiles: the declared fallback). The tower's own settings, which its forward reads.
-        if getattr(self.config, "mm_patch_merge_type", "flat") != "flat":
+        # images are tiles, packed or flattened one after another: the declared fallback). The tower's own settings,
+        # which its forward reads.
+        anyres = str(getattr(self.config, "image_aspect_ratio", "")).startswith("anyres")
+        if getattr(self.config, "mm_patch_merge_type", "flat") != "flat" or anyres:
             return None
         tower = self.model.get_vision_tower()
         clip = tower.vision_tower

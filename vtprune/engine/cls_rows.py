@@ -30,9 +30,10 @@ def cls_rows_of_images(
     if len(rows) != len(token_counts):
         raise InputError(
             f"{len(token_counts)} images were embedded but the vision tower's [CLS] attention, which {reader!r} "
-            f"reads, was recorded for {len(rows)}: vtprune records it while the model encodes pixels, and images "
-            "sent as precomputed embeddings (transformers' mm_encoder_outputs, vLLM's image embeddings) pass no "
-            "tower. Send the images themselves (pixel inputs) for a strategy that reads it, or choose another strategy"
+            f"reads, was recorded for {len(rows)} tower passes: vtprune records one per image the model encodes "
+            "from pixels in this call, and images sent as precomputed embeddings (transformers' mm_encoder_outputs, "
+            "vLLM's image embeddings) pass no tower. Send the images themselves (pixel inputs) for a strategy that "
+            "reads it, or choose another strategy"
         )
     for row, count, name in zip(rows, token_counts, readers, strict=True):
         if name and len(row) != count:
