@@ -37,7 +37,8 @@ class EncodingCapture:
     def encoded(self, images: object | None) -> None:
         """The image encoder outputs of the encoding in progress (made from pixels or passed in precomputed): the
         only ones its [CLS] rows belong to. Held weakly: the prefill holds them while it needs the rows."""
-        self._local.images = None if images is None else weakref.ref(images)
+        if self.records_cls_attention and images is not None:
+            self._local.images = weakref.ref(images)
 
     def cls_attention_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         # The vision tower runs before the prefill inside generate(); keep its [CLS] rows for it, of every pass
