@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import final_keep, kept_logits, reference
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vtprune
 from vtprune.engine.attention import cls_attention, cls_attention_of, cross_modal_shares
@@ -161,21 +161,20 @@ def test_llava_pivot_comes_from_cls_attention_even_with_beams(models, make_input
     assert all(int(cls[i].argmax()) in kept for i, kept in enumerate(single))
 
 
-def tiny_clip_llava(tower_layers: int, **options) -> LlavaForConditionalGeneration:
-    """A LLaVA with a CLIP tower of 16 patches (16 px images, 4 px patches)."""
-    vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=tower_layers,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=4,
-    )
+#: A vision tower of 16 patches (16 px images, 4 px patches).
+TOWER = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "image_size": 16, "patch_size": 4}
+
+
+def tiny_llava(vision, **options) -> LlavaForConditionalGeneration:
     text = LlamaConfig(
         vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0
     )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=2, **options)
     return LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_clip_llava(tower_layers: int, **options) -> LlavaForConditionalGeneration:
+    return tiny_llava(CLIPVisionConfig(**TOWER, num_hidden_layers=tower_layers), **options)
 
 
 def image_prompt(tokens: int) -> torch.Tensor:
@@ -210,13 +209,20 @@ def test_a_cls_token_among_the_image_tokens_is_refused_for_todre(where):
     assert handle.last_record.images[0].kept.numel() == 4
 
 
-def test_a_cls_tower_read_at_several_layers_is_refused_for_todre():
-    model = tiny_clip_llava(3, vision_feature_layer=[-2, -1])
-    with pytest.raises(UnsupportedModelError, match=r"vision_feature_layer=\[-2, -1\]"):
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (lambda: tiny_clip_llava(3, vision_feature_layer=[-2, -1]), r"vision_feature_layer=\[-2, -1\]: the projector"),
+        (lambda: tiny_llava(Dinov2Config(**TOWER, num_hidden_layers=2)), "this LLaVA's tower is 'dinov2'"),
+    ],
+    ids=["several-layers", "unknown-tower"],
+)
+def test_a_tower_whose_cls_row_vtprune_cannot_give_is_refused_at_prune(model, message):
+    model = model()
+    with pytest.raises(UnsupportedModelError, match=message):
         vtprune.prune(model, "todre", keep=4)
     assert not model._forward_pre_hooks  # nothing left installed
-    with torch.no_grad(), vtprune.pruned(model, "divprune", keep=4):
-        model(input_ids=image_prompt(16), pixel_values=torch.randn(1, 3, 16, 16))
+    vtprune.prune(model, "divprune", keep=4).remove()  # it reads no [CLS] row
 
 
 def test_a_feature_layer_passed_to_the_call_is_refused_for_todre():

@@ -44,8 +44,8 @@ class LlavaAdapter(ModelAdapter):
         encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # nesting varies by version
         if tower_type != "clip_vision_model" or encoder is None:
             raise UnsupportedModelError(
-                f"the [CLS] attention (todre) is read from CLIP vision towers, and this LLaVA's is {tower_type!r}, "
-                "which vtprune does not know to rank patches with a [CLS] token; choose a strategy that does not read it"
+                f"vtprune reads the [CLS] attention (todre) of CLIP vision towers (and knows SigLIP and Pixtral towers "
+                f"to have none), and this LLaVA's tower is {tower_type!r}; choose a strategy that does not read it"
             )
         if not isinstance(layer, int):
             raise UnsupportedModelError(
