@@ -246,6 +246,38 @@ def test_strategy_inputs_of_the_vision_side_are_the_same(flat_pair):
         torch.testing.assert_close(llava_logits, logits, atol=1e-5, rtol=0)
 
 
+def test_todre_refuses_a_cls_token_among_the_image_tokens(flat_pair):
+    """mm_vision_select_feature 'cls_patch': each image's 17 tokens are the [CLS] token and its 16 patches, which the
+    [CLS] row ranks; ToDRE refuses instead of taking its no-[CLS] fallback."""
+    model, llava = flat_pair
+    inputs = as_llava_torch(model, build_inputs(model, [RowSpec(images=[(1, 1)])]))
+    tower = llava.get_vision_tower()
+    tower.select_feature = "cls_patch"  # what the tower's forward reads (llava's config only builds it)
+    try:
+        refused = pytest.raises(InputError, match="16 patches, but the image has 17 tokens")
+        with torch.no_grad(), vtprune.pruned(llava, "todre:5"), refused:
+            llava(**inputs)
+        _, kept, _ = run(llava, inputs, "divprune:5")  # it reads no [CLS] row
+    finally:
+        tower.select_feature = "patch"
+    assert [k.numel() for k in kept] == [5]
+
+
+def test_todre_on_flattened_anyres_tiles_falls_back_to_the_isolated_pivot(next_pair):
+    """AnyRes images flattened tile after tile (mm_patch_merge_type 'flat'): a tower pass per tile, not per image, so
+    ToDRE takes its declared fallback, as for packed AnyRes images."""
+    model, llava = next_pair
+    inputs = as_llava_torch(model, build_inputs(model, [RowSpec(images=[(1, 2)]), RowSpec(images=[(1, 1)])]))
+    llava.config.mm_patch_merge_type = "flat"
+    try:
+        with torch.no_grad(), vtprune.pruned(llava, "todre:5") as handle:
+            llava(**inputs)
+            assert handle.capture.cls_attention is None
+    finally:
+        llava.config.mm_patch_merge_type = "spatial_unpad"
+    assert [image.kept.numel() for image in handle.last_record.images] == [5, 5]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16])  # float16 alike (slow on CPU)
 def test_half_precision_keep_all_is_bit_identical_and_prunes(flat_pair, dtype):
     model, llava = flat_pair

@@ -5,9 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import final_keep, kept_logits, reference
+from transformers import CLIPVisionConfig, Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vtprune
 from vtprune.engine.attention import cls_attention, cls_attention_of, cross_modal_shares
+from vtprune.errors import InputError, UnsupportedModelError
 from vtprune.strategies import ToDRE, ToDRERelevance
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.diversity import cosine_distances, cosine_similarities
@@ -159,21 +161,131 @@ def test_llava_pivot_comes_from_cls_attention_even_with_beams(models, make_input
     assert all(int(cls[i].argmax()) in kept for i, kept in enumerate(single))
 
 
-def test_features_read_before_any_vision_attention_fall_back_to_the_isolated_pivot():
-    # A one-layer CLIP tower read at vision_feature_layer=-2 gives the patch embeddings: no [CLS]
-    # attention precedes them, so ToDRE uses its documented no-[CLS] pivot instead of failing.
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+#: A vision tower of 16 patches (16 px images, 4 px patches).
+TOWER = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "image_size": 16, "patch_size": 4}
 
-    vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4
-    )
+
+def tiny_llava(vision, **options) -> LlavaForConditionalGeneration:
     text = LlamaConfig(
         vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0
     )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=2, vision_feature_layer=-2)
-    model = LlavaForConditionalGeneration(config).eval()
-    ids = torch.tensor([[7, 8] + [2] * 16 + [9]])
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=2, **options)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_clip_llava(tower_layers: int, **options) -> LlavaForConditionalGeneration:
+    return tiny_llava(CLIPVisionConfig(**TOWER, num_hidden_layers=tower_layers), **options)
+
+
+def image_prompt(tokens: int) -> torch.Tensor:
+    return torch.tensor([[7, 8] + [2] * tokens + [9]])
+
+
+def test_features_read_before_any_vision_attention_fall_back_to_the_isolated_pivot():
+    # A one-layer CLIP tower read at vision_feature_layer=-2 gives the patch embeddings: no [CLS]
+    # attention precedes them, so ToDRE uses its documented no-[CLS] pivot instead of failing.
+    model = tiny_clip_llava(1, vision_feature_layer=-2)
     with torch.no_grad(), vtprune.pruned(model, "todre", keep=4) as handle:
-        model(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16))
-    assert handle.capture.cls_attention is None
+        model(input_ids=image_prompt(16), pixel_values=torch.randn(1, 3, 16, 16))
+        assert handle.capture.cls_attention is None  # read before remove() clears it
     assert handle.last_record.images[0].kept.numel() == 4
+
+
+@pytest.mark.parametrize("where", ["config", "call"])
+def test_a_cls_token_among_the_image_tokens_is_refused_for_todre(where):
+    # vision_feature_select_strategy "full" (in the config or passed to the call): the image's 17 tokens are the
+    # [CLS] token and its 16 patches, which the [CLS] row ranks; the row does not rank the image's tokens.
+    in_config = {"vision_feature_select_strategy": "full"} if where == "config" else {}
+    in_call = {"vision_feature_select_strategy": "full"} if where == "call" else {}
+    model = tiny_clip_llava(2, vision_feature_layer=-1, **in_config)
+    inputs = {"input_ids": image_prompt(17), "pixel_values": torch.randn(1, 3, 16, 16), **in_call}
+    with torch.no_grad(), vtprune.pruned(model, "todre", keep=4):
+        with pytest.raises(InputError, match=r"'todre' reads the \[CLS\] attention to the image's 16 patches, but"):
+            model(**inputs)
+        with pytest.raises(InputError, match="has 17 tokens"):
+            model.generate(**inputs, max_new_tokens=1)
+    with torch.no_grad(), vtprune.pruned(model, "divprune", keep=4) as handle:  # it reads no [CLS] row
+        model(**inputs)
+    assert handle.last_record.images[0].kept.numel() == 4
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (lambda: tiny_clip_llava(3, vision_feature_layer=[-2, -1]), r"vision_feature_layer=\[-2, -1\]: the projector"),
+        (lambda: tiny_llava(Dinov2Config(**TOWER, num_hidden_layers=2)), "this LLaVA's tower is 'dinov2'"),
+    ],
+    ids=["several-layers", "unknown-tower"],
+)
+def test_a_tower_whose_cls_row_vtprune_cannot_give_is_refused_at_prune(model, message):
+    model = model()
+    with pytest.raises(UnsupportedModelError, match=message):
+        vtprune.prune(model, "todre", keep=4)
+    assert not model._forward_pre_hooks  # nothing left installed
+    vtprune.prune(model, "divprune", keep=4).remove()  # it reads no [CLS] row
+
+
+def test_a_feature_layer_passed_to_the_call_is_refused_for_todre():
+    # The [CLS] row is recorded at the config's layer (-2); a call that reads another would rank with the wrong row.
+    model = tiny_clip_llava(3, vision_feature_layer=-2)
+    inputs = {"input_ids": image_prompt(16), "pixel_values": torch.randn(1, 3, 16, 16)}
+    with torch.no_grad(), vtprune.pruned(model, "todre", keep=4) as handle:
+        with pytest.raises(InputError, match="vision_feature_layer=-1 was passed to the call"):
+            model(**inputs, vision_feature_layer=-1)
+        with pytest.raises(InputError, match="vision_feature_layer=-1 was passed to the call"):
+            model.generate(**inputs, vision_feature_layer=-1, max_new_tokens=1)
+        model(**inputs, vision_feature_layer=-2)  # the config's own layer
+        assert handle.capture.cls_attention is not None
+    with torch.no_grad(), vtprune.pruned(model, "divprune", keep=4):  # it reads no [CLS] row
+        model(**inputs, vision_feature_layer=-1)
+
+
+def test_a_positive_feature_layer_reads_the_cls_row_of_the_layer_it_names():
+    # hidden_states[2] is the output of the tower's second layer (layers[1]), as hidden_states[-2] is of a 3-layer one.
+    pixels = torch.randn(1, 3, 16, 16)
+    rows = []
+    for layer in (2, -2):
+        torch.manual_seed(0)
+        model = tiny_clip_llava(3, vision_feature_layer=layer)
+        with torch.no_grad(), vtprune.pruned(model, "todre", keep=4) as handle:
+            model(input_ids=image_prompt(16), pixel_values=pixels)
+            rows.append(handle.capture.cls_attention)
+    assert rows[0] is not None and rows[0].shape == (1, 16)
+    torch.testing.assert_close(rows[0], rows[1], atol=0, rtol=0)
+
+
+def test_precomputed_encoder_outputs_are_refused_for_todre_only(models, make_inputs):
+    # Outputs encoded outside the wrapped model's call pass no tower: no [CLS] rows belong to them, not even those
+    # an earlier call of other images left behind.
+    model = models("llava")
+    inputs, others = make_inputs(model, "llava", 3), make_inputs(model, "llava", 3, seed=1)
+    with torch.no_grad():
+        encoded = model._prepare_multimodal_encoder_kwargs_for_generation(dict(inputs))
+    with torch.no_grad(), vtprune.pruned(model, "todre", keep=4) as handle:
+        model(**others)  # the rows of other images
+        assert handle.capture.cls_attention is not None
+        with pytest.raises(InputError, match="precomputed embeddings"):
+            model(**encoded)
+        with pytest.raises(InputError, match="precomputed embeddings"):
+            model.generate(**encoded, max_new_tokens=1)
+    with torch.no_grad(), vtprune.pruned(model, "divprune", keep=4) as handle:
+        model(**encoded)
+    assert [image.kept.numel() for image in handle.last_record.images] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("kind", ["llava_next", "qwen2_vl", "internvl"])
+def test_declared_fallbacks_rank_from_the_isolated_pivot(models, make_inputs, kind):
+    """AnyRes tiles (NeXT), a tower without [CLS] (Qwen) and pixel-shuffled patches (InternVL) record no [CLS] row:
+    ToDRE's pivot is the most isolated token, for pixels and for precomputed outputs alike."""
+    model = models(kind)
+    inputs = make_inputs(model, kind, 3)
+    with torch.no_grad():
+        encoded = model._prepare_multimodal_encoder_kwargs_for_generation(dict(inputs))
+    kept = []
+    for call_inputs in (inputs, encoded):
+        with torch.no_grad(), vtprune.pruned(model, "todre", keep=4) as handle:
+            model(**call_inputs)
+            assert handle.capture.cls_attention is None
+        kept.append([image.kept for image in handle.last_record.images])
+    assert len(kept[0]) >= 3
+    assert all(torch.equal(a, b) for a, b in zip(*kept, strict=True))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vtprune
+from vtprune.errors import InputError
 from vtprune.vllm import ARCHITECTURES, SCHEDULE_KEY, UnsupportedScheduleError, engine_args
 from vtprune.vllm.plan import (
     Selections,
@@ -174,12 +175,10 @@ def test_cls_rows_go_to_the_images_whose_schedule_reads_them():
 
 def test_cls_rows_that_do_not_belong_to_the_images_are_refused():
     # Precomputed embeddings pass no tower: no rows for the two images.
-    with pytest.raises(UnsupportedScheduleError, match="precomputed embeddings"):
+    with pytest.raises(InputError, match="precomputed embeddings"):
         match_cls_rows([], ["todre:2", "todre:2"], [4, 4])
     # vision_feature_select_strategy "full": the image's tokens are the [CLS] token and its 4 patches.
-    with pytest.raises(
-        UnsupportedScheduleError, match="'todre:2' reads the \\[CLS\\] attention to the image's 4 patches"
-    ):
+    with pytest.raises(InputError, match="'todre:2' reads the \\[CLS\\] attention to the image's 4 patches"):
         match_cls_rows([torch.rand(4)], ["todre:2"], [5])
     # A schedule that does not read the row does not care what it covers.
     assert match_cls_rows([torch.rand(4)], ["divprune:2"], [5]) == [None]

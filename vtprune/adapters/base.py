@@ -145,6 +145,10 @@ class ModelAdapter:
         """The vision-tower attention module whose [CLS] row ranks patches (None: no [CLS] token)."""
         return None
 
+    def check_cls_arguments(self, kwargs: Mapping[str, Any]) -> None:
+        """Refuse a call's encoder arguments that make the projector read another tower layer than the one
+        :meth:`cls_attention_layer` gave at ``prune()`` (its [CLS] row would rank other features)."""
+
     def encode(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Run the vision encoder the way ``generate()`` does, so a plain forward prunes the same features.
 

@@ -41,6 +41,11 @@ class InternVLAdapter(ModelAdapter):
     def projector_module(self) -> nn.Module:
         return self.inner.multi_modal_projector  # reads one pixel-shuffled row per token
 
+    def cls_attention_layer(self) -> nn.Module | None:
+        # InternViT has a [CLS] token, but pixel shuffle folds each 2 x 2 block of its patches into one token: its
+        # row ranks patches, not tokens, so ToDRE takes its declared fallback (the most isolated token as the pivot).
+        return None
+
     def shorten_outputs(self, output: ModelOutput, kept: list[Tensor], weights: list[Tensor | None]) -> ModelOutput:
         return flat_outputs(output, kept, weights)
 

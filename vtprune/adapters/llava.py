@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PreTrainedT
 from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension
 
+from ..errors import InputError, UnsupportedModelError
 from ..vocabulary.grids import Grid
 from .base import Architecture, Backbone, ModelAdapter, Photo
 from .geometry import ItemRegions, PixelSize, setting, shape_only, square_grid_regions
@@ -34,18 +35,33 @@ class LlavaAdapter(ModelAdapter):
         return self.inner.multi_modal_projector
 
     def cls_attention_layer(self) -> nn.Module | None:
-        # The layer whose output the projector reads (hidden_states[k] is the output of layers[k] for k < 0).
-        # One tower pass maps to one image's tokens; SigLIP towers have no [CLS].
+        # The layer whose output the projector reads: one tower pass maps to one image's tokens.
+        tower_type = getattr(self.config.vision_config, "model_type", "")
+        if tower_type in TOWERS_WITHOUT_CLS:
+            return None
         layer = self.config.vision_feature_layer
         tower = self.inner.vision_tower
         encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # nesting varies by version
-        if not isinstance(layer, int) or layer >= 0:
-            return None
-        if encoder is None or getattr(self.config.vision_config, "model_type", "") != "clip_vision_model":
-            return None
-        if len(encoder.layers) + layer < 0:  # the projector reads the patch embeddings: no attention before them
-            return None
-        return encoder.layers[layer].self_attn
+        if tower_type != "clip_vision_model" or encoder is None:
+            raise UnsupportedModelError(
+                f"vtprune reads the [CLS] attention (todre) of CLIP vision towers (and knows SigLIP and Pixtral towers "
+                f"to have none), and this LLaVA's tower is {tower_type!r}; choose a strategy that does not read it"
+            )
+        if not isinstance(layer, int):
+            raise UnsupportedModelError(
+                f"vision_feature_layer={layer}: the projector reads several tower layers side by side, and no one "
+                "layer's [CLS] attention ranks their tokens (todre); choose a strategy that does not read it"
+            )
+        return attention_read_by_projector(encoder.layers, layer)
+
+    def check_cls_arguments(self, kwargs: Mapping[str, Any]) -> None:
+        layer, configured = kwargs.get("vision_feature_layer"), self.config.vision_feature_layer
+        if layer is not None and layer != configured:
+            raise InputError(
+                f"vision_feature_layer={layer} was passed to the call, but the [CLS] attention (todre) is recorded at "
+                f"the layer the config names ({configured}), chosen at prune(); set model.config.vision_feature_layer "
+                "before prune() instead"
+            )
 
     def regions(
         self,
@@ -63,6 +79,18 @@ class LlavaAdapter(ModelAdapter):
             return clip_geometry(size, processed, processor)(boxes)
 
         return square_grid_regions(pixel_values, side, image_sizes, to_original)
+
+
+#: Vision tower types without a [CLS] token: a strategy that reads its attention takes its declared fallback.
+TOWERS_WITHOUT_CLS = frozenset({"siglip_vision_model", "siglip2_vision_model", "pixtral"})
+
+
+def attention_read_by_projector(layers: nn.ModuleList, feature_layer: int) -> nn.Module | None:
+    """The attention of the tower layer whose output is ``hidden_states[feature_layer]``, the features the projector
+    reads; None for ``hidden_states[0]``, the patch embeddings, which no attention precedes (an index outside the
+    hidden states makes the model itself fail)."""
+    position = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
+    return cast(nn.Module, layers[position - 1].self_attn) if 0 < position <= len(layers) else None
 
 
 def square_grids(items: list[VisualItem]) -> list[Grid]:

@@ -27,6 +27,7 @@ from ..vocabulary.compat import CACHE_KWARG, get_cache
 from ..vocabulary.grids import Grid, Segment
 from .anyres import anyres_segments
 from .base import Architecture, Backbone, ModelAdapter, SplicePrefill
+from .llava import attention_read_by_projector
 
 if TYPE_CHECKING:
     from ..engine.state import VisualItem
@@ -78,18 +79,16 @@ class LlavaTorchAdapter(ModelAdapter):
         return self.inner.mm_projector
 
     def cls_attention_layer(self) -> nn.Module | None:
-        # The tower layer whose output the projector reads; one tower pass per image only for flat LLaVA-1.5.
-        config = self.config
+        # The tower layer whose output the projector reads; one tower pass per image only for flat LLaVA-1.5 (AnyRes
+        # images are tiles, packed or flattened one after another: the declared fallback). The tower's own settings,
+        # which its forward reads.
+        anyres = str(getattr(self.config, "image_aspect_ratio", "")).startswith("anyres")
+        if getattr(self.config, "mm_patch_merge_type", "flat") != "flat" or anyres:
+            return None
         tower = self.model.get_vision_tower()
-        layer = config.mm_vision_select_layer
-        flat = getattr(config, "mm_patch_merge_type", "flat") == "flat"
-        if not flat or getattr(config, "mm_vision_select_feature", "patch") != "patch" or layer >= 0:
-            return None
         clip = tower.vision_tower
-        encoder = getattr(getattr(clip, "vision_model", clip), "encoder", None)  # nesting varies by version
-        if encoder is None or len(encoder.layers) + layer < 0:
-            return None
-        return encoder.layers[layer].self_attn
+        encoder = getattr(clip, "vision_model", clip).encoder  # nesting varies by version
+        return attention_read_by_projector(encoder.layers, tower.select_layer)
 
     def grids(self, items: list[VisualItem], positions: Tensor) -> list[Grid]:
         if getattr(self.config, "mm_patch_merge_type", "flat") != "flat":

@@ -75,9 +75,8 @@ class PruneHandle(Uncopyable):
             else:
                 self._record_encodings()
             stage = self.schedule.input_stage
-            cls_layer = self.adapter.cls_attention_layer()
-            if stage is not None and "cls_attention" in stage.strategy.needs and cls_layer is not None:
-                self.add_hook(cls_layer.register_forward_hook(self.capture.cls_attention_hook, with_kwargs=True))
+            if stage is not None and "cls_attention" in stage.strategy.needs:
+                self._record_cls_attention()
             if stage is not None and "pre_features" in stage.strategy.needs:
                 projector = self.adapter.projector_module()
                 hook = self.capture.projector_inputs.hook
@@ -96,12 +95,25 @@ class PruneHandle(Uncopyable):
         model: Any = self.model  # an XxxForConditionalGeneration: torch's typing of module attributes hides methods
         encode = model._prepare_multimodal_encoder_kwargs_for_generation
 
-        def encode_for_prefill(*args: Any, **kwargs: Any) -> Any:
+        def encode_for_prefill(model_kwargs: dict[str, Any]) -> Any:
+            if self.capture.records_cls_attention:
+                self.adapter.check_cls_arguments(model_kwargs)
             with self.capture.encoding():
-                return encode(*args, **kwargs)
+                encoded = encode(model_kwargs)
+                self.capture.encoded(encoded["mm_encoder_outputs"].get("image"))
+                return encoded
 
         model._prepare_multimodal_encoder_kwargs_for_generation = encode_for_prefill
         self.add_undo(lambda: delattr(model, "_prepare_multimodal_encoder_kwargs_for_generation"))
+
+    def _record_cls_attention(self) -> None:
+        """Hook the vision tower's attention whose [CLS] row ranks the patches the projector reads; none where the
+        adapter declares the strategy's fallback (no [CLS] token, AnyRes tiles). The adapter refuses towers whose
+        [CLS] row it cannot give."""
+        layer = self.adapter.cls_attention_layer()
+        if layer is not None:
+            self.add_hook(layer.register_forward_hook(self.capture.cls_attention_hook, with_kwargs=True))
+            self.capture.records_cls_attention = True
 
     def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.session.end()

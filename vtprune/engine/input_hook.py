@@ -28,6 +28,7 @@ from ..strategies.base import MergingStrategy, TokenContext
 from ..vocabulary.compat import CACHE_KWARG, get_cache
 from ..vocabulary.layout import Layout, last_valid, pack
 from .capture import EncodingCapture
+from .cls_rows import cls_rows_of_images
 from .question_words import QuestionTokens
 from .selection import merge_tokens, score_tokens, select_tokens
 from .session import Session, Uncopyable
@@ -172,6 +173,7 @@ class InputHook:
         inside_forward = self.session.owns_forward()
         with self.capture.encoding():
             kwargs = splice()
+            self.capture.encoded((kwargs.get("mm_encoder_outputs") or {}).get("image"))
         if not inside_forward and kwargs.get("position_ids") is None:
             # The ids generate() will make from this mask (the model's forward default is arange instead).
             mask = kwargs["attention_mask"]
@@ -375,21 +377,28 @@ class InputHook:
         self._record(state)
         return self._shorten(kwargs, layout, positions, state, encoder_outputs, kept_by_modality, weights_by_modality)
 
-    def _cls_rows(self, encoder_outputs: dict[str, Any]) -> list[Tensor] | None:
-        """Per image item, its row of the last vision pass's [CLS] attention (None if they do not match).
+    def _cls_rows(self, encoder_outputs: dict[str, Any]) -> list[Tensor | None] | None:
+        """Per image item, its row of the [CLS] attention its encoding recorded (None: the declared fallback of a
+        tower that records none). Rows that do not belong one to one to the images raise an InputError.
 
-        generate() repeats the same feature tensors for beams and returned sequences, so an item's
-        image is the rank of its tensor among the distinct ones, in order of first appearance.
+        generate() repeats the same feature tensors for beams and returned sequences, so an item's image is the
+        rank of its tensor among the distinct ones, in order of first appearance.
         """
-        cls = self.capture.cls_attention
-        features = encoder_outputs.get("image")
-        if cls is None or features is None:
+        images = encoder_outputs.get("image")
+        if images is None or not self.capture.records_cls_attention:
             return None
-        pointers = [f.data_ptr() for f in features.pooler_output]
-        image_of = {pointer: rank for rank, pointer in enumerate(dict.fromkeys(pointers))}
-        if len(image_of) != cls.shape[0] or any(len(f) != cls.shape[1] for f in features.pooler_output):
-            return None
-        return [cls[image_of[pointer]] for pointer in pointers]
+        distinct: dict[int, Tensor] = {}
+        for features in images.pooler_output:
+            distinct.setdefault(features.data_ptr(), features)
+        recorded = self.capture.cls_rows_for(images)
+        assert self.stage is not None  # called by _prune
+        rows = cls_rows_of_images(
+            [] if recorded is None else list(recorded),
+            [len(features) for features in distinct.values()],
+            [self.stage.strategy.name] * len(distinct),
+        )
+        row_of = dict(zip(distinct, rows, strict=True))
+        return [row_of[features.data_ptr()] for features in images.pooler_output]
 
     def _record(self, state: PruneState) -> None:
         assert self.stage is not None  # called by _prune

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..engine.cls_rows import cls_rows_of_images
 from ..engine.selection import merge_tokens, select_tokens
 from ..errors import VTPruneError
 from ..schedule import Schedule, Stage, parse_schedule
@@ -189,26 +190,11 @@ def match_cls_rows(
 
     ``rows``: what the encoding of these images recorded, one per image in encoding order; None when the tower has
     no [CLS] token, where ToDRE's declared fallback (the most isolated token as the pivot) applies. A tower with a
-    [CLS] token whose rows do not belong one to one to the images' tokens is refused, never ranked with no row or
-    another image's.
+    [CLS] token whose rows do not belong one to one to the images' tokens raises :class:`~vtprune.errors.InputError`
+    (:func:`~vtprune.engine.cls_rows.cls_rows_of_images`, as on the transformers path).
     """
-    reading = [bool(schedule) and make_plan(schedule).reads("cls_attention") for schedule in schedules]
-    if rows is None or not any(reading):
-        return [None] * len(schedules)
-    if len(rows) != len(token_counts):
-        raise UnsupportedScheduleError(
-            f"{len(token_counts)} images were embedded but the vision tower's [CLS] attention was recorded for "
-            f"{len(rows)}: vtprune records it while the model encodes pixels, and images sent as precomputed "
-            "embeddings pass no tower. Send the images themselves for a schedule that reads it (todre)"
-        )
-    for row, count, schedule, reads in zip(rows, token_counts, schedules, reading, strict=True):
-        if reads and len(row) != count:
-            raise UnsupportedScheduleError(
-                f"{schedule!r} reads the [CLS] attention to the image's {len(row)} patches, but the image has {count} "
-                "tokens (a vision_feature_select_strategy of 'full' keeps the [CLS] token among them), so the row "
-                "does not rank them; serve a checkpoint whose projector reads the patches alone, or another strategy"
-            )
-    return [row if reads else None for row, reads in zip(rows, reading, strict=True)]
+    readers = [schedule if schedule and make_plan(schedule).reads("cls_attention") else None for schedule in schedules]
+    return cls_rows_of_images(rows, token_counts, readers)
 
 
 def encode_schedule(schedule: str, count: int) -> Tensor:
