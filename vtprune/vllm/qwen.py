@@ -6,13 +6,20 @@ after the projected tokens, so the selection reads the projected part and the de
 tokens go with them (merges weigh them alike), as on vtprune's transformers path.
 Positions: kept tokens keep their original M-RoPE positions (t, h, w of their grid cell), and the text after an
 image continues from the unpruned numbering. vLLM computes M-RoPE positions per request before the encoder runs
-(``get_mrope_input_positions``), and the path meant to redo them after pruning
-(``SupportsMultiModalPruning.recompute_mrope_positions``) is never enabled by vLLM's CPU model runner
+(``get_mrope_input_positions``, when the model runner first takes the request), and the path meant to redo them
+after pruning (``SupportsMultiModalPruning.recompute_mrope_positions``) is never enabled by vLLM's CPU model runner
 (``CPUModelRunner.load_model`` skips what ``GPUModelRunner.load_model`` sets). So these classes select when the
-positions are computed: each image is encoded there, selected, and its kept set remembered per (schedule, image);
-``embed_multimodal`` then reuses it, so positions and rows always agree. The positions themselves are the stock
-model's own for the unpruned prompt, with the dropped tokens' columns removed. The cost is a second
-vision-encoder pass per new image. Videos pass unpruned (vLLM's own EVS prunes video).
+positions are computed: an image whose kept set is not remembered yet is encoded there, selected and reduced; its
+kept set is remembered per (schedule, image, question) and its reduced rows (kept rows only, deepstack slices
+included) are held (:class:`~vtprune.vllm.plan.PrunedRows`) until ``embed_multimodal`` takes them, so a new image
+passes the vision tower once and its positions and rows come from one selection. ``embed_multimodal`` encodes, in
+one pass, only the images it holds no rows for: unpruned ones, and pruned ones whose positions came from a
+remembered kept set (an image seen before, whose encoder output vLLM no longer holds, or a preempted request's
+image encoded again) or whose rows were dropped before it ran; their rows are the remembered kept set's. The rows
+held are at most as many as vLLM's encoder cache holds embeddings (``encoder_cache_size``; besides the newest
+image), oldest image dropped first: a request that never reaches its embedding step (aborted first) leaves its rows
+until newer images push them out. The positions themselves are the stock model's own for the unpruned prompt, with
+the dropped tokens' columns removed. Videos pass unpruned (vLLM's own EVS prunes video).
 """
 
 from __future__ import annotations
