@@ -147,8 +147,9 @@ def count_encoded_images(model):
     tower.register_forward_hook(count, with_kwargs=True)
 
 
-def encoded_images(llm):
-    return llm.apply_model(lambda m: m.encoded_images)[0]
+def encoded_images(model):
+    """(images encoded since count_encoded_images, rows the Qwen class still holds for an embedding step)."""
+    return model.encoded_images, model.vtprune_pruned_rows.rows if hasattr(model, "vtprune_pruned_rows") else 0
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
@@ -172,7 +173,7 @@ def toy(request, tmp_path_factory):
             results[schedule] = generate(llm, processor, schedule)
         llm.apply_model(count_encoded_images)
         results["noise"] = generate(llm, processor, DIVPRUNE, NOISE)  # new images: in none of vLLM's caches
-        encoded = encoded_images(llm)
+        encoded = llm.apply_model(encoded_images)[0]
         results["mmtok"] = generate(llm, processor, MMTOK, ASKED_TWICE)
         results["todre"] = generate(llm, processor, TODRE, NOISE)
         cls_rows = llm.apply_model(lambda m: len(m.vtprune_cls_rows))[0]
@@ -255,8 +256,11 @@ def test_divprune_without_ties_keeps_and_answers_as_the_transformers_path(toy):
 
 def test_each_new_pruned_image_passes_the_vision_tower_once(toy):
     """Qwen2-VL's class selects when vLLM computes the M-RoPE positions, before the embedding step: the rows it
-    reduced there are the ones the embedding step returns, without encoding the image again."""
-    assert toy["encoded"] == len(NOISE)
+    reduced there are the ones the embedding step returns, without encoding the image again; once taken, it holds
+    them no more."""
+    encoded, held = toy["encoded"]
+    assert encoded == len(NOISE)
+    assert held == 0
 
 
 def test_random_is_seeded_by_the_pixels(toy):
