@@ -10,6 +10,7 @@ import vtprune
 from vtprune.errors import InputError
 from vtprune.vllm import ARCHITECTURES, SCHEDULE_KEY, UnsupportedScheduleError, engine_args
 from vtprune.vllm.plan import (
+    PrunedRows,
     Selections,
     decode_schedule,
     encode_schedule,
@@ -18,6 +19,7 @@ from vtprune.vllm.plan import (
     match_cls_rows,
     placeholder_ids,
     schedule_for,
+    selection_key,
 )
 
 
@@ -128,6 +130,29 @@ def test_remembered_selections_are_bounded():
     assert selections.get(("divprune:16", 2, ())) is not None
     assert selections.get(("uniform:25%", 2, ())) is None
     assert selections.get(("divprune:16", 2, (5,))) is None  # another question, another selection
+
+
+def test_pruned_rows_are_taken_once_and_bounded_by_rows():
+    held = PrunedRows(capacity=10)
+    keys = [("divprune:4", image, ()) for image in range(4)]
+    for index, key in enumerate(keys[:2]):
+        held.put(key, torch.arange(4), torch.full((4, 2), float(index)))
+    assert held.rows == 8 and torch.equal(held.kept(keys[0]), torch.arange(4))
+    assert torch.equal(held.pop(keys[1]), torch.full((4, 2), 1.0))
+    assert held.pop(keys[1]) is None and held.kept(keys[1]) is None  # taken: held no more
+    assert held.rows == 4
+    held.put(keys[2], torch.arange(4), torch.zeros(4, 2))
+    held.put(keys[3], torch.arange(4), torch.zeros(4, 2))  # 12 rows: the oldest image goes
+    assert held.kept(keys[0]) is None and held.rows == 8
+    held.put(keys[0], torch.arange(16), torch.zeros(16, 2))  # larger than the capacity alone: the newest stays
+    assert list(held.held) == [keys[0]] and held.rows == 16
+
+
+def test_a_selection_is_keyed_by_schedule_pixels_and_question():
+    pixels = torch.rand(4, 6)
+    key = selection_key("mmtok:4", pixels, torch.tensor([3, 5]))
+    assert key == ("mmtok:4", image_key(pixels), (3, 5))
+    assert key != selection_key("mmtok:4", pixels, torch.tensor([3]))
 
 
 def test_mmtok_runs_on_the_question_words_and_the_projector_inputs():

@@ -134,6 +134,24 @@ def unpruned_features(model, family, image):
     return model.visual(image["pixel_values"].to(model.visual.dtype), grid_thw=image["image_grid_thw"]).cpu()
 
 
+def count_encoded_images(model):
+    """From now on, count in ``model.encoded_images`` the images the model's vision tower encodes (Qwen's tower takes
+    all images' patches in one flat tensor, with one grid_thw row per image; LLaVA's one image per row)."""
+    model.encoded_images = 0
+    tower = model.visual if hasattr(model, "visual") else model.vision_tower
+
+    def count(module, args, kwargs, output):
+        grid = kwargs.get("grid_thw")
+        model.encoded_images += len(args[0]) if grid is None else len(grid)
+
+    tower.register_forward_hook(count, with_kwargs=True)
+
+
+def encoded_images(model):
+    """(images encoded since count_encoded_images, rows the Qwen class still holds for an embedding step)."""
+    return model.encoded_images, model.vtprune_pruned_rows.rows if hasattr(model, "vtprune_pruned_rows") else 0
+
+
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
 def toy(request, tmp_path_factory):
     """Everything the tests compare, for one family: stock vLLM, the pruning class per schedule, the reference."""
@@ -153,7 +171,9 @@ def toy(request, tmp_path_factory):
         results["mixed"] = generate(llm, processor, mixed)
         for schedule in (None, "divprune:144", DIVPRUNE) + COMPARED + (RANDOM,):
             results[schedule] = generate(llm, processor, schedule)
-        results["noise"] = generate(llm, processor, DIVPRUNE, NOISE)
+        llm.apply_model(count_encoded_images)
+        results["noise"] = generate(llm, processor, DIVPRUNE, NOISE)  # new images: in none of vLLM's caches
+        encoded = llm.apply_model(encoded_images)[0]
         results["mmtok"] = generate(llm, processor, MMTOK, ASKED_TWICE)
         results["todre"] = generate(llm, processor, TODRE, NOISE)
         cls_rows = llm.apply_model(lambda m: len(m.vtprune_cls_rows))[0]
@@ -180,6 +200,7 @@ def toy(request, tmp_path_factory):
         "refused": str(refused.value),
         "mixed": mixed,
         "features": features,
+        "encoded": encoded,
     }
 
 
@@ -231,6 +252,15 @@ def test_divprune_without_ties_keeps_and_answers_as_the_transformers_path(toy):
     assert answers == [row[0] for row in reference]
     assert first == [row[1] for row in reference]
     assert logprobs == pytest.approx([row[2] for row in reference], abs=LOGPROB_TOLERANCE)
+
+
+def test_each_new_pruned_image_passes_the_vision_tower_once(toy):
+    """Qwen2-VL's class selects when vLLM computes the M-RoPE positions, before the embedding step: the rows it
+    reduced there are the ones the embedding step returns, without encoding the image again; once taken, it holds
+    them no more."""
+    encoded, held = toy["encoded"]
+    assert encoded == len(NOISE)
+    assert held == 0
 
 
 def test_random_is_seeded_by_the_pixels(toy):

@@ -169,6 +169,47 @@ class Selections:
             self.kept.popitem(last=False)
 
 
+class PrunedRows:
+    """Images reduced before their embedding step (Qwen's classes select when vLLM computes the M-RoPE positions),
+    per :data:`SelectionKey`: the kept set the positions were computed with and the image's reduced rows, held until
+    the embedding step takes them (:meth:`pop`). At most ``capacity`` rows in all, besides the newest image: older
+    images are dropped first (those of requests that never reach the embedding step: aborted before it, or spared it
+    by a cache), and an image dropped before its embedding step is encoded again there."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held: OrderedDict[SelectionKey, tuple[Tensor, Tensor]] = OrderedDict()
+        self.rows = 0
+        """Rows held, all images together."""
+
+    def kept(self, key: SelectionKey) -> Tensor | None:
+        """The kept set of a held image (None: not held)."""
+        held = self.held.get(key)
+        return None if held is None else held[0]
+
+    def put(self, key: SelectionKey, kept: Tensor, rows: Tensor) -> None:
+        self.pop(key)
+        self.held[key] = (kept, rows)
+        self.rows += len(rows)
+        while self.rows > self.capacity and len(self.held) > 1:
+            _, (_, dropped) = self.held.popitem(last=False)
+            self.rows -= len(dropped)
+
+    def pop(self, key: SelectionKey) -> Tensor | None:
+        """The reduced rows of a held image, no longer held (None: not held)."""
+        held = self.held.pop(key, None)
+        if held is None:
+            return None
+        self.rows -= len(held[1])
+        return held[1]
+
+
+def selection_key(schedule: str, source: Tensor, question: Tensor) -> SelectionKey:
+    """What an image's kept set is remembered under: ``source`` (its pixels) keys it, ``question`` holds the prompt's
+    question words (none unless the schedule reads them)."""
+    return (schedule, image_key(source), tuple(question.tolist()))
+
+
 def schedule_for(config: object, processor_kwargs: Mapping[str, object]) -> str | None:
     """The schedule of one request: its ``mm_processor_kwargs`` entry, else the engine's (hf_overrides), else None."""
     text = processor_kwargs.get(SCHEDULE_KEY, getattr(config, SCHEDULE_KEY, None))

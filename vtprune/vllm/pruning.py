@@ -32,16 +32,15 @@ from ..vocabulary.grids import Grid
 from .plan import (
     QUESTION_KEY,
     SCHEDULE_KEY,
-    SelectionKey,
     Selections,
     UnsupportedScheduleError,
     decode_schedule,
     encode_schedule,
-    image_key,
     make_plan,
     match_cls_rows,
     placeholder_ids,
     schedule_for,
+    selection_key,
 )
 
 #: The mixins' own last base, typed Any: what they call on ``super()`` and ``self`` (``info``, the processor and model
@@ -171,8 +170,8 @@ class PruningModel(VllmClass):
         :meth:`_vtprune_encoding`; ``source`` (its pixels) seeds and keys it, ``question`` holds the prompt's
         question words (none unless the schedule reads them), ``cls_attention`` its [CLS] row (None: no [CLS]).
         The first selection for an (image, question) is reused."""
-        seed = image_key(source)
-        key: SelectionKey = (schedule, seed, tuple(question.tolist()))
+        key = selection_key(schedule, source, question)
+        seed = key[1]
         chosen = self.vtprune_selections.get(key)
         if chosen is None:
             plan = make_plan(schedule)

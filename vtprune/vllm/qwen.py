@@ -6,18 +6,26 @@ after the projected tokens, so the selection reads the projected part and the de
 tokens go with them (merges weigh them alike), as on vtprune's transformers path.
 Positions: kept tokens keep their original M-RoPE positions (t, h, w of their grid cell), and the text after an
 image continues from the unpruned numbering. vLLM computes M-RoPE positions per request before the encoder runs
-(``get_mrope_input_positions``), and the path meant to redo them after pruning
-(``SupportsMultiModalPruning.recompute_mrope_positions``) is never enabled by vLLM's CPU model runner
+(``get_mrope_input_positions``, when the model runner first takes the request), and the path meant to redo them
+after pruning (``SupportsMultiModalPruning.recompute_mrope_positions``) is never enabled by vLLM's CPU model runner
 (``CPUModelRunner.load_model`` skips what ``GPUModelRunner.load_model`` sets). So these classes select when the
-positions are computed: each image is encoded there, selected, and its kept set remembered per (schedule, image);
-``embed_multimodal`` then reuses it, so positions and rows always agree. The positions themselves are the stock
-model's own for the unpruned prompt, with the dropped tokens' columns removed. The cost is a second
-vision-encoder pass per new image. Videos pass unpruned (vLLM's own EVS prunes video).
+positions are computed: an image whose kept set is not remembered yet is encoded there, selected and reduced; its
+kept set is remembered per (schedule, image, question) and its reduced rows (kept rows only, deepstack slices
+included) are held (:class:`~vtprune.vllm.plan.PrunedRows`) until ``embed_multimodal`` takes them, so a new image
+passes the vision tower once and its positions and rows come from one selection. ``embed_multimodal`` encodes, in
+one pass, only the images it holds no rows for: unpruned ones, and pruned ones whose positions came from a
+remembered kept set (an image seen before, whose encoder output vLLM no longer holds, or a preempted request's
+image encoded again) or whose rows were dropped before it ran; their rows are the remembered kept set's. The rows
+held are at most as many as vLLM's encoder cache holds embeddings (``encoder_cache_size``; besides the newest
+image), oldest image dropped first: a request that never reaches its embedding step (aborted first) leaves its rows
+until newer images push them out. The positions themselves are the stock model's own for the unpruned prompt, with
+the dropped tokens' columns removed. Videos pass unpruned (vLLM's own EVS prunes video).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -29,12 +37,22 @@ from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems,
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from ..vocabulary.grids import Grid
-from .plan import QUESTION_KEY, SCHEDULE_KEY, UnsupportedScheduleError, decode_schedule, make_plan
+from .plan import (
+    QUESTION_KEY,
+    SCHEDULE_KEY,
+    PrunedRows,
+    SelectionKey,
+    UnsupportedScheduleError,
+    decode_schedule,
+    make_plan,
+    selection_key,
+)
 from .pruning import PruningModel, ScheduleFieldProcessor, per_item, questions_of, schedules_of
 
 _IMAGE_KEYS = ("pixel_values", "image_embeds")
 _VIDEO_KEYS = ("pixel_values_videos", "video_embeds")
+#: The embedding step's kwargs that describe images (the pruning class encodes these itself; the rest go to vLLM's).
+_IMAGE_FIELDS = (*_IMAGE_KEYS, "image_grid_thw", SCHEDULE_KEY, QUESTION_KEY)
 
 
 def merged_grid(grid_thw: Sequence[int], merge: int) -> tuple[int, int, int]:
@@ -81,6 +99,9 @@ class QwenPruningModel(PruningModel):
                 "EVS): it re-positions tokens through recompute_mrope_positions, which vtprune's positions replace; "
                 "leave video_pruning_rate unset"
             )
+        #: Images reduced when their positions were computed, until their embedding step takes them: at most as many
+        #: rows as vLLM's encoder cache holds embeddings.
+        self.vtprune_pruned_rows = PrunedRows(vllm_config.scheduler_config.encoder_cache_size)
 
     @property
     def _merge(self) -> int:
@@ -92,21 +113,45 @@ class QwenPruningModel(PruningModel):
 
     def embed_multimodal(self, **kwargs: Any) -> tuple[Tensor, ...]:
         schedules = schedules_of(kwargs)
-        with self._vtprune_encoding(schedules or ()):
-            embeddings = tuple(super().embed_multimodal(**kwargs) or ())
-            if schedules is None or not embeddings:
-                return embeddings
-            grids = [merged_grid(g, self._merge) for g in kwargs["image_grid_thw"]]  # one (t, h, w) per image
-            count = len(grids)
-            # The parent returns each modality's items in the order the modalities' keys came in.
-            first = next(key for key in kwargs if key in _IMAGE_KEYS + _VIDEO_KEYS)
-            images = slice(0, count) if first in _IMAGE_KEYS else slice(len(embeddings) - count, len(embeddings))
-            pixels = kwargs.get("pixel_values")
-            sizes = [int(np.prod(g)) * self._merge**2 for g in grids]
-            sources = embeddings[images] if pixels is None else cast(list[Tensor], per_item(pixels, sizes))  # not None
-            questions = questions_of(kwargs, count)
-            pruned = self._vtprune_prune(embeddings[images], schedules, sources, questions, grids)
-            return embeddings[: images.start] + pruned + embeddings[images.stop :]
+        if schedules is None:
+            return tuple(super().embed_multimodal(**kwargs) or ())
+        images = self._vtprune_embedded_rows(_images_of(kwargs, schedules, self._merge))
+        videos = {key: value for key, value in kwargs.items() if key not in _IMAGE_FIELDS}
+        others = tuple(super().embed_multimodal(**videos) or ())  # none unless the batch mixes modalities
+        # The parent returns each modality's items in the order the modalities' keys came in.
+        first = next(key for key in kwargs if key in _IMAGE_KEYS + _VIDEO_KEYS)
+        return images + others if first in _IMAGE_KEYS else others + images
+
+    def _vtprune_embedded_rows(self, images: Sequence[_Image]) -> tuple[Tensor, ...]:
+        """Each image's rows for the embedding step: those reduced when its positions were computed, else (not held:
+        an unpruned image, or one dropped or never reduced there) from one vision-tower pass for all such images."""
+        rows: list[Tensor | None] = []
+        taken: dict[SelectionKey, Tensor | None] = {}  # an image twice in this batch is taken once
+        for image in images:
+            if image.schedule and image.key not in taken:
+                taken[image.key] = self.vtprune_pruned_rows.pop(image.key)
+            rows.append(taken[image.key] if image.schedule else None)
+        missing = [index for index, held in enumerate(rows) if held is None]
+        if missing:
+            for index, reduced in zip(missing, self._vtprune_reduced([images[i] for i in missing]), strict=True):
+                rows[index] = reduced
+        return tuple(cast(list[Tensor], rows))  # none left None
+
+    def _vtprune_reduced(self, images: Sequence[_Image]) -> tuple[Tensor, ...]:
+        """Each image's projected tokens from one vision-tower pass, reduced to its schedule's count (all of them
+        without a schedule); the kept sets are remembered (``vtprune_selections``)."""
+        schedules = [image.schedule for image in images]
+        kind = images[0].kind
+        batch = {
+            "type": kind,
+            kind: torch.cat([image.source for image in images]).to(self.visual.device),
+            "image_grid_thw": torch.stack([image.grid_thw for image in images]),
+        }
+        grids = [merged_grid(image.grid_thw.tolist(), self._merge) for image in images]
+        with self._vtprune_encoding(schedules):
+            embeddings = self._process_image_input(batch)
+            sources, questions = [image.source for image in images], [image.question for image in images]
+            return self._vtprune_prune(embeddings, schedules, sources, questions, grids)
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
@@ -129,7 +174,7 @@ class QwenPruningModel(PruningModel):
                 continue
             grid = merged_grid(feature.data["image_grid_thw"].data.tolist(), self._merge)
             count = int(np.prod(grid))
-            kept = self._kept_for_positions(feature, schedule, grid).numpy()
+            kept = self._kept_for_positions(feature, schedule).numpy()
             tokens[offset : offset + place.length] = tokens[offset : offset + 1] * count
             columns += [np.arange(previous, offset), offset + kept]
             previous = offset + count
@@ -141,20 +186,58 @@ class QwenPruningModel(PruningModel):
         return positions[:, torch.from_numpy(np.concatenate(columns))], delta + shift
 
     @torch.inference_mode()
-    def _kept_for_positions(self, feature: MultiModalFeatureSpec, schedule: str, grid: Grid) -> Tensor:
-        """The kept (or merged-into) token indices of one image, selected now and remembered for its embedding."""
+    def _kept_for_positions(self, feature: MultiModalFeatureSpec, schedule: str) -> Tensor:
+        """The kept (or merged-into) token indices of one image, for its positions: a held image's (reduced for
+        its embedding step, not taken yet), else the remembered selection's, else selected now, and the image's
+        reduced rows held for its embedding step, so that it passes the vision tower once."""
         data = feature.data
-        grid_thw = data["image_grid_thw"].data.to(torch.int64)[None]
-        if "pixel_values" in data:
-            source = data["pixel_values"].data
-            image = {"type": "pixel_values", "pixel_values": source.to(self.visual.device), "image_grid_thw": grid_thw}
-        else:
-            source = data["image_embeds"].data
-            image = {"type": "image_embeds", "image_embeds": source, "image_grid_thw": grid_thw}
-        with self._vtprune_encoding([schedule]):
-            (tokens,) = self._process_image_input(image)
-            kept, _ = self._vtprune_choose(schedule, tokens, grid, source, data[QUESTION_KEY].data)
+        kind = "pixel_values" if "pixel_values" in data else "image_embeds"
+        image = _Image(
+            kind, data[kind].data, data["image_grid_thw"].data.to(torch.int64), schedule, data[QUESTION_KEY].data
+        )
+        kept = self.vtprune_pruned_rows.kept(image.key)
+        if kept is None:
+            chosen = self.vtprune_selections.get(image.key)
+            if chosen is None:
+                (rows,) = self._vtprune_reduced([image])
+                chosen = self.vtprune_selections.get(image.key)
+                assert chosen is not None, "_vtprune_reduced remembers the selection it makes"
+                self.vtprune_pruned_rows.put(image.key, chosen[0], rows)
+            kept = chosen[0]
         return kept.cpu()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Image:
+    """One image as the pruning class encodes it."""
+
+    kind: str
+    """What ``source`` holds: "pixel_values" (its patches) or "image_embeds" (precomputed projected tokens)."""
+    source: Tensor
+    grid_thw: Tensor
+    """(3,) int64: its patch grid."""
+    schedule: str
+    """"" for none."""
+    question: Tensor
+    """The prompt's question word ids (none unless the schedule reads them)."""
+
+    @functools.cached_property
+    def key(self) -> SelectionKey:
+        return selection_key(self.schedule, self.source, self.question)
+
+
+def _images_of(kwargs: Mapping[str, Any], schedules: Sequence[str], merge: int) -> list[_Image]:
+    """The images of the embedding step's kwargs, one per schedule."""
+    kind = "pixel_values" if kwargs.get("pixel_values") is not None else "image_embeds"
+    grids = list(kwargs["image_grid_thw"])
+    # Patches per image; precomputed embeddings have one row per projected token.
+    sizes = [int(grid.prod()) // (1 if kind == "pixel_values" else merge**2) for grid in grids]
+    sources = cast(list[Tensor], per_item(kwargs[kind], sizes))  # not None
+    questions = questions_of(kwargs, len(grids))
+    return [
+        _Image(kind, source, grid.to(torch.int64), schedule, question)
+        for source, grid, schedule, question in zip(sources, grids, schedules, questions, strict=True)
+    ]
 
 
 def _schedule_of(feature: MultiModalFeatureSpec) -> str:
