@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The selection and prefill benchmarks on one CUDA GPU in one call, each table written to OUT_DIR.
 #
-#   eval/gpu_benchmarks.sh OUT_DIR                       # CUDA, bfloat16 (float32 too for selection); < 8 min on an H100
+#   eval/gpu_benchmarks.sh OUT_DIR                       # CUDA, bfloat16 (float32 too for selection); < 9 min on an H100
 #   eval/gpu_benchmarks.sh OUT_DIR --device cpu --quick  # the same steps at toy sizes: checks the script here
 #
-# Steps (each under its own time limit, 460 s in all, so a slow step cannot eat the others' time; one that runs out leaves
+# Steps (each under its own time limit, 520 s in all, so a slow step cannot eat the others' time; one that runs out leaves
 # its partial table and a line in OUT_DIR/steps.txt):
 #   selection_vs_papers.md  DivPrune and MMTok against the papers' formulations (eval/bench_selection.py): N in
 #                           {576, 1752, 2880}, D in {1024, 4096}, k in {64, 10 %}, bfloat16 and float32, batch 1 and 8
@@ -14,6 +14,8 @@
 #                           shapes (real width, heads, MLP and depth; small vision towers: images are encoded before
 #                           the timed prefill), bfloat16, SDPA, and FlashAttention-2 where flash_attn is installed;
 #                           batch 1 and 8 (every sample its own keep set)
+#   prefill_profile_qwen2_5_vl.md
+#                           last: bench_prefill --profile at keep 11 % on the Qwen2.5-VL-7B shape (where the time goes)
 # Timing: both scripts synchronise the device before and after every timed call (torch.cuda.synchronize), interleave
 # the variants and report medians / minima. vtprune's own "hooks" and "selection" columns are host-side times, which
 # on a GPU include the kernels only where the hooks synchronise.
@@ -65,7 +67,7 @@ if ((quick)); then
     for kind in llava qwen2_5_vl; do
         for batch in 1 2; do
             step "prefill_${kind}_sdpa_b$batch.md" 300 python eval/bench_prefill.py --device "$device" --kinds "$kind" \
-                --layers 2 --batch "$batch" --repeats 1 --warmup 0 --schedules uniform:11% divprune:11%
+                --layers 2 --batch "$batch" --repeats 1 --warmup 0 --schedules uniform:11% divprune:11% --profile
         done
     done
     exit 0
@@ -88,3 +90,7 @@ for attention in "${attentions[@]}"; do
         done
     done
 done
+# Last: where the time goes at keep 11 % on the Qwen2.5-VL-7B shape (--profile: device time of the model's ops by kind,
+# and of the kernels inside vtprune's own ranges).
+step prefill_profile_qwen2_5_vl.md 60 python eval/bench_prefill.py --device "$device" --dtype bfloat16 --kinds qwen2_5_vl \
+    --shape qwen2.5-vl-7b --repeats 3 --warmup 1 --schedules uniform:11% divprune:11% --profile
