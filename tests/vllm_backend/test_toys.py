@@ -35,7 +35,7 @@ from vtprune.engine.question_words import QuestionTokens
 from vtprune.errors import UnsupportedModelError
 from vtprune.toyvlm import build_prompt, load_toy_model, make_split
 from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH, save_for_stock_vllm
-from vtprune.vllm import SCHEDULE_KEY, UnsupportedScheduleError, engine_args, register
+from vtprune.vllm import SCHEDULE_KEY, UnsupportedScheduleError, engine_args
 from vtprune.vllm.plan import image_key
 
 SAMPLES = make_split(0, 8)
@@ -372,24 +372,20 @@ def test_todre_reads_the_cls_attention_as_the_transformers_path(tmp_path, featur
     assert logprobs == pytest.approx([row[2] for row in reference], abs=LOGPROB_TOLERANCE)
 
 
-def llava_processor(**config):
-    """The pruning class's front-end for the toy LLaVA, its config changed by ``config`` (no engine, no weights)."""
-    from vllm.config import ModelConfig
-    from vllm.multimodal import MULTIMODAL_REGISTRY
-
-    register()
-    overrides = {**engine_args(str(DEFAULT_PATH))["hf_overrides"], **config}
-    return MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=str(DEFAULT_PATH), hf_overrides=overrides))
-
-
 def test_todre_on_a_llava_whose_cls_row_cannot_rank_its_tokens_is_refused_per_request():
-    """Several feature layers side by side: no one layer's [CLS] row ranks the tokens, so a request whose schedule
-    reads it fails in the front-end, as on the transformers path; the others are served."""
-    processor = llava_processor(vision_feature_layer=[-2, -1])
-    with pytest.raises(UnsupportedModelError, match=r"'todre:16' reads .*vision_feature_layer=\[-2, -1\]: the"):
-        processor._vtprune_schedule({SCHEDULE_KEY: TODRE})
-    assert processor._vtprune_schedule({SCHEDULE_KEY: DIVPRUNE}) == DIVPRUNE
-    assert processor._vtprune_schedule({}) is None
+    """Several feature layers side by side (vLLM's LLaVA builds the tower up to the deepest, and the toy's
+    projector takes its output): no one layer's [CLS] row ranks the tokens, so a request whose schedule reads it
+    fails at generate(), as the transformers path fails at prune(); the engine serves the others."""
+    args = engine_args(str(DEFAULT_PATH))
+    args["hf_overrides"]["vision_feature_layer"] = [-2, -1]
+    processor = AutoProcessor.from_pretrained(DEFAULT_PATH)
+    with engine(**args) as llm:
+        with pytest.raises(UnsupportedModelError, match=r"'todre:16' reads .*vision_feature_layer=\[-2, -1\]: the"):
+            generate(llm, processor, TODRE, SAMPLES[:1])
+        answers, _, _ = generate(llm, processor, DIVPRUNE, SAMPLES[:1])
+        kept = llm.apply_model(lambda m: dict(m.vtprune_selections.kept))[0]
+    assert len(answers) == 1
+    assert [len(indices) for indices, _ in kept.values()] == [16]
 
 
 def test_which_llavas_the_vllm_class_refuses_to_rank_with_a_cls_row():
