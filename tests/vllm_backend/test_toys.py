@@ -18,7 +18,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    Dinov2Config,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipVisionConfig,
+)
 
 # Skipped where vLLM is absent (the main session); noxfile.py's vllm session sets VTPRUNE_REQUIRE_VLLM, so a
 # broken vLLM install fails there instead of passing as skipped.
@@ -26,6 +32,7 @@ vllm = importlib.import_module("vllm") if os.environ.get("VTPRUNE_REQUIRE_VLLM")
 
 import vtprune
 from vtprune.engine.question_words import QuestionTokens
+from vtprune.errors import UnsupportedModelError
 from vtprune.toyvlm import build_prompt, load_toy_model, make_split
 from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH, save_for_stock_vllm
 from vtprune.vllm import SCHEDULE_KEY, UnsupportedScheduleError, engine_args
@@ -320,14 +327,16 @@ def test_requests_with_and_without_a_schedule_batch_together(toy):
     assert None in toy["mixed"] and DIVPRUNE in toy["mixed"]
 
 
-def deeper_clip_toy(folder):
+def deeper_clip_toy(folder, feature_layer=-2):
     """The toy LLaVA with a 3-layer CLIP tower (its trained layer, then two random ones): the projector reads layer
-    1's output, so ToDRE has a [CLS] attention to read. Layer 1's query and key weights are scaled up so that its
-    [CLS] row is far from uniform (no near-ties between the two runtimes' rounding)."""
+    1's output (``feature_layer`` -2, or 2 counted from the embeddings), so ToDRE has a [CLS] attention to read.
+    Layer 1's query and key weights are scaled up so that its [CLS] row is far from uniform (no near-ties between
+    the two runtimes' rounding)."""
     shutil.copytree(DEFAULT_PATH, folder)
     toy, _ = load_toy_model(DEFAULT_PATH)
     config = copy.deepcopy(toy.config)
     config.vision_config.num_hidden_layers = 3
+    config.vision_feature_layer = feature_layer
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(toy.state_dict(), strict=False)
@@ -341,10 +350,12 @@ def deeper_clip_toy(folder):
     return folder
 
 
-def test_todre_reads_the_cls_attention_as_the_transformers_path(tmp_path):
+@pytest.mark.parametrize("feature_layer", [-2, 2])
+def test_todre_reads_the_cls_attention_as_the_transformers_path(tmp_path, feature_layer):
     """vLLM's CLIP attention returns no weights: the pruning class recomputes the [CLS] row from the layer's own
-    projections, one row per image of the batch; kept sets, answers and log-probs equal the transformers path's."""
-    folder = deeper_clip_toy(tmp_path / "toy")
+    projections, one row per image of the batch; kept sets, answers and log-probs equal the transformers path's,
+    with the projector's layer counted from the end or from the embeddings (vLLM builds the tower up to it)."""
+    folder = deeper_clip_toy(tmp_path / "toy", feature_layer)
     model, _ = load_toy_model(folder)
     processor = AutoProcessor.from_pretrained(folder)
     samples = NOISE[:2]
@@ -359,3 +370,34 @@ def test_todre_reads_the_cls_attention_as_the_transformers_path(tmp_path):
     assert answers == [row[0] for row in reference]
     assert first == [row[1] for row in reference]
     assert logprobs == pytest.approx([row[2] for row in reference], abs=LOGPROB_TOLERANCE)
+
+
+def test_todre_on_a_llava_whose_cls_row_cannot_rank_its_tokens_is_refused_per_request():
+    """Several feature layers side by side (vLLM's LLaVA builds the tower up to the deepest, and the toy's
+    projector takes its output): no one layer's [CLS] row ranks the tokens, so a request whose schedule reads it
+    fails at generate(), as the transformers path fails at prune(); the engine serves the others."""
+    args = engine_args(str(DEFAULT_PATH))
+    args["hf_overrides"]["vision_feature_layer"] = [-2, -1]
+    processor = AutoProcessor.from_pretrained(DEFAULT_PATH)
+    with engine(**args) as llm:
+        with pytest.raises(UnsupportedModelError, match=r"'todre:16' reads .*vision_feature_layer=\[-2, -1\]: the"):
+            generate(llm, processor, TODRE, SAMPLES[:1])
+        answers, _, _ = generate(llm, processor, DIVPRUNE, SAMPLES[:1])
+        kept = llm.apply_model(lambda m: dict(m.vtprune_selections.kept))[0]
+    assert len(answers) == 1
+    assert [len(indices) for indices, _ in kept.values()] == [16]
+
+
+def test_which_llavas_the_vllm_class_refuses_to_rank_with_a_cls_row():
+    from vtprune.vllm.llava import cls_refusal
+
+    toy, _ = load_toy_model(DEFAULT_PATH)
+    assert cls_refusal(toy.config) is None  # CLIP, one feature layer: its row (the toy's: no layer, the fallback)
+    several = copy.deepcopy(toy.config)
+    several.vision_feature_layer = [-2, -1]
+    assert "several tower layers" in cls_refusal(several)
+    unknown = LlavaConfig(vision_config=Dinov2Config(), text_config=toy.config.text_config)
+    assert "this LLaVA's tower is 'dinov2'" in cls_refusal(unknown)
+    siglip = LlavaConfig(vision_config=SiglipVisionConfig(), text_config=toy.config.text_config)
+    siglip.vision_feature_layer = [-2, -1]
+    assert cls_refusal(siglip) is None  # no [CLS] token: ToDRE's declared fallback

@@ -42,16 +42,10 @@ class LlavaAdapter(ModelAdapter):
         layer = self.config.vision_feature_layer
         tower = self.inner.vision_tower
         encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # nesting varies by version
-        if tower_type != "clip_vision_model" or encoder is None:
-            raise UnsupportedModelError(
-                f"vtprune reads the [CLS] attention (todre) of CLIP vision towers (and knows SigLIP and Pixtral towers "
-                f"to have none), and this LLaVA's tower is {tower_type!r}; choose a strategy that does not read it"
-            )
-        if not isinstance(layer, int):
-            raise UnsupportedModelError(
-                f"vision_feature_layer={layer}: the projector reads several tower layers side by side, and no one "
-                "layer's [CLS] attention ranks their tokens (todre); choose a strategy that does not read it"
-            )
+        # A tower module whose layers vtprune cannot find is named by its class (never "clip_vision_model": refused).
+        refusal = unreadable_cls_reason(tower_type if encoder is not None else type(tower).__name__, layer)
+        if refusal is not None or encoder is None:
+            raise UnsupportedModelError(refusal)
         return attention_read_by_projector(encoder.layers, layer)
 
     def check_cls_arguments(self, kwargs: Mapping[str, Any]) -> None:
@@ -83,6 +77,23 @@ class LlavaAdapter(ModelAdapter):
 
 #: Vision tower types without a [CLS] token: a strategy that reads its attention takes its declared fallback.
 TOWERS_WITHOUT_CLS = frozenset({"siglip_vision_model", "siglip2_vision_model", "pixtral"})
+
+
+def unreadable_cls_reason(tower_type: str, feature_layer: int | list[int]) -> str | None:
+    """Why no one [CLS] attention row ranks the tokens of a LLaVA whose tower has a [CLS] token (not one of
+    :data:`TOWERS_WITHOUT_CLS`); None when the row of the layer the projector reads does. Shared with the vLLM
+    backend, which refuses the same LLaVAs."""
+    if tower_type != "clip_vision_model":
+        return (
+            f"vtprune reads the [CLS] attention (todre) of CLIP vision towers (and knows SigLIP and Pixtral towers "
+            f"to have none), and this LLaVA's tower is {tower_type!r}; choose a strategy that does not read it"
+        )
+    if not isinstance(feature_layer, int):
+        return (
+            f"vision_feature_layer={feature_layer}: the projector reads several tower layers side by side, and no "
+            "one layer's [CLS] attention ranks their tokens (todre); choose a strategy that does not read it"
+        )
+    return None
 
 
 def attention_read_by_projector(layers: nn.ModuleList, feature_layer: int) -> nn.Module | None:

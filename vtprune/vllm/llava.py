@@ -24,12 +24,22 @@ from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
+from ..adapters.llava import TOWERS_WITHOUT_CLS, unreadable_cls_reason
 from ..engine.attention import cls_attention_of
+from ..errors import UnsupportedModelError
 from .plan import UnsupportedScheduleError, make_plan, square_grid
 from .pruning import PruningModel, ScheduleFieldProcessor, questions_of, schedules_of
 
 
 class VTPruneLlavaMultiModalProcessor(ScheduleFieldProcessor, LlavaMultiModalProcessor):
+    def _vtprune_schedule(self, processor_kwargs: Mapping[str, object]) -> str | None:
+        schedule = super()._vtprune_schedule(processor_kwargs)
+        refusal = cls_refusal(self.info.get_hf_config())
+        if schedule and refusal is not None and make_plan(schedule).reads("cls_attention"):
+            # Here, per request, as the other refused schedules: the engine goes on serving the rest.
+            raise UnsupportedModelError(f"{schedule!r} reads the vision tower's [CLS] attention: {refusal}")
+        return schedule
+
     def _get_prompt_updates(
         self,
         mm_items: MultiModalDataItems,
@@ -59,14 +69,14 @@ class VTPruneLlavaForConditionalGeneration(PruningModel, LlavaForConditionalGene
 
     def _vtprune_cls_layer(self) -> torch.nn.Module | None:
         # As vtprune's LLaVA adapter: the CLIP layer whose output the projector reads. vLLM builds the tower only up
-        # to that layer (num_hidden_layers_override), so it is the last one; SigLIP towers have no [CLS].
+        # to that layer (num_hidden_layers_override), counted from either end, so it is the last one built; none is
+        # built when the projector reads the patch embeddings. No tower: the engine takes no images. SigLIP and
+        # Pixtral towers have no [CLS]; the LLaVAs of cls_refusal never get here with a schedule that reads it.
         tower = getattr(self, "vision_tower", None)
-        layer = self.config.vision_feature_layer
-        if not isinstance(tower, CLIPVisionModel) or not isinstance(layer, int) or layer >= 0:
+        if not isinstance(tower, CLIPVisionModel) or cls_refusal(self.config) is not None:
             return None
-        if self.config.vision_config.num_hidden_layers + layer < 0:  # the projector reads the patch embeddings
-            return None
-        return tower.vision_model.encoder.layers[-1].self_attn
+        layers = tower.vision_model.encoder.layers
+        return layers[-1].self_attn if len(layers) else None
 
     def _vtprune_cls_attention(self, attention: Any, hidden_states: torch.Tensor) -> torch.Tensor:
         # vLLM's CLIP attention fuses q, k and v into one projection, and its kernel returns no weights.
@@ -96,6 +106,15 @@ class VTPruneLlavaForConditionalGeneration(PruningModel, LlavaForConditionalGene
         # transformers 5 saves a LLaVA's CLIP tower without its ``vision_model.`` level (the shipped toy
         # does); vLLM's CLIP module has it. Real llava-hf checkpoints already have it and pass unchanged.
         return super().load_weights((_with_vision_model_level(name), tensor) for name, tensor in weights)
+
+
+def cls_refusal(config: Any) -> str | None:
+    """Why no [CLS] attention row ranks the image tokens of the LLaVA ``config`` describes (several feature layers,
+    a tower vtprune does not know): the front-end refuses the requests whose schedule reads it. None where the
+    row is read, or where ToDRE's declared fallback applies (a tower without [CLS] token, or no layer before the
+    features the projector reads)."""
+    tower_type = getattr(config.vision_config, "model_type", "")
+    return None if tower_type in TOWERS_WITHOUT_CLS else unreadable_cls_reason(tower_type, config.vision_feature_layer)
 
 
 def _with_vision_model_level(name: str) -> str:
