@@ -281,7 +281,7 @@ def image_seed(pixels: Tensor) -> int:
 
 
 def image_digest(source: Tensor, grid_thw: Tensor | None = None) -> bytes:
-    """What identifies an image among those whose kept sets are remembered: BLAKE3 (a cryptographic hash, vLLM's own
+    """What identifies an image among those whose kept sets are remembered: BLAKE3 (a cryptographic hash, vLLM's default
     for its multimodal cache keys) of its shape, dtype and patch grid ``grid_thw`` (None where the model has none)
     and of the bytes of ``source`` (its pixels, or its precomputed embeddings), so that two different images never
     share a kept set. A CRC32 such as :func:`image_seed` would: among 77,000 images two share one with even odds,
