@@ -23,7 +23,7 @@ import vtprune
 from vtprune.toyvlm import make_split
 from vtprune.toyvlm.model import toy_of
 from vtprune.vllm import SCHEDULE_KEY, engine_args
-from vtprune.vllm.plan import encode_schedule, image_key
+from vtprune.vllm.plan import encode_schedule, image_digest
 
 SAMPLES = make_split(0, 4)
 KEEP = 16
@@ -91,7 +91,9 @@ def embedded_rows(model, image, schedule):
     kwargs = {"pixel_values": image["pixel_values"], "image_grid_thw": image["image_grid_thw"]}
     (full,) = model.embed_multimodal(**kwargs)
     (pruned,) = model.embed_multimodal(**kwargs, **{SCHEDULE_KEY: encode_schedule(schedule, 1)})
-    kept, _ = model.vtprune_selections.get((schedule, image_key(image["pixel_values"]), ()))
+    kept, _ = model.vtprune_selections.get(
+        (schedule, image_digest(image["pixel_values"], image["image_grid_thw"][0]), ())
+    )
     return full.cpu(), pruned.cpu(), kept.cpu(), getattr(model, "visual_dim", full.shape[1])
 
 

@@ -13,10 +13,12 @@ import importlib
 import os
 import shutil
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from crc32_twins import crc32_twin
 from PIL import Image
 from transformers import (
     AutoProcessor,
@@ -36,7 +38,8 @@ from vtprune.errors import UnsupportedModelError
 from vtprune.toyvlm import build_prompt, load_toy_model, make_split
 from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH, save_for_stock_vllm
 from vtprune.vllm import SCHEDULE_KEY, UnsupportedScheduleError, engine_args
-from vtprune.vllm.plan import image_key
+from vtprune.vllm.plan import ImageItem, Selections, image_digest, image_seed
+from vtprune.vllm.pruning import PruningModel
 
 SAMPLES = make_split(0, 8)
 #: Schedules whose kept sets the transformers path reproduces (random is seeded differently there).
@@ -126,10 +129,17 @@ def model_images(processor, family, samples):
     return [processor.image_processor(images=[s.image], return_tensors="pt", **raw) for s in samples]
 
 
+def pixels_of(family, image):
+    """(pixels, patch grid or None) of one processed image as the pruning class receives them (LLaVA's pixels are
+    (1, 3, H, W) per image, without a grid; Qwen's (patches, C) are the image's own rows already)."""
+    if family == "llava":
+        return image["pixel_values"][0], None
+    return image["pixel_values"], image["image_grid_thw"][0]
+
+
 def pixel_keys(family, images):
-    """The key the pruning class files each image's selection under: its pixels' CRC (LLaVA's pixels are
-    (1, 3, H, W) per image; Qwen's (patches, C) are the image's own rows already)."""
-    return [image_key(image["pixel_values"][0] if family == "llava" else image["pixel_values"]) for image in images]
+    """The digest the pruning class files each image's selection under (of its pixels, and of Qwen's patch grid)."""
+    return [image_digest(*pixels_of(family, image)) for image in images]
 
 
 @torch.inference_mode()
@@ -203,6 +213,7 @@ def toy(request, tmp_path_factory):
         "kept": kept,
         "reference": reference,
         "keys": pixel_keys(family, images),
+        "seeds": [image_seed(pixels_of(family, image)[0]) for image in images],
         "noise_keys": pixel_keys(family, model_images(processor, family, NOISE)),
         "refused": str(refused.value),
         "mixed": mixed,
@@ -271,11 +282,29 @@ def test_each_new_pruned_image_passes_the_vision_tower_once(toy):
 
 
 def test_random_is_seeded_by_the_pixels(toy):
-    for key in toy["keys"]:
+    for key, seed in zip(toy["keys"], toy["seeds"], strict=True):
         kept, _ = toy["kept"][(RANDOM, key, ())]
-        assert torch.equal(kept, vtprune.select("random", torch.zeros(144, 1), keep=10, seed=key))
+        assert torch.equal(kept, vtprune.select("random", torch.zeros(144, 1), keep=10, seed=seed))
     draws = {tuple(toy["kept"][(RANDOM, key, ())][0].tolist()) for key in toy["keys"]}
     assert len(draws) > 1  # different images, different draws
+
+
+def test_images_that_share_a_seed_keep_their_own_selections():
+    """Two different images whose pixels share a CRC32, the seed of their draws (crafted here; among 77,000 images two
+    share one with even odds): each keeps what DivPrune keeps on its own tokens, not the other's remembered set."""
+    pixels = torch.rand(3, 12, 12)
+    twin = crc32_twin(pixels)
+    assert image_seed(pixels) == image_seed(twin)
+    model = SimpleNamespace(vtprune_selections=Selections(), _vtprune_selection_features=lambda rows: rows)
+    generator = torch.Generator().manual_seed(0)
+    chosen = []
+    for image in (pixels, twin):
+        features = torch.rand(144, 8, generator=generator)
+        item = ImageItem(DIVPRUNE, image, torch.zeros(0, dtype=torch.long), None)
+        kept, _ = PruningModel._vtprune_choose(model, item, features, (1, 12, 12))
+        assert kept.tolist() == vtprune.select("divprune", features, keep=16).tolist()
+        chosen.append(kept.tolist())
+    assert chosen[0] != chosen[1] and len(model.vtprune_selections.kept) == 2
 
 
 def test_mmtok_selects_per_question_as_the_transformers_path(toy):

@@ -27,7 +27,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from ..adapters.llava import TOWERS_WITHOUT_CLS, unreadable_cls_reason
 from ..engine.attention import cls_attention_of
 from ..errors import UnsupportedModelError
-from .plan import UnsupportedScheduleError, make_plan, square_grid
+from .plan import ImageItem, UnsupportedScheduleError, make_plan, square_grid
 from .pruning import PruningModel, ScheduleFieldProcessor, questions_of, schedules_of
 
 
@@ -100,7 +100,13 @@ class VTPruneLlavaForConditionalGeneration(PruningModel, LlavaForConditionalGene
             sources: Sequence[torch.Tensor] = embeddings if pixels is None else list(pixels)
             grids = [square_grid(features.shape[0]) for features in embeddings]
             questions = questions_of(kwargs, len(embeddings))
-            return self._vtprune_prune(embeddings, schedules, sources, questions, grids)
+            images = None
+            if schedules is not None:
+                images = [
+                    ImageItem(schedule, source, question, None)
+                    for schedule, source, question in zip(schedules, sources, questions, strict=True)
+                ]
+            return self._vtprune_prune(embeddings, images, grids)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # transformers 5 saves a LLaVA's CLIP tower without its ``vision_model.`` level (the shipped toy

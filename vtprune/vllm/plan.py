@@ -146,9 +146,9 @@ class PruningPlan:
         return select_tokens(strategy, budget, [image])[0], None
 
 
-#: What a kept set is remembered under: (schedule, the image's pixel key, the question's word ids; () when the
-#: schedule reads no question).
-SelectionKey = tuple[str, int, tuple[int, ...]]
+#: What a kept set is remembered under: (schedule, the image's :func:`image_digest`, the question's word ids; () when
+#: the schedule reads no question).
+SelectionKey = tuple[str, bytes, tuple[int, ...]]
 
 
 class Selections:
@@ -204,10 +204,30 @@ class PrunedRows:
         return held[1]
 
 
-def selection_key(schedule: str, source: Tensor, question: Tensor) -> SelectionKey:
-    """What an image's kept set is remembered under: ``source`` (its pixels) keys it, ``question`` holds the prompt's
-    question words (none unless the schedule reads them)."""
-    return (schedule, image_key(source), tuple(question.tolist()))
+@dataclass(frozen=True)
+class ImageItem:
+    """One image as a pruning class selects on it."""
+
+    schedule: str
+    """"" for none."""
+    source: Tensor
+    """Its pixels as the model receives them, or its precomputed embeddings: what keys and seeds its selection."""
+    question: Tensor
+    """The prompt's question word ids (none unless the schedule reads them)."""
+    grid_thw: Tensor | None
+    """(3,) int64: its patch grid (Qwen's ``image_grid_thw``); None where the model has none."""
+
+    @functools.cached_property
+    def key(self) -> SelectionKey:
+        """What its kept set is remembered under, digested once per item (the digest reads all of ``source``)."""
+        return selection_key(self.schedule, self.source, self.question, self.grid_thw)
+
+
+def selection_key(schedule: str, source: Tensor, question: Tensor, grid_thw: Tensor | None = None) -> SelectionKey:
+    """What an image's kept set is remembered under: the digest of ``source`` (its pixels, or its precomputed
+    embeddings) and of its patch grid ``grid_thw`` (Qwen's ``image_grid_thw``; None where the model has none), and
+    ``question``, the prompt's question words (none unless the schedule reads them)."""
+    return (schedule, image_digest(source, grid_thw), tuple(question.tolist()))
 
 
 def schedule_for(config: object, processor_kwargs: Mapping[str, object]) -> str | None:
@@ -253,10 +273,27 @@ def decode_schedule(row: Tensor) -> str:
     return bytes(row.cpu().tolist()).rstrip(b"\0").decode()
 
 
-def image_key(pixels: Tensor) -> int:
-    """A seed from the image's own pixels, so a request gets the same draw whatever batch it is in."""
+def image_seed(pixels: Tensor) -> int:
+    """The seed of an image's random draws, from its own pixels, so a request gets the same draw whatever batch it is
+    in. A CRC32: two images may share it (and then a draw), so it never identifies an image (:func:`image_digest`)."""
     data = pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
     return zlib.crc32(data)
+
+
+def image_digest(source: Tensor, grid_thw: Tensor | None = None) -> bytes:
+    """What identifies an image among those whose kept sets are remembered: BLAKE3 (a cryptographic hash, vLLM's default
+    for its multimodal cache keys) of its shape, dtype and patch grid ``grid_thw`` (None where the model has none)
+    and of the bytes of ``source`` (its pixels, or its precomputed embeddings), so that two different images never
+    share a kept set. A CRC32 such as :func:`image_seed` would: among 77,000 images two share one with even odds,
+    and CRC32 being linear, a twin of any image takes 4 chosen bytes."""
+    # Imported here: vLLM depends on it, while the checks of this module run without vLLM.
+    from blake3 import blake3
+
+    data = source.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    grid = None if grid_thw is None else grid_thw.tolist()
+    digest = blake3(f"{tuple(source.shape)}|{source.dtype}|{grid}|".encode())
+    digest.update(data.numpy().data)
+    return digest.digest()
 
 
 def square_grid(num_tokens: int) -> Grid:

@@ -32,15 +32,16 @@ from ..vocabulary.grids import Grid
 from .plan import (
     QUESTION_KEY,
     SCHEDULE_KEY,
+    ImageItem,
     Selections,
     UnsupportedScheduleError,
     decode_schedule,
     encode_schedule,
+    image_seed,
     make_plan,
     match_cls_rows,
     placeholder_ids,
     schedule_for,
-    selection_key,
 )
 
 #: The mixins' own last base, typed Any: what they call on ``super()`` and ``self`` (``info``, the processor and model
@@ -158,62 +159,53 @@ class PruningModel(VllmClass):
             yield
 
     def _vtprune_choose(
-        self,
-        schedule: str,
-        rows: Tensor,
-        grid: Grid,
-        source: Tensor,
-        question: Tensor,
-        cls_attention: Tensor | None = None,
+        self, image: ImageItem, rows: Tensor, grid: Grid, cls_attention: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """(kept indices, merging weights or None) of one image's embedding rows, encoded inside
-        :meth:`_vtprune_encoding`; ``source`` (its pixels) seeds and keys it, ``question`` holds the prompt's
-        question words (none unless the schedule reads them), ``cls_attention`` its [CLS] row (None: no [CLS]).
-        The first selection for an (image, question) is reused."""
-        key = selection_key(schedule, source, question)
-        seed = key[1]
-        chosen = self.vtprune_selections.get(key)
+        """(kept indices, merging weights or None) of one image's embedding ``rows``, encoded inside
+        :meth:`_vtprune_encoding`; ``cls_attention`` its [CLS] row (None: no [CLS]). The first selection for an
+        image's key (schedule, image, question) is reused; a new one draws with the seed of its source's pixels."""
+        chosen = self.vtprune_selections.get(image.key)
         if chosen is None:
-            plan = make_plan(schedule)
+            plan = make_plan(image.schedule)
             features = self._vtprune_selection_features(rows)
             text_embeds = pre_features = None
             if plan.reads("text_embeds"):
-                text_embeds = self.get_language_model().embed_input_ids(question.to(features.device))
+                text_embeds = self.get_language_model().embed_input_ids(image.question.to(features.device))
             if plan.reads("pre_features"):
                 pre_features = self.vtprune_projector_inputs.lookup(features)
                 if pre_features is None:
                     raise UnsupportedScheduleError(
-                        f"{schedule!r} reads the projector's inputs, which vtprune records while the model encodes "
-                        "pixels; this image came as precomputed embeddings. Send the image itself"
+                        f"{image.schedule!r} reads the projector's inputs, which vtprune records while the model "
+                        "encodes pixels; this image came as precomputed embeddings. Send the image itself"
                     )
             chosen = plan.select(
-                features, grid, seed, text_embeds=text_embeds, pre_features=pre_features, cls_attention=cls_attention
+                features,
+                grid,
+                image_seed(image.source),
+                text_embeds=text_embeds,
+                pre_features=pre_features,
+                cls_attention=cls_attention,
             )
-            self.vtprune_selections.put(key, chosen)
+            self.vtprune_selections.put(image.key, chosen)
         return chosen
 
     def _vtprune_prune(
-        self,
-        embeddings: Sequence[Tensor],
-        schedules: Sequence[str] | None,
-        sources: Iterable[Tensor],
-        questions: Iterable[Tensor],
-        grids: Iterable[Grid],
+        self, embeddings: Sequence[Tensor], images: Sequence[ImageItem] | None, grids: Iterable[Grid]
     ) -> tuple[Tensor, ...]:
-        """Each image's projected tokens (encoded inside :meth:`_vtprune_encoding`) reduced to its schedule's rows."""
-        if schedules is None:
+        """Each image's projected tokens (encoded inside :meth:`_vtprune_encoding`) reduced to its schedule's rows
+        (``images``: None when no image carries a schedule)."""
+        if images is None:
             return tuple(embeddings)
         pruned = []
         # One [CLS] row per image of this encoding (a tower pass per image batch), for the schedules that read it.
         recorded = self.vtprune_cls_rows if self.vtprune_has_cls else None
+        schedules = [image.schedule for image in images]
         cls_rows = match_cls_rows(recorded, schedules, [len(features) for features in embeddings])
-        for features, schedule, source, question, grid, cls_attention in zip(
-            embeddings, schedules, sources, questions, grids, cls_rows, strict=True
-        ):
-            if not schedule:
+        for features, image, grid, cls_attention in zip(embeddings, images, grids, cls_rows, strict=True):
+            if not image.schedule:
                 pruned.append(features)
                 continue
-            kept, weights = self._vtprune_choose(schedule, features, grid, source, question, cls_attention)
+            kept, weights = self._vtprune_choose(image, features, grid, cls_attention)
             pruned.append(reduce_tokens([features], [kept.to(features.device)], [weights])[0])
         return tuple(pruned)
 

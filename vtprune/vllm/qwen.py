@@ -25,7 +25,6 @@ the dropped tokens' columns removed. Videos pass unpruned (vLLM's own EVS prunes
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -40,12 +39,12 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from .plan import (
     QUESTION_KEY,
     SCHEDULE_KEY,
+    ImageItem,
     PrunedRows,
     SelectionKey,
     UnsupportedScheduleError,
     decode_schedule,
     make_plan,
-    selection_key,
 )
 from .pruning import PruningModel, ScheduleFieldProcessor, per_item, questions_of, schedules_of
 
@@ -149,9 +148,7 @@ class QwenPruningModel(PruningModel):
         }
         grids = [merged_grid(image.grid_thw.tolist(), self._merge) for image in images]
         with self._vtprune_encoding(schedules):
-            embeddings = self._process_image_input(batch)
-            sources, questions = [image.source for image in images], [image.question for image in images]
-            return self._vtprune_prune(embeddings, schedules, sources, questions, grids)
+            return self._vtprune_prune(self._process_image_input(batch), images, grids)
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
@@ -193,7 +190,7 @@ class QwenPruningModel(PruningModel):
         data = feature.data
         kind = "pixel_values" if "pixel_values" in data else "image_embeds"
         image = _Image(
-            kind, data[kind].data, data["image_grid_thw"].data.to(torch.int64), schedule, data[QUESTION_KEY].data
+            schedule, data[kind].data, data[QUESTION_KEY].data, data["image_grid_thw"].data.to(torch.int64), kind
         )
         kept = self.vtprune_pruned_rows.kept(image.key)
         if kept is None:
@@ -208,22 +205,12 @@ class QwenPruningModel(PruningModel):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Image:
-    """One image as the pruning class encodes it."""
+class _Image(ImageItem):
+    """One image as the pruning class encodes it (its key digests its patch grid too)."""
 
+    grid_thw: Tensor
     kind: str
     """What ``source`` holds: "pixel_values" (its patches) or "image_embeds" (precomputed projected tokens)."""
-    source: Tensor
-    grid_thw: Tensor
-    """(3,) int64: its patch grid."""
-    schedule: str
-    """"" for none."""
-    question: Tensor
-    """The prompt's question word ids (none unless the schedule reads them)."""
-
-    @functools.cached_property
-    def key(self) -> SelectionKey:
-        return selection_key(self.schedule, self.source, self.question)
 
 
 def _images_of(kwargs: Mapping[str, Any], schedules: Sequence[str], merge: int) -> list[_Image]:
@@ -235,7 +222,7 @@ def _images_of(kwargs: Mapping[str, Any], schedules: Sequence[str], merge: int) 
     sources = cast(list[Tensor], per_item(kwargs[kind], sizes))  # not None
     questions = questions_of(kwargs, len(grids))
     return [
-        _Image(kind, source, grid.to(torch.int64), schedule, question)
+        _Image(schedule, source, question, grid.to(torch.int64), kind)
         for source, grid, schedule, question in zip(sources, grids, schedules, questions, strict=True)
     ]
 
