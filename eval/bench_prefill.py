@@ -129,9 +129,10 @@ SPLIT = ("matmul", "attention", "other", "vtprune")
 def op_split(
     model: torch.nn.Module, inputs: dict, device: torch.device, schedule: str | None = None
 ) -> dict[str, float]:
-    """Seconds of one prefill by kind: the model's ops' self time (matmul / attention / other), and vtprune's: on a
-    CPU the wall time of its outermost ``vtprune.*`` ranges (its Python included), on an accelerator the device time
-    of the ops inside them."""
+    """Seconds of one prefill by kind: the model's ops' self time (on an accelerator their device time) by matmul /
+    attention / other, and vtprune's: the host wall time of its outermost ``vtprune.*`` ranges, its Python included
+    (on an accelerator: the time vtprune holds up the host, its waits for the device included; the device time of its
+    own kernels is in no column)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -148,13 +149,13 @@ def op_split(
             in_vtprune |= parent.name.startswith("vtprune.")
             parent = parent.cpu_parent
         if event.name.startswith("vtprune."):
-            if not in_vtprune and device.type != "cuda":
+            if not in_vtprune:
                 split["vtprune"] += event.cpu_time_total
             continue
-        seconds = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         if in_vtprune:
-            split["vtprune"] += seconds if device.type == "cuda" else 0.0
-        elif event.name in MATMUL_OPS:
+            continue
+        seconds = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if event.name in MATMUL_OPS:
             split["matmul"] += seconds
         elif "scaled_dot_product" in event.name or "attention" in event.name:
             split["attention"] += seconds

@@ -158,6 +158,17 @@ def test_remembered_selections_are_bounded():
     assert selections.get(("divprune:16", images[2], (5,))) is None  # another question, another selection
 
 
+def test_a_remembered_selection_in_use_outlives_older_ones():
+    # A kept set that positions were computed with may be needed again at the embedding step: using it keeps it.
+    selections = Selections(capacity=2)
+    keys = [("divprune:16", bytes([image]), ()) for image in range(3)]
+    selections.put(keys[0], (torch.arange(2), None))
+    selections.put(keys[1], (torch.arange(2), None))
+    assert selections.get(keys[0]) is not None
+    selections.put(keys[2], (torch.arange(2), None))
+    assert selections.get(keys[1]) is None and selections.get(keys[0]) is not None
+
+
 def test_pruned_rows_are_taken_once_and_bounded_by_rows():
     held = PrunedRows(capacity=10)
     keys = [("divprune:4", bytes([image]), ()) for image in range(4)]

@@ -31,9 +31,10 @@ def cls_rows_of_images(
         raise InputError(
             f"{len(token_counts)} images were embedded but the vision tower's [CLS] attention, which {reader!r} "
             f"reads, was recorded for {len(rows)} tower passes: vtprune records one per image the model encodes "
-            "from pixels in this call, and images sent as precomputed embeddings (transformers' mm_encoder_outputs, "
-            "vLLM's image embeddings) pass no tower. Send the images themselves (pixel inputs) for a strategy that "
-            "reads it, or choose another strategy"
+            "from pixels in this call and hands on, and images sent as precomputed embeddings (transformers' "
+            "mm_encoder_outputs, vLLM's image embeddings) pass no tower; nor do encoder outputs other than the ones "
+            "the call made (the slices generate(prefill_chunk_size=...) hands each chunk). Send the images themselves "
+            "(pixel inputs) in one prefill for a strategy that reads it, or choose another strategy"
         )
     for row, count, name in zip(rows, token_counts, readers, strict=True):
         if name and len(row) != count:

@@ -86,7 +86,8 @@ class Session(Uncopyable):
 
         Unless a decoding step is known to be running, the block is also a ``vtprune.<field>`` range in
         ``torch.profiler`` traces, so a profile of a prefill shows vtprune's own share (``eval/bench_prefill.py
-        --profile``); not in decoding steps, where the layer hooks run on every layer and a range costs ~7 us."""
+        --profile``). A range costs ~7 us, so the layer hooks, which run on every layer of every decoding step, open
+        none there; the input hook opens one per step, since it learns whether the step decodes inside its block."""
         start = time.perf_counter()
         traced = self.state is None or self.state.prefilling
         try:

@@ -152,7 +152,7 @@ SelectionKey = tuple[str, bytes, tuple[int, ...]]
 
 
 class Selections:
-    """Kept sets per (schedule, image, question), newest last: what the model kept, and the one place a selection
+    """Kept sets per (schedule, image, question), most recently used last: what the model kept, and the one place a selection
     made for positions (Qwen's M-RoPE) is found again when the same image is embedded."""
 
     def __init__(self, capacity: int = REMEMBERED_IMAGES) -> None:
@@ -160,7 +160,10 @@ class Selections:
         self.kept: OrderedDict[SelectionKey, tuple[Tensor, Tensor | None]] = OrderedDict()
 
     def get(self, key: SelectionKey) -> tuple[Tensor, Tensor | None] | None:
-        return self.kept.get(key)
+        chosen = self.kept.get(key)
+        if chosen is not None:  # least recently used goes first: a kept set in use outlives those of past requests
+            self.kept.move_to_end(key)
+        return chosen
 
     def put(self, key: SelectionKey, chosen: tuple[Tensor, Tensor | None]) -> None:
         self.kept[key] = chosen
