@@ -14,7 +14,7 @@ schedules that also prune inside the decoder), and "of short" = short ms / prune
 pruned prefill keeps (1 - vtprune's own cost: hooks and selection). So of bound = (unpruned / short) / bound x of
 short: the model's per-forward work that does not shrink with tokens (weights read once per forward, masks, rotary
 tables, the head) is the first factor, vtprune the second. Then the time spent in vtprune's hooks and in selection as
-a share of the unpruned prefill, and the peak tensor memory of one prefill (``eval/memory.py``: the profiler's
+a share of the unpruned prefill, and the peak tensor memory of one prefill (``vtprune.testing.peak_extra_bytes``: the profiler's
 allocation and free events, in a separate untimed run; it must fall with the kept ratio). With ``--batch 8`` every
 row has its own images, so each sample gets its own keep set. The header notes the 1-minute load average.
 
@@ -45,14 +45,12 @@ import gc
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
@@ -60,11 +58,8 @@ from torch.autograd import DeviceType
 import vtprune
 from vtprune.adapters import architecture
 from vtprune.errors import VTPruneError
-from vtprune.testing import MID, MODEL_KINDS, RowSpec, Size, build_inputs, build_model
+from vtprune.testing import MID, MODEL_KINDS, RowSpec, Size, build_inputs, build_model, peak_extra_bytes
 from vtprune.vocabulary.compat import CACHE_KWARG
-
-sys.path.insert(0, str(Path(__file__).parent))
-from memory import peak_extra_bytes  # next to this script
 
 SCHEDULES = ["uniform:50%", "uniform:25%", "uniform:11%", "divprune:25%", "divprune:11%", "fastv@2:50%", "fastv@2:25%"]
 

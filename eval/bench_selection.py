@@ -54,11 +54,11 @@ import vtprune
 from vtprune.engine.selection import select_tokens
 from vtprune.schedule import Budget, parse_strategy
 from vtprune.strategies.base import TokenContext
+from vtprune.testing import peak_extra_bytes
 from vtprune.viz.photos import photo_patches, sample_photos
 
 sys.path.insert(0, str(Path(__file__).parent))
 import paper_selectors  # next to this script
-from memory import peak_extra_bytes
 
 HIDDEN, LAYERS, VISION, WORDS = 4096, 32, 1024, 20
 CLIP_MEAN, CLIP_STD = torch.tensor([0.4815, 0.4578, 0.4082]), torch.tensor([0.2686, 0.2613, 0.2758])

@@ -1,5 +1,5 @@
-"""Random-weight models of every supported class, built from configs, with matching inputs: fixtures for tests
-and benchmarks, not library code.
+"""Random-weight models of every supported class, built from configs, with matching inputs, and the peak memory of
+a call: fixtures for tests and benchmarks, not library code.
 
 They prove the mechanics (and time them) without any download: tests use the tiny sizes,
 ``eval/bench_prefill.py`` the mid sizes. Each family declares its config and input layout in its adapter module
@@ -9,11 +9,14 @@ from the model's own vision encoder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import transformers
 from PIL import Image
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
 from .adapters import ARCHITECTURES, architecture, architecture_of
 from .adapters.random_weights import (
@@ -82,4 +85,21 @@ def gradient(height: int, width: int, blue: int) -> Image.Image:
 
 
 __all__ = ["BOS", "FIRST_TEXT_ID", "IMAGE", "MID", "MODEL_KINDS", "PAD", "TINY", "VIDEO", "VISION_END"]
-__all__ += ["VISION_START", "RowSpec", "Size", "build_inputs", "build_model", "gradient"]
+__all__ += ["VISION_START", "RowSpec", "Size", "build_inputs", "build_model", "gradient", "peak_extra_bytes"]
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Largest net tensor memory ``fn`` holds at once on ``device``: the running sum of the profiler's allocation
+    (+) and free (-) events (``profile_memory=True``: every tensor the allocator hands out and takes back; inputs
+    made before the call and library-internal scratch such as MKL's are not counted), from zero at the call."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    wanted = "CUDA" if device.type == "cuda" else "CPU"
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        if wanted in str(event.device_type()):
+            held += event.nbytes()
+            peak = max(peak, held)
+    return peak

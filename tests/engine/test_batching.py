@@ -17,6 +17,7 @@ from vtprune.schedule import Budget
 from vtprune.strategies import DivPrune, GreedyStrategy, Strategy, coverage, diversity, divprune, todre, zoo
 from vtprune.strategies.base import TokenContext
 from vtprune.strategies.registry import make_strategy
+from vtprune.testing import peak_extra_bytes
 
 # (name, options) of every built-in greedy strategy and method/variant.
 GREEDY = [
@@ -291,6 +292,29 @@ def as_on_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(module, "memory_groups", lambda contexts, *_, **__: [contexts])
     monkeypatch.setattr(diversity, "compares_shared_norms_only", lambda device: False)
     monkeypatch.setattr(coverage, "updates_gains_incrementally", lambda device: False)
+
+
+@pytest.mark.usefixtures("as_on_an_accelerator")
+def test_mmtok_holds_a_group_s_weights_once_besides_its_loop_buffer_on_an_accelerator() -> None:
+    # The dense loop reads each image's weights transposed. Written straight into that layout, a group holds its
+    # (B, N, R) columns and the loop's buffer like them (2 B matrices), not also each image's (R, N) weights and a
+    # stacked copy of them (4 B matrices before).
+    images, n, words = 6, 160, 8
+    gen = torch.Generator().manual_seed(0)
+    contexts = [
+        TokenContext(
+            features=torch.randn(n, 64, generator=gen),
+            keep=20,
+            seed=seed,
+            text_embeds=torch.randn(words, 64, generator=gen),
+            pre_features=torch.randn(n, 32, generator=gen),
+        )
+        for seed in range(images)
+    ]
+    strategy = make_strategy("mmtok")
+    peak = peak_extra_bytes(lambda: strategy.order_batch(contexts), torch.device("cpu"))
+    matrices = peak / ((words + n) * n * 4)
+    assert 2 * images <= matrices < 2 * images + 2, matrices
 
 
 @pytest.mark.usefixtures("as_on_an_accelerator")

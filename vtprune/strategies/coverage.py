@@ -54,13 +54,21 @@ def dense_coverage_order(weights: Tensor, count: int) -> Tensor:
     """The greedy, every column's gain evaluated every step: eight tensor ops per step for the whole group of
     matrices (the leading dimensions), nothing read back to the host. O(count·R·N) per matrix.
 
-    The columns are copied once into the rows of an (..., N, R) matrix and each column's gain is summed along a
-    contiguous row: every column is then summed in the same order, so exact duplicates tie exactly and go to the
-    lower index (summed down the columns of the (R, N) matrix, a column's rounding depends on its position).
+    The columns are copied once into the rows of an (..., N, R) matrix (:func:`dense_coverage_order_of_columns`).
     """
-    columns = weights.mT.contiguous()
-    best = weights.new_zeros(weights.shape[:-1])
-    taken = torch.zeros(weights.shape[:-2] + weights.shape[-1:], dtype=torch.bool, device=weights.device)
+    return dense_coverage_order_of_columns(weights.mT.contiguous(), count)
+
+
+def dense_coverage_order_of_columns(columns: Tensor, count: int) -> Tensor:
+    """:func:`dense_coverage_order` of the matrices whose columns are the contiguous rows of ``columns`` (..., N, R).
+
+    Each column's gain is summed along its contiguous row: every column is then summed in the same order, so exact
+    duplicates tie exactly and go to the lower index (summed down the columns of an (R, N) matrix, a column's
+    rounding depends on its position). A caller that builds the matrices in this layout (MMTok, a group at a time)
+    holds no (R, N) copy besides: the loop needs ``columns`` and one buffer like it.
+    """
+    best = columns.new_zeros(columns.shape[:-2] + columns.shape[-1:])
+    taken = torch.zeros(columns.shape[:-1], dtype=torch.bool, device=columns.device)
     terms = torch.empty_like(columns)  # one buffer reused by every step
     picks = []
     for _ in range(count):

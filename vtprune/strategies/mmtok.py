@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .base import GreedyStrategy, TokenContext
 from . import coverage
+from .base import GreedyStrategy, TokenContext
 from .coverage import coverage_order
 from .options import Option
 from .registry import register_strategy
@@ -81,20 +81,27 @@ class MMTok(GreedyStrategy):
         by_rows: dict[int, list[int]] = {}
         for image, ctx in enumerate(contexts):
             by_rows.setdefault(self.coverage_rows(ctx), []).append(image)
-        # On a CPU the loop takes one matrix at a time, so each image is a group of its own: its weights are made,
-        # ordered and released before the next image's, and never stacked. On an accelerator a group is one loop.
-        alone = coverage.updates_gains_incrementally(contexts[0].features.device)
+        # On a CPU the loop takes one matrix at a time, so each image's weights are made, ordered and released
+        # before the next image's. On an accelerator a group is one dense loop, over the layout it reads: each
+        # image's weights are written transposed into the group's buffer and released, so the group holds that
+        # buffer and the loop's scratch like it, never a list, a stacked copy and a transposed copy of its weights.
+        incremental = coverage.updates_gains_incrementally(contexts[0].features.device)
         orders: dict[int, Tensor] = {}
-        for images in by_rows.values():
-            for group in [[image] for image in images] if alone else [images]:
-                # The weights are gone before the next group's are made; one image's go in as a view of its own
-                # matrix, not a stacked copy.
-                weights = [self.coverage_weights(contexts[image]) for image in group]
-                order = coverage_order(
-                    weights[0][None] if len(group) == 1 else torch.stack(weights), contexts[group[0]].keep
-                )
+        for group in by_rows.values():
+            keep = contexts[group[0]].keep
+            if incremental:
+                for image in group:
+                    orders[image] = coverage_order(self.coverage_weights(contexts[image]), keep)
+                continue
+            columns: Tensor | None = None
+            for index, image in enumerate(group):
+                weights = self.coverage_weights(contexts[image])
+                if columns is None:
+                    columns = weights.new_empty(len(group), weights.shape[1], weights.shape[0])
+                columns[index] = weights.mT
                 del weights
-                orders.update(zip(group, order))
+            assert columns is not None  # a group has an image
+            orders.update(zip(group, coverage.dense_coverage_order_of_columns(columns, keep)))
         return [orders[image] for image in range(len(contexts))]
 
     def scores(self, ctx: TokenContext) -> Tensor:
