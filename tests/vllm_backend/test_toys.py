@@ -36,7 +36,7 @@ import vtprune
 from vtprune.engine.question_words import QuestionTokens
 from vtprune.errors import UnsupportedModelError
 from vtprune.toyvlm import build_prompt, load_toy_model, make_split
-from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH, save_for_stock_vllm
+from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH, image_placeholder, save_for_stock_vllm
 from vtprune.vllm import SCHEDULE_KEY, UnsupportedScheduleError, engine_args
 from vtprune.vllm.plan import ImageItem, Selections, image_digest, image_seed
 from vtprune.vllm.pruning import PruningModel
@@ -279,6 +279,32 @@ def test_each_new_pruned_image_passes_the_vision_tower_once(toy):
     encoded, held = toy["encoded"]
     assert encoded == len(NOISE)
     assert held == 0
+
+
+def test_a_pruned_image_in_the_prefix_cache_keeps_its_positions():
+    """vLLM strips the data of an image the prefix cache covers, all but the grid that positions are computed from:
+    the same request again must get the positions, answers and log-probs it got the first time (it got the
+    unpruned image's positions for the pruned run before)."""
+    sample = SAMPLES[0]
+    processor = AutoProcessor.from_pretrained(QWEN2_VL_PATH)
+    # The image first and text after it (the toy's own prompt asks first), so that whole cache blocks cover it.
+    prompt = f"{image_placeholder(processor)} {' '.join([sample.question] * 12)} answer :"
+    request = {
+        "prompt": prompt,
+        "multi_modal_data": {"image": sample.image},
+        "mm_processor_kwargs": {SCHEDULE_KEY: "uniform:25%"},
+    }
+    params = vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=1)
+    with engine(**engine_args(str(QWEN2_VL_PATH)), enable_prefix_caching=True, block_size=32) as llm:
+        first, again = (llm.generate([request], params)[0] for _ in range(2))
+        remembered = llm.apply_model(lambda m: len(m.vtprune_positioned.kept))[0]
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens >= 64 and remembered == 1
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+    def logprobs(output):
+        return [output.outputs[0].logprobs[i][token].logprob for i, token in enumerate(output.outputs[0].token_ids)]
+
+    assert logprobs(again) == pytest.approx(logprobs(first), abs=1e-5)
 
 
 def test_random_is_seeded_by_the_pixels(toy):

@@ -15,6 +15,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -60,7 +61,7 @@ UNAVAILABLE_INPUTS = {
     "instruction": "it reads the question as text with a CLIP text tower, which the pruning classes do not load",
 }
 
-#: Kept sets remembered per image (oldest dropped first); enough for every image a batch can hold.
+#: Kept sets remembered per image (least recently used dropped first); enough for every image a batch can hold.
 REMEMBERED_IMAGES = 4096
 #: Room for a schedule string in the per-image tensor that carries it to the model.
 SCHEDULE_BYTES = 128
@@ -149,27 +150,34 @@ class PruningPlan:
 #: What a kept set is remembered under: (schedule, the image's :func:`image_digest`, the question's word ids; () when
 #: the schedule reads no question).
 SelectionKey = tuple[str, bytes, tuple[int, ...]]
+Key = TypeVar("Key")
+Value = TypeVar("Value")
 
 
-class Selections:
-    """Kept sets per (schedule, image, question), most recently used last: what the model kept, and the one place a selection
-    made for positions (Qwen's M-RoPE) is found again when the same image is embedded."""
+class Remembered(Generic[Key, Value]):
+    """At most ``capacity`` values by key, the least recently used dropped first: a value in use outlives those of
+    past requests."""
 
     def __init__(self, capacity: int = REMEMBERED_IMAGES) -> None:
         self.capacity = capacity
-        self.kept: OrderedDict[SelectionKey, tuple[Tensor, Tensor | None]] = OrderedDict()
+        self.kept: OrderedDict[Key, Value] = OrderedDict()
 
-    def get(self, key: SelectionKey) -> tuple[Tensor, Tensor | None] | None:
-        chosen = self.kept.get(key)
-        if chosen is not None:  # least recently used goes first: a kept set in use outlives those of past requests
+    def get(self, key: Key) -> Value | None:
+        value = self.kept.get(key)
+        if value is not None:
             self.kept.move_to_end(key)
-        return chosen
+        return value
 
-    def put(self, key: SelectionKey, chosen: tuple[Tensor, Tensor | None]) -> None:
-        self.kept[key] = chosen
+    def put(self, key: Key, value: Value) -> None:
+        self.kept[key] = value
         self.kept.move_to_end(key)
         while len(self.kept) > self.capacity:
             self.kept.popitem(last=False)
+
+
+class Selections(Remembered[SelectionKey, tuple[Tensor, Tensor | None]]):
+    """Kept sets (and merging weights) per (schedule, image, question): what the model kept, and the one place a
+    selection made for positions (Qwen's M-RoPE) is found again when the same image is embedded."""
 
 
 class PrunedRows:

@@ -38,9 +38,11 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from .plan import (
     QUESTION_KEY,
+    REMEMBERED_IMAGES,
     SCHEDULE_KEY,
     ImageItem,
     PrunedRows,
+    Remembered,
     SelectionKey,
     UnsupportedScheduleError,
     decode_schedule,
@@ -52,6 +54,9 @@ _IMAGE_KEYS = ("pixel_values", "image_embeds")
 _VIDEO_KEYS = ("pixel_values_videos", "video_embeds")
 #: The embedding step's kwargs that describe images (the pruning class encodes these itself; the rest go to vLLM's).
 _IMAGE_FIELDS = (*_IMAGE_KEYS, "image_grid_thw", SCHEDULE_KEY, QUESTION_KEY)
+#: Pruned images whose kept sets are remembered for their positions after a prefix-cache hit: a kept set is a few
+#: hundred indices, so many more than the selections (which the embedding step needs only soon after).
+POSITIONED_IMAGES = 4 * REMEMBERED_IMAGES
 
 
 def merged_grid(grid_thw: Sequence[int], merge: int) -> tuple[int, int, int]:
@@ -101,6 +106,9 @@ class QwenPruningModel(PruningModel):
         #: Images reduced when their positions were computed, until their embedding step takes them: at most as many
         #: rows as vLLM's encoder cache holds embeddings.
         self.vtprune_pruned_rows = PrunedRows(vllm_config.scheduler_config.encoder_cache_size)
+        #: The kept set each pruned image's positions followed, by vLLM's identifier of the item: what positions
+        #: are computed from when the prefix cache covers the image and vLLM strips its data (``_kept_of``).
+        self.vtprune_positioned: Remembered[str, Tensor] = Remembered(POSITIONED_IMAGES)
 
     @property
     def _merge(self) -> int:
@@ -153,7 +161,9 @@ class QwenPruningModel(PruningModel):
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
     ) -> tuple[Tensor, int]:
-        if not any(_schedule_of(f) for f in mm_features):
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        kept_sets = [self._kept_of(feature) for feature in features]
+        if all(kept is None for kept in kept_sets):
             return super().get_mrope_input_positions(input_tokens, mm_features)
         # The unpruned prompt (each pruned image's placeholder run restored to its full length) and, per token
         # of the pruned prompt, the column of the unpruned prompt it stands for.
@@ -162,16 +172,13 @@ class QwenPruningModel(PruningModel):
         columns: list[np.ndarray] = []
         shift = 0  # tokens restored so far
         previous = 0  # first unpruned column not yet taken
-        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+        for feature, kept in zip(features, kept_sets, strict=True):
             place = feature.mm_position
             offset = place.offset + shift
-            schedule = _schedule_of(feature)
-            if not schedule:
+            if kept is None:
                 restored.append(dataclasses.replace(feature, mm_position=dataclasses.replace(place, offset=offset)))
                 continue
-            grid = merged_grid(feature.data["image_grid_thw"].data.tolist(), self._merge)
-            count = int(np.prod(grid))
-            kept = self._kept_for_positions(feature, schedule).numpy()
+            count = self._unpruned_count(feature)
             tokens[offset : offset + place.length] = tokens[offset : offset + 1] * count
             columns += [np.arange(previous, offset), offset + kept]
             previous = offset + count
@@ -181,6 +188,37 @@ class QwenPruningModel(PruningModel):
         positions, delta = super().get_mrope_input_positions(tokens, restored)
         # Decode steps are numbered len(prompt) + delta: they continue the unpruned numbering too.
         return positions[:, torch.from_numpy(np.concatenate(columns))], delta + shift
+
+    def _unpruned_count(self, feature: MultiModalFeatureSpec) -> int:
+        """An image's projected tokens unpruned (from its grid, which vLLM keeps with every image item)."""
+        assert feature.data is not None  # an image item of a model with M-RoPE keeps its grid
+        return int(np.prod(merged_grid(feature.data["image_grid_thw"].data.tolist(), self._merge)))
+
+    def _kept_of(self, feature: MultiModalFeatureSpec) -> np.ndarray | None:
+        """The kept token indices a pruned image's positions follow (None: not pruned, or not an image).
+
+        An image the prefix cache covers reaches this step stripped: vLLM keeps only the fields positions are
+        computed from on the CPU (the grid), not the pixels, schedule or question. Its placeholder run, shorter
+        than the grid's count, says it was pruned; its kept set is the one its positions followed before, found by
+        vLLM's identifier of the item (a hash of the image with the processor kwargs, which carry the schedule
+        and the question: the same identifier, the same kept set). If that was forgotten, nothing can recompute
+        it: an error, never positions of another layout."""
+        schedule = _schedule_of(feature)
+        if schedule:
+            kept = self._kept_for_positions(feature, schedule)
+            self.vtprune_positioned.put(feature.identifier, kept)
+            return kept.numpy()
+        if feature.modality != "image" or feature.mm_position.length == self._unpruned_count(feature):
+            return None
+        remembered = self.vtprune_positioned.get(feature.identifier)
+        if remembered is None:
+            raise UnsupportedScheduleError(
+                f"a pruned image of this request is in vLLM's prefix cache, but the kept set its positions follow "
+                f"was forgotten (vtprune remembers the last {self.vtprune_positioned.capacity} pruned images): "
+                "serve with prefix caching off (enable_prefix_caching=False, --no-enable-prefix-caching) for "
+                "workloads that return to that many older images"
+            )
+        return remembered.numpy()
 
     @torch.inference_mode()
     def _kept_for_positions(self, feature: MultiModalFeatureSpec, schedule: str) -> Tensor:
