@@ -8,7 +8,7 @@ import torch
 from crc32_twins import crc32_twin
 
 import vtprune
-from vtprune.errors import InputError
+from vtprune.errors import InputError, UnsupportedModelError
 from vtprune.vllm import ARCHITECTURES, SCHEDULE_KEY, UnsupportedScheduleError, engine_args
 from vtprune.vllm.plan import (
     ImageItem,
@@ -137,6 +137,19 @@ def test_request_schedule_overrides_the_engines():
     assert schedule_for(object(), {}) is None
     with pytest.raises(UnsupportedScheduleError, match="schedule string"):
         schedule_for(object(), {SCHEDULE_KEY: 16})
+
+
+def test_an_engine_default_that_reads_the_cls_row_of_a_refused_llava_is_refused_before_the_engine(tmp_path):
+    # Every request, down to vLLM's profiling run at engine start, would fail: engine_args says so first.
+    config = {"architectures": ["LlavaForConditionalGeneration"], "vision_feature_layer": [-2, -1]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=r"'todre:16' reads .*vision_feature_layer=\[-2, -1\]"):
+        engine_args(str(tmp_path), "todre:16")
+    assert engine_args(str(tmp_path), "divprune:16")["hf_overrides"][SCHEDULE_KEY] == "divprune:16"
+    assert SCHEDULE_KEY not in engine_args(str(tmp_path))["hf_overrides"]  # requests that ask are refused each
+    config["vision_feature_layer"] = -2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert engine_args(str(tmp_path), "todre:16")["hf_overrides"][SCHEDULE_KEY] == "todre:16"
 
 
 def test_the_schedule_travels_as_a_tensor_and_comes_back():

@@ -38,7 +38,7 @@ from vtprune.errors import UnsupportedModelError
 from vtprune.toyvlm import build_prompt, load_toy_model, make_split
 from vtprune.toyvlm.model import DEFAULT_PATH, QWEN2_VL_PATH, image_placeholder, save_for_stock_vllm
 from vtprune.vllm import SCHEDULE_KEY, UnsupportedScheduleError, engine_args
-from vtprune.vllm.plan import ImageItem, Selections, image_digest, image_seed
+from vtprune.vllm.plan import ImageItem, Selections, cls_refusal, image_digest, image_seed
 from vtprune.vllm.pruning import PruningModel
 
 SAMPLES = make_split(0, 8)
@@ -435,7 +435,7 @@ def test_todre_on_a_llava_whose_cls_row_cannot_rank_its_tokens_is_refused_per_re
     args["hf_overrides"]["vision_feature_layer"] = [-2, -1]
     processor = AutoProcessor.from_pretrained(DEFAULT_PATH)
     with engine(**args) as llm:
-        with pytest.raises(UnsupportedModelError, match=r"'todre:16' reads .*vision_feature_layer=\[-2, -1\]: the"):
+        with pytest.raises(UnsupportedModelError, match=r"'todre:16' reads .*vision_feature_layer=\[-2, -1\]: several"):
             generate(llm, processor, TODRE, SAMPLES[:1])
         answers, _, _ = generate(llm, processor, DIVPRUNE, SAMPLES[:1])
         kept = llm.apply_model(lambda m: dict(m.vtprune_selections.kept))[0]
@@ -444,13 +444,11 @@ def test_todre_on_a_llava_whose_cls_row_cannot_rank_its_tokens_is_refused_per_re
 
 
 def test_which_llavas_the_vllm_class_refuses_to_rank_with_a_cls_row():
-    from vtprune.vllm.llava import cls_refusal
-
     toy, _ = load_toy_model(DEFAULT_PATH)
     assert cls_refusal(toy.config) is None  # CLIP, one feature layer: its row (the toy's: no layer, the fallback)
     several = copy.deepcopy(toy.config)
     several.vision_feature_layer = [-2, -1]
-    assert "several tower layers" in cls_refusal(several)
+    assert "vLLM's LLaVA projects only the deepest" in cls_refusal(several)
     unknown = LlavaConfig(vision_config=Dinov2Config(), text_config=toy.config.text_config)
     assert "this LLaVA's tower is 'dinov2'" in cls_refusal(unknown)
     siglip = LlavaConfig(vision_config=SiglipVisionConfig(), text_config=toy.config.text_config)

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from .plan import SCHEDULE_KEY, UnsupportedScheduleError, make_plan
+from ..errors import UnsupportedModelError
+from .plan import SCHEDULE_KEY, UnsupportedScheduleError, cls_refusal, make_plan
+
+#: The LLaVA architecture, whose [CLS]-reading schedules :func:`engine_args` checks against the folder's config.
+LLAVA = "LlavaForConditionalGeneration"
 
 #: vLLM architecture name -> the pruning class that replaces it, as "module:Class" for lazy import.
 ARCHITECTURES = {
-    "LlavaForConditionalGeneration": "vtprune.vllm.llava:VTPruneLlavaForConditionalGeneration",
+    LLAVA: "vtprune.vllm.llava:VTPruneLlavaForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "vtprune.vllm.qwen2_vl:VTPruneQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "vtprune.vllm.qwen2_5_vl:VTPruneQwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "vtprune.vllm.qwen3_vl:VTPruneQwen3VLForConditionalGeneration",
@@ -56,6 +61,10 @@ def engine_args(model: str, schedule: str | None = None, architecture: str | Non
         make_plan(schedule)
     if architecture is None:
         architecture = _architecture_of(model)
+    if schedule is not None and make_plan(schedule).reads("cls_attention") and architecture == LLAVA:
+        refusal = cls_refusal(_llava_config(model))
+        if refusal is not None:  # else every request would fail, down to vLLM's profiling run at engine start
+            raise UnsupportedModelError(f"{schedule!r} reads the vision tower's [CLS] attention: {refusal}")
     if architecture in REFUSED:
         raise UnsupportedScheduleError(f"vtprune's vLLM backend does not prune {architecture}: {REFUSED[architecture]}")
     if architecture not in ARCHITECTURES:
@@ -66,6 +75,14 @@ def engine_args(model: str, schedule: str | None = None, architecture: str | Non
     if schedule is not None:
         overrides[SCHEDULE_KEY] = schedule
     return {"model": model, "hf_overrides": overrides}
+
+
+def _llava_config(model: str) -> SimpleNamespace:
+    """What :func:`~vtprune.vllm.plan.cls_refusal` reads of a LLaVA folder's config.json (transformers' defaults
+    where it leaves them out)."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    tower = SimpleNamespace(model_type=config.get("vision_config", {}).get("model_type", "clip_vision_model"))
+    return SimpleNamespace(vision_config=tower, vision_feature_layer=config.get("vision_feature_layer", -2))
 
 
 def _architecture_of(model: str) -> str:

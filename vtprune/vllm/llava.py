@@ -24,10 +24,9 @@ from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from ..adapters.llava import TOWERS_WITHOUT_CLS, unreadable_cls_reason
 from ..engine.attention import cls_attention_of
 from ..errors import UnsupportedModelError
-from .plan import ImageItem, UnsupportedScheduleError, make_plan, square_grid
+from .plan import ImageItem, UnsupportedScheduleError, cls_refusal, make_plan, square_grid
 from .pruning import PruningModel, ScheduleFieldProcessor, questions_of, schedules_of
 
 
@@ -112,15 +111,6 @@ class VTPruneLlavaForConditionalGeneration(PruningModel, LlavaForConditionalGene
         # transformers 5 saves a LLaVA's CLIP tower without its ``vision_model.`` level (the shipped toy
         # does); vLLM's CLIP module has it. Real llava-hf checkpoints already have it and pass unchanged.
         return super().load_weights((_with_vision_model_level(name), tensor) for name, tensor in weights)
-
-
-def cls_refusal(config: Any) -> str | None:
-    """Why no [CLS] attention row ranks the image tokens of the LLaVA ``config`` describes (several feature layers,
-    a tower vtprune does not know): the front-end refuses the requests whose schedule reads it. None where the
-    row is read, or where ToDRE's declared fallback applies (a tower without [CLS] token, or no layer before the
-    features the projector reads)."""
-    tower_type = getattr(config.vision_config, "model_type", "")
-    return None if tower_type in TOWERS_WITHOUT_CLS else unreadable_cls_reason(tower_type, config.vision_feature_layer)
 
 
 def _with_vision_model_level(name: str) -> str:

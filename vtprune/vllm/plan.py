@@ -15,11 +15,12 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
+from ..adapters.llava import TOWERS_WITHOUT_CLS, unreadable_cls_reason
 from ..engine.cls_rows import cls_rows_of_images
 from ..engine.selection import merge_tokens, select_tokens
 from ..errors import VTPruneError
@@ -267,6 +268,25 @@ def match_cls_rows(
     """
     readers = [schedule if schedule and make_plan(schedule).reads("cls_attention") else None for schedule in schedules]
     return cls_rows_of_images(rows, token_counts, readers)
+
+
+def cls_refusal(config: Any) -> str | None:
+    """Why no [CLS] attention row ranks the image tokens of the LLaVA ``config`` describes (several feature layers,
+    a tower vtprune does not know): a schedule that reads it is refused (per request in the front-end; at
+    :func:`~vtprune.vllm.engine_args` for an engine's default). None where the row is read, or where ToDRE's
+    declared fallback applies (a tower without [CLS] token, or no layer before the features the projector reads)."""
+    tower_type = getattr(config.vision_config, "model_type", "")
+    if tower_type in TOWERS_WITHOUT_CLS:
+        return None
+    if not isinstance(config.vision_feature_layer, int) and tower_type == "clip_vision_model":
+        # vLLM projects only the deepest of several layers (the model's own code concatenates them), so this row
+        # would rank what vLLM serves, but not what the transformers path, which refuses them, would.
+        return (
+            f"vision_feature_layer={config.vision_feature_layer}: several feature layers, of which vLLM's LLaVA "
+            "projects only the deepest while the model's own code reads them side by side; vtprune ranks by [CLS] "
+            "attention (todre) only where both agree. Choose a strategy that does not read it"
+        )
+    return unreadable_cls_reason(tower_type, config.vision_feature_layer)
 
 
 def encode_schedule(schedule: str, count: int) -> Tensor:
