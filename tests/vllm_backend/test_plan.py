@@ -13,6 +13,7 @@ from vtprune.vllm import ARCHITECTURES, SCHEDULE_KEY, UnsupportedScheduleError, 
 from vtprune.vllm.plan import (
     ImageItem,
     PrunedRows,
+    Remembered,
     Selections,
     decode_schedule,
     encode_schedule,
@@ -148,8 +149,12 @@ def test_an_engine_default_that_reads_the_cls_row_of_a_refused_llava_is_refused_
     assert engine_args(str(tmp_path), "divprune:16")["hf_overrides"][SCHEDULE_KEY] == "divprune:16"
     assert SCHEDULE_KEY not in engine_args(str(tmp_path))["hf_overrides"]  # requests that ask are refused each
     config["vision_feature_layer"] = -2
+    config["vision_config"] = None  # transformers' default tower: CLIP
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert engine_args(str(tmp_path), "todre:16")["hf_overrides"][SCHEDULE_KEY] == "todre:16"
+    # A hub id (no local config.json) is left to the front-end's check, per request.
+    hub = engine_args("llava-hf/llava-1.5-7b-hf", "todre:16", architecture="LlavaForConditionalGeneration")
+    assert hub["hf_overrides"][SCHEDULE_KEY] == "todre:16"
 
 
 def test_the_schedule_travels_as_a_tensor_and_comes_back():
@@ -169,6 +174,18 @@ def test_remembered_selections_are_bounded():
     assert selections.get(("divprune:16", images[2], ())) is not None
     assert selections.get(("uniform:25%", images[2], ())) is None
     assert selections.get(("divprune:16", images[2], (5,))) is None  # another question, another selection
+
+
+def test_remembered_values_are_bounded_by_their_sizes():
+    # Kept sets for positions are bounded by their tokens, summed: the newest stays even when larger than all.
+    remembered = Remembered(capacity=10, size=len)
+    for name, tokens in (("a", 4), ("b", 4), ("c", 4)):
+        remembered.put(name, [0] * tokens)
+    assert list(remembered.kept) == ["b", "c"] and remembered.held == 8
+    remembered.put("b", [0] * 2)  # replaced: its old size no longer counts
+    assert remembered.held == 6 and list(remembered.kept) == ["c", "b"]
+    remembered.put("d", [0] * 12)
+    assert list(remembered.kept) == ["d"] and remembered.held == 12
 
 
 def test_a_remembered_selection_in_use_outlives_older_ones():

@@ -88,11 +88,11 @@ class MMTok(GreedyStrategy):
         incremental = coverage.updates_gains_incrementally(contexts[0].features.device)
         orders: dict[int, Tensor] = {}
         for group in by_rows.values():
-            keep = contexts[group[0]].keep
             if incremental:
                 for image in group:
-                    orders[image] = coverage_order(self.coverage_weights(contexts[image]), keep)
+                    orders[image] = coverage_order(self.coverage_weights(contexts[image]), contexts[image].keep)
                 continue
+            keep = contexts[group[0]].keep  # a group's images share their budget (GreedyStrategy.order_batch)
             columns: Tensor | None = None
             for index, image in enumerate(group):
                 weights = self.coverage_weights(contexts[image])

@@ -61,8 +61,15 @@ def engine_args(model: str, schedule: str | None = None, architecture: str | Non
         make_plan(schedule)
     if architecture is None:
         architecture = _architecture_of(model)
-    if schedule is not None and make_plan(schedule).reads("cls_attention") and architecture == LLAVA:
-        refusal = cls_refusal(_llava_config(model))
+    config = Path(model) / "config.json"
+    if (
+        schedule is not None
+        and make_plan(schedule).reads("cls_attention")
+        and architecture == LLAVA
+        and config.is_file()
+    ):
+        # Read from the folder's config.json (hf_overrides added later are the front-end's to check, per request).
+        refusal = cls_refusal(_llava_config(config))
         if refusal is not None:  # else every request would fail, down to vLLM's profiling run at engine start
             raise UnsupportedModelError(f"{schedule!r} reads the vision tower's [CLS] attention: {refusal}")
     if architecture in REFUSED:
@@ -77,11 +84,11 @@ def engine_args(model: str, schedule: str | None = None, architecture: str | Non
     return {"model": model, "hf_overrides": overrides}
 
 
-def _llava_config(model: str) -> SimpleNamespace:
-    """What :func:`~vtprune.vllm.plan.cls_refusal` reads of a LLaVA folder's config.json (transformers' defaults
-    where it leaves them out)."""
-    config = json.loads((Path(model) / "config.json").read_text())
-    tower = SimpleNamespace(model_type=config.get("vision_config", {}).get("model_type", "clip_vision_model"))
+def _llava_config(path: Path) -> SimpleNamespace:
+    """What :func:`~vtprune.vllm.plan.cls_refusal` reads of a LLaVA's config.json (transformers' defaults where it
+    leaves them out or null)."""
+    config = json.loads(path.read_text())
+    tower = SimpleNamespace(model_type=(config.get("vision_config") or {}).get("model_type", "clip_vision_model"))
     return SimpleNamespace(vision_config=tower, vision_feature_layer=config.get("vision_feature_layer", -2))
 
 

@@ -13,7 +13,7 @@ import functools
 import math
 import zlib
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -156,12 +156,15 @@ Value = TypeVar("Value")
 
 
 class Remembered(Generic[Key, Value]):
-    """At most ``capacity`` values by key, the least recently used dropped first: a value in use outlives those of
-    past requests."""
+    """Values by key, at most ``capacity`` of them (or of their ``size``s, summed), the least recently used dropped
+    first: a value in use outlives those of past requests."""
 
-    def __init__(self, capacity: int = REMEMBERED_IMAGES) -> None:
+    def __init__(self, capacity: int = REMEMBERED_IMAGES, size: Callable[[Value], int] = lambda value: 1) -> None:
         self.capacity = capacity
+        self.size = size
         self.kept: OrderedDict[Key, Value] = OrderedDict()
+        self.held = 0
+        """The values' sizes, summed."""
 
     def get(self, key: Key) -> Value | None:
         value = self.kept.get(key)
@@ -170,10 +173,14 @@ class Remembered(Generic[Key, Value]):
         return value
 
     def put(self, key: Key, value: Value) -> None:
+        previous = self.kept.pop(key, None)
+        if previous is not None:
+            self.held -= self.size(previous)
         self.kept[key] = value
-        self.kept.move_to_end(key)
-        while len(self.kept) > self.capacity:
-            self.kept.popitem(last=False)
+        self.held += self.size(value)
+        while self.held > self.capacity and len(self.kept) > 1:
+            _, dropped = self.kept.popitem(last=False)
+            self.held -= self.size(dropped)
 
 
 class Selections(Remembered[SelectionKey, tuple[Tensor, Tensor | None]]):

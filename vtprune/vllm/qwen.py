@@ -38,7 +38,6 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from .plan import (
     QUESTION_KEY,
-    REMEMBERED_IMAGES,
     SCHEDULE_KEY,
     ImageItem,
     PrunedRows,
@@ -54,9 +53,10 @@ _IMAGE_KEYS = ("pixel_values", "image_embeds")
 _VIDEO_KEYS = ("pixel_values_videos", "video_embeds")
 #: The embedding step's kwargs that describe images (the pruning class encodes these itself; the rest go to vLLM's).
 _IMAGE_FIELDS = (*_IMAGE_KEYS, "image_grid_thw", SCHEDULE_KEY, QUESTION_KEY)
-#: Pruned images whose kept sets are remembered for their positions after a prefix-cache hit: a kept set is a few
-#: hundred indices, so many more than the selections (which the embedding step needs only soon after).
-POSITIONED_IMAGES = 4 * REMEMBERED_IMAGES
+#: Kept tokens (summed over images) whose kept sets are remembered for their positions after a prefix-cache hit.
+#: A cached pruned image holds a KV slot per kept token, so this many (64 MB of int32 when full) is more than the KV
+#: cache of one engine holds: an image still in the prefix cache is never forgotten.
+POSITIONED_TOKENS = 1 << 24
 
 
 def merged_grid(grid_thw: Sequence[int], merge: int) -> tuple[int, int, int]:
@@ -108,7 +108,7 @@ class QwenPruningModel(PruningModel):
         self.vtprune_pruned_rows = PrunedRows(vllm_config.scheduler_config.encoder_cache_size)
         #: The kept set each pruned image's positions followed, by vLLM's identifier of the item: what positions
         #: are computed from when the prefix cache covers the image and vLLM strips its data (``_kept_of``).
-        self.vtprune_positioned: Remembered[str, Tensor] = Remembered(POSITIONED_IMAGES)
+        self.vtprune_positioned: Remembered[str, np.ndarray] = Remembered(POSITIONED_TOKENS, size=len)
 
     @property
     def _merge(self) -> int:
@@ -205,20 +205,20 @@ class QwenPruningModel(PruningModel):
         it: an error, never positions of another layout."""
         schedule = _schedule_of(feature)
         if schedule:
-            kept = self._kept_for_positions(feature, schedule)
-            self.vtprune_positioned.put(feature.identifier, kept)
-            return kept.numpy()
+            kept = self._kept_for_positions(feature, schedule).numpy()
+            self.vtprune_positioned.put(feature.identifier, kept.astype(np.int32))
+            return kept
         if feature.modality != "image" or feature.mm_position.length == self._unpruned_count(feature):
             return None
         remembered = self.vtprune_positioned.get(feature.identifier)
-        if remembered is None:
+        if remembered is None:  # raised where vLLM computes positions, it stops the engine: it must not happen
             raise UnsupportedScheduleError(
                 f"a pruned image of this request is in vLLM's prefix cache, but the kept set its positions follow "
-                f"was forgotten (vtprune remembers the last {self.vtprune_positioned.capacity} pruned images): "
-                "serve with prefix caching off (enable_prefix_caching=False, --no-enable-prefix-caching) for "
-                "workloads that return to that many older images"
+                f"was forgotten (vtprune remembers {self.vtprune_positioned.capacity} kept tokens, more than one "
+                "engine's KV cache holds; a KV cache shared across engines can exceed it): serve with prefix caching "
+                "off (enable_prefix_caching=False, --no-enable-prefix-caching)"
             )
-        return remembered.numpy()
+        return remembered.astype(np.int64)
 
     @torch.inference_mode()
     def _kept_for_positions(self, feature: MultiModalFeatureSpec, schedule: str) -> Tensor:
