@@ -181,11 +181,11 @@ def test_remembered_values_are_bounded_by_their_sizes():
     remembered = Remembered(capacity=10, size=len)
     for name, tokens in (("a", 4), ("b", 4), ("c", 4)):
         remembered.put(name, [0] * tokens)
-    assert list(remembered.kept) == ["b", "c"] and remembered.held == 8
+    assert list(remembered.kept) == ["b", "c"] and remembered.total == 8
     remembered.put("b", [0] * 2)  # replaced: its old size no longer counts
-    assert remembered.held == 6 and list(remembered.kept) == ["c", "b"]
+    assert remembered.total == 6 and list(remembered.kept) == ["c", "b"]
     remembered.put("d", [0] * 12)
-    assert list(remembered.kept) == ["d"] and remembered.held == 12
+    assert list(remembered.kept) == ["d"] and remembered.total == 12
 
 
 def test_a_remembered_selection_in_use_outlives_older_ones():
@@ -203,16 +203,16 @@ def test_pruned_rows_are_taken_once_and_bounded_by_rows():
     held = PrunedRows(capacity=10)
     keys = [("divprune:4", bytes([image]), ()) for image in range(4)]
     for index, key in enumerate(keys[:2]):
-        held.put(key, torch.arange(4), torch.full((4, 2), float(index)))
-    assert held.rows == 8 and torch.equal(held.kept(keys[0]), torch.arange(4))
-    assert torch.equal(held.pop(keys[1]), torch.full((4, 2), 1.0))
-    assert held.pop(keys[1]) is None and held.kept(keys[1]) is None  # taken: held no more
-    assert held.rows == 4
-    held.put(keys[2], torch.arange(4), torch.zeros(4, 2))
-    held.put(keys[3], torch.arange(4), torch.zeros(4, 2))  # 12 rows: the oldest image goes
-    assert held.kept(keys[0]) is None and held.rows == 8
-    held.put(keys[0], torch.arange(16), torch.zeros(16, 2))  # larger than the capacity alone: the newest stays
-    assert list(held.held) == [keys[0]] and held.rows == 16
+        held.put(key, (torch.arange(4), torch.full((4, 2), float(index))))
+    assert held.total == 8 and torch.equal(held.kept_set(keys[0]), torch.arange(4))
+    assert torch.equal(held.take(keys[1]), torch.full((4, 2), 1.0))
+    assert held.take(keys[1]) is None and held.kept_set(keys[1]) is None  # taken: held no more
+    assert held.total == 4
+    held.put(keys[2], (torch.arange(4), torch.zeros(4, 2)))
+    held.put(keys[3], (torch.arange(4), torch.zeros(4, 2)))  # 12 rows: the oldest image goes
+    assert held.kept_set(keys[0]) is None and held.total == 8
+    held.put(keys[0], (torch.arange(16), torch.zeros(16, 2)))  # larger than the capacity alone: the newest stays
+    assert list(held.kept) == [keys[0]] and held.total == 16
 
 
 def test_a_selection_is_keyed_by_schedule_pixels_grid_and_question():

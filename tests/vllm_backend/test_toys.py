@@ -166,7 +166,7 @@ def count_encoded_images(model):
 
 def encoded_images(model):
     """(images encoded since count_encoded_images, rows the Qwen class still holds for an embedding step)."""
-    return model.encoded_images, model.vtprune_pruned_rows.rows if hasattr(model, "vtprune_pruned_rows") else 0
+    return model.encoded_images, model.vtprune_pruned_rows.total if hasattr(model, "vtprune_pruned_rows") else 0
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl"])

@@ -156,14 +156,14 @@ Value = TypeVar("Value")
 
 
 class Remembered(Generic[Key, Value]):
-    """Values by key, at most ``capacity`` of them (or of their ``size``s, summed), the least recently used dropped
-    first: a value in use outlives those of past requests."""
+    """Values by key, at most ``capacity`` of them (or of their ``size``s, summed in ``total``), the least recently
+    used dropped first: a value in use outlives those of past requests."""
 
     def __init__(self, capacity: int = REMEMBERED_IMAGES, size: Callable[[Value], int] = lambda value: 1) -> None:
         self.capacity = capacity
         self.size = size
         self.kept: OrderedDict[Key, Value] = OrderedDict()
-        self.held = 0
+        self.total = 0
         """The values' sizes, summed."""
 
     def get(self, key: Key) -> Value | None:
@@ -173,14 +173,18 @@ class Remembered(Generic[Key, Value]):
         return value
 
     def put(self, key: Key, value: Value) -> None:
-        previous = self.kept.pop(key, None)
-        if previous is not None:
-            self.held -= self.size(previous)
+        self.pop(key)
         self.kept[key] = value
-        self.held += self.size(value)
-        while self.held > self.capacity and len(self.kept) > 1:
-            _, dropped = self.kept.popitem(last=False)
-            self.held -= self.size(dropped)
+        self.total += self.size(value)
+        while self.total > self.capacity and len(self.kept) > 1:
+            self.pop(next(iter(self.kept)))
+
+    def pop(self, key: Key) -> Value | None:
+        """The value of ``key``, no longer remembered (None: not remembered)."""
+        value = self.kept.pop(key, None)
+        if value is not None:
+            self.total -= self.size(value)
+        return value
 
 
 class Selections(Remembered[SelectionKey, tuple[Tensor, Tensor | None]]):
@@ -188,39 +192,26 @@ class Selections(Remembered[SelectionKey, tuple[Tensor, Tensor | None]]):
     selection made for positions (Qwen's M-RoPE) is found again when the same image is embedded."""
 
 
-class PrunedRows:
+class PrunedRows(Remembered[SelectionKey, tuple[Tensor, Tensor]]):
     """Images reduced before their embedding step (Qwen's classes select when vLLM computes the M-RoPE positions),
-    per :data:`SelectionKey`: the kept set the positions were computed with and the image's reduced rows, held until
-    the embedding step takes them (:meth:`pop`). At most ``capacity`` rows in all, besides the newest image: older
-    images are dropped first (those of requests that never reach the embedding step: aborted before it, or spared it
-    by a cache), and an image dropped before its embedding step is encoded again there."""
+    per :data:`SelectionKey`: (the kept set the positions were computed with, the image's reduced rows), held until
+    the embedding step takes them (:meth:`take`). At most ``capacity`` rows in all (``total``), besides the newest
+    image: the oldest images are dropped first (those of requests that never reach the embedding step: aborted before
+    it, or spared it by a cache; looking at a held image does not refresh it), and an image dropped before its
+    embedding step is encoded again there."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.held: OrderedDict[SelectionKey, tuple[Tensor, Tensor]] = OrderedDict()
-        self.rows = 0
-        """Rows held, all images together."""
+        super().__init__(capacity, size=lambda held: len(held[1]))
 
-    def kept(self, key: SelectionKey) -> Tensor | None:
+    def kept_set(self, key: SelectionKey) -> Tensor | None:
         """The kept set of a held image (None: not held)."""
-        held = self.held.get(key)
+        held = self.kept.get(key)
         return None if held is None else held[0]
 
-    def put(self, key: SelectionKey, kept: Tensor, rows: Tensor) -> None:
-        self.pop(key)
-        self.held[key] = (kept, rows)
-        self.rows += len(rows)
-        while self.rows > self.capacity and len(self.held) > 1:
-            _, (_, dropped) = self.held.popitem(last=False)
-            self.rows -= len(dropped)
-
-    def pop(self, key: SelectionKey) -> Tensor | None:
+    def take(self, key: SelectionKey) -> Tensor | None:
         """The reduced rows of a held image, no longer held (None: not held)."""
-        held = self.held.pop(key, None)
-        if held is None:
-            return None
-        self.rows -= len(held[1])
-        return held[1]
+        held = self.pop(key)
+        return None if held is None else held[1]
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ class QwenPruningModel(PruningModel):
         taken: dict[SelectionKey, Tensor | None] = {}  # an image twice in this batch is taken once
         for image in images:
             if image.schedule and image.key not in taken:
-                taken[image.key] = self.vtprune_pruned_rows.pop(image.key)
+                taken[image.key] = self.vtprune_pruned_rows.take(image.key)
             rows.append(taken[image.key] if image.schedule else None)
         missing = [index for index, held in enumerate(rows) if held is None]
         if missing:
@@ -230,14 +230,14 @@ class QwenPruningModel(PruningModel):
         image = _Image(
             schedule, data[kind].data, data[QUESTION_KEY].data, data["image_grid_thw"].data.to(torch.int64), kind
         )
-        kept = self.vtprune_pruned_rows.kept(image.key)
+        kept = self.vtprune_pruned_rows.kept_set(image.key)
         if kept is None:
             chosen = self.vtprune_selections.get(image.key)
             if chosen is None:
                 (rows,) = self._vtprune_reduced([image])
                 chosen = self.vtprune_selections.get(image.key)
                 assert chosen is not None, "_vtprune_reduced remembers the selection it makes"
-                self.vtprune_pruned_rows.put(image.key, chosen[0], rows)
+                self.vtprune_pruned_rows.put(image.key, (chosen[0], rows))
             kept = chosen[0]
         return kept.cpu()
 
